@@ -1,0 +1,228 @@
+"""RobustAttention: timm's multi-head self-attention with a pipeline of mitigations.
+
+With no mitigation it computes exactly what ``timm.layers.Attention`` computes
+(same constructor, forward, parameter names and attributes), so a timm state
+dict loads with ``strict=True``. Mitigations are keyword options, each built by
+its own class in :mod:`robust_attn.mitigations` and run at its stage:
+
+    x -> qkv -> split heads -> q_norm/k_norm, q/k transforms -> key/value extras
+      -> scores (score_mod, normalizer) -> kernel -> output transforms
+      -> merge heads -> norm -> proj
+
+Masks: ``attn_mask`` is bool (True = may attend) or additive float,
+broadcastable to (B, H, N, N). ``is_causal`` and ``attn_mask`` together are
+combined (both apply); timm's own Attention raises (fused) or ignores the mask
+(unfused) in that case.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from . import probe as health_probe
+from .config import AttentionConfig
+from .kernels import check_kernel_name, select_kernel
+from .mitigations import MITIGATIONS, Mitigation
+from .mitigations.qk_norm import qk_norm_layers
+from .problem import SOFTMAX, AttentionProblem
+
+
+def _build_mitigations(options: dict[str, Any], config: AttentionConfig,
+                       qk_norm: bool) -> dict[str, Mitigation]:
+    unknown = sorted(set(options) - set(MITIGATIONS))
+    if unknown:
+        raise TypeError(f"RobustAttention got unknown option(s) {unknown}; "
+                        f"known mitigation options: {sorted(MITIGATIONS)}")
+    built = {name: MITIGATIONS[name].from_option(value, config) for name, value in options.items()}
+    built = {name: mitigation for name, mitigation in built.items() if mitigation is not None}
+    enabled = set(built) | ({"qk_norm"} if qk_norm else set())
+    for name, mitigation in built.items():
+        for other, reason in type(mitigation).conflicts.items():
+            if other in enabled:
+                raise ValueError(f"options {name!r} and {other!r} conflict: {reason}")
+    normalizers = [name for name, m in built.items() if m.normalizer() is not None]
+    if len(normalizers) > 1:
+        raise ValueError(f"options {normalizers} conflict: each replaces the softmax")
+    linears = [name for name, m in built.items()
+               if type(m).make_linear is not Mitigation.make_linear]
+    if len(linears) > 1:
+        raise ValueError(f"options {linears} conflict: each replaces the qkv and proj layers")
+    return built
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r}: expected a positive integer")
+    return value
+
+
+def _check_probability(name: str, value: Any) -> float:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}={value!r}: expected a dropout probability in [0, 1)")
+    return float(value)
+
+
+class RobustAttention(nn.Module):
+    """Multi-head self-attention with mitigations against rank and entropy collapse.
+
+    Args (timm's ``Attention``):
+        dim: token width C. num_heads: heads H. attn_head_dim: head width D
+        (default dim // num_heads). dim_out: output width (default dim).
+        qkv_bias, proj_bias: biases of the qkv and proj layers.
+        qk_norm: normalise q and k per head with ``norm_layer`` (default LayerNorm).
+        scale_norm: normalise the merged attention output with ``norm_layer``.
+        attn_drop, proj_drop: dropout on the attention weights and the output.
+        device, dtype: factory arguments.
+    Args (ours, keyword only):
+        kernel: 'auto' (default), 'sdpa', 'flex', 'xformers' or 'eager'; see
+            :mod:`robust_attn.kernels`. Setting timm's ``fused_attn = False``
+            selects 'eager' as in timm.
+        probe: record :class:`~robust_attn.probe.AttentionHealth` in ``.health``
+            at each forward (None: follow :func:`robust_attn.set_probe_enabled`).
+        probe_queries: the probe's bound on sampled query rows per head.
+        **mitigations: one keyword per mitigation, e.g. ``softcap=50.0``; see
+            :data:`robust_attn.mitigations.MITIGATIONS`.
+    """
+
+    fused_attn: Final[bool]
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        attn_head_dim: int | None = None,
+        dim_out: int | None = None,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        scale_norm: bool = False,
+        proj_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: type[nn.Module] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        kernel: str = "auto",
+        probe: bool | None = None,
+        probe_queries: int = health_probe.DEFAULT_MAX_QUERIES,
+        **mitigations: Any,
+    ) -> None:
+        super().__init__()
+        _check_positive_int("dim", dim)
+        _check_positive_int("num_heads", num_heads)
+        if attn_head_dim is None:
+            if dim % num_heads:
+                raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}: "
+                                 "choose num_heads dividing dim, or pass attn_head_dim")
+            attn_head_dim = dim // num_heads
+        config = AttentionConfig(
+            dim=dim, num_heads=num_heads, head_dim=_check_positive_int("attn_head_dim", attn_head_dim),
+            dim_out=_check_positive_int("dim_out", dim_out or dim), qkv_bias=qkv_bias,
+            proj_bias=proj_bias, norm_layer=norm_layer or nn.LayerNorm, device=device, dtype=dtype,
+        )
+        self.config = config
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = config.head_dim
+        self.attn_dim = config.attn_dim
+        self.scale = config.head_dim ** -0.5
+        self.kernel = check_kernel_name(kernel)
+        self.fused_attn = kernel != "eager"
+        self.probe = probe
+        self.probe_queries = _check_positive_int("probe_queries", probe_queries)
+        self.health: health_probe.AttentionHealth | None = None
+
+        self.mitigations = nn.ModuleDict(_build_mitigations(mitigations, config, qk_norm))
+        self.qkv = self._linear(dim, config.attn_dim * 3, qkv_bias)
+        self.q_norm, self.k_norm = qk_norm_layers(qk_norm, config)
+        self.attn_drop = nn.Dropout(_check_probability("attn_drop", attn_drop))
+        self.norm = config.norm_layer(config.attn_dim, **config.factory_kwargs) if scale_norm \
+            else nn.Identity()
+        self.proj = self._linear(config.attn_dim, config.dim_out, proj_bias)
+        self.proj_drop = nn.Dropout(_check_probability("proj_drop", proj_drop))
+
+    def _linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        for mitigation in self.mitigations.values():
+            layer = mitigation.make_linear(in_features, out_features, bias, self.config)
+            if layer is not None:
+                return layer
+        return nn.Linear(in_features, out_features, bias=bias, **self.config.factory_kwargs)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        self._check_input(x, attn_mask)
+        q, k, v = rearrange(self.qkv(x), "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.num_heads)
+        q, k = self.q_norm(q), self.k_norm(k)
+        for mitigation in self.mitigations.values():
+            q, k = mitigation.transform_qk(q, k)
+        problem = AttentionProblem(q, k, v, self.scale, attn_mask, bool(is_causal),
+                                   self._score_mods(), self._normalizer())
+        for mitigation in self.mitigations.values():
+            problem = mitigation.extend_keys(problem)
+
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        kernel = select_kernel(self.kernel if self.fused_attn else "eager", problem, dropout_p)
+        out = kernel.run(problem, dropout_p)
+        for mitigation in self.mitigations.values():
+            out = mitigation.transform_output(out, problem, x)
+        if self.probe_active:
+            self.health = health_probe.measure(problem, out, self._mitigation_health(),
+                                               self.probe_queries)
+
+        x = rearrange(out, "b h n d -> b n (h d)")
+        x = self.norm(x)
+        x = self.proj(x)
+        return self.proj_drop(x)
+
+    @property
+    def probe_active(self) -> bool:
+        return health_probe.probe_enabled_everywhere() if self.probe is None else self.probe
+
+    def auxiliary_loss(self) -> Tensor:
+        """Sum of the mitigations' auxiliary losses (0 when none has one); add it to the task loss."""
+        losses = [loss for m in self.mitigations.values() if (loss := m.auxiliary_loss()) is not None]
+        return torch.stack(losses).sum() if losses else self.qkv.weight.new_zeros(())
+
+    def _score_mods(self) -> tuple:
+        return tuple(mod for m in self.mitigations.values() if (mod := m.score_mod()) is not None)
+
+    def _normalizer(self):
+        for mitigation in self.mitigations.values():
+            normalizer = mitigation.normalizer()
+            if normalizer is not None:
+                return normalizer
+        return SOFTMAX
+
+    def _mitigation_health(self) -> dict[str, Tensor]:
+        return {f"{name}.{key}": value.detach() for name, m in self.mitigations.items()
+                for key, value in m.health().items()}
+
+    def _check_input(self, x: Tensor, attn_mask: Tensor | None) -> None:
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            raise ValueError(f"x must be a (B, N, C) tensor, got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x has width {x.shape[-1]} but this module has dim={self.dim}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
+        if attn_mask is None:
+            return
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attn_mask must be bool (True = may attend) or an additive float "
+                            f"tensor, got {attn_mask.dtype}")
+        batch, tokens = x.shape[:2]
+        target = (batch, self.num_heads, tokens, tokens)
+        try:
+            if attn_mask.dim() > 4 or torch.broadcast_shapes(attn_mask.shape, target) != target:
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                             f"(B, H, N, N) = {target}") from None
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, kernel={self.kernel!r}"

@@ -1,0 +1,107 @@
+"""The attention problem every kernel solves, in one value.
+
+Every kernel computes the same thing (heads layout (B, H, N, D)):
+
+    s_ij  = score_mods(scale * q_i . k_j)  +  bias_ij          (bias: -inf blocks a key)
+    s_ij  = -inf  where causal and j > i + (Nk - Nq)
+    out_i = sum_j normalizer(s)_ij v_j
+
+Score modifiers use FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx)``
+signature (torch/nn/attention/flex_attention.py), so the same function runs on
+FlexAttention and on the eager reference.
+
+Causal attention is aligned lower-right: query i sees key j when
+j <= i + (Nk - Nq). For self-attention (Nq == Nk) that is the usual triangle;
+when a mitigation prepends keys (sink tokens, a sink logit's zero key), the
+prepended keys stay visible to every query, which is what the mitigations need.
+(SDPA's own ``is_causal`` is aligned top-left; the SDPA kernel only uses it
+when Nq == Nk.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Softmax:
+    """Row-wise softmax over the allowed keys; a row with no allowed key gives zeros."""
+
+    name = "softmax"
+
+    def __call__(self, scores: Tensor) -> Tensor:
+        # Softmax is shift invariant, so the row max needs no gradient. A row with no
+        # allowed key (max = -inf) is shifted by 0 instead, so its weights are exp(-inf) = 0,
+        # and divided by 1 instead of its zero sum: zeros, forward and backward, never nan.
+        row_max = scores.detach().amax(dim=-1, keepdim=True)
+        empty_row = row_max == -math.inf
+        weights = torch.exp(scores - row_max.masked_fill(empty_row, 0.0))
+        return weights / weights.sum(dim=-1, keepdim=True).masked_fill(empty_row, 1.0)
+
+
+SOFTMAX = Softmax()
+
+
+@dataclass(frozen=True)
+class AttentionProblem:
+    """Queries, keys, values and everything that shapes their scores.
+
+    q: (B, H, Nq, D); k: (B, H, Nk, D); v: (B, H, Nk, Dv).
+    attn_mask: None, bool (True = may attend) or additive float, broadcastable
+        to (B, H, Nq, Nk).
+    causal: lower-right aligned causal mask (see the module docstring).
+    score_mods: applied in order to ``scale * q k^T`` before the mask.
+    normalizer: maps masked scores (B, H, Nq, Nk) to weights; softmax unless a
+        mitigation replaces it (sigmoid attention).
+    """
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    scale: float
+    attn_mask: Tensor | None = None
+    causal: bool = False
+    score_mods: tuple[ScoreMod, ...] = ()
+    normalizer: Callable[[Tensor], Tensor] = SOFTMAX
+
+    @property
+    def num_queries(self) -> int:
+        return self.q.shape[-2]
+
+    @property
+    def num_keys(self) -> int:
+        return self.k.shape[-2]
+
+    @property
+    def is_softmax(self) -> bool:
+        return self.normalizer is SOFTMAX
+
+    @property
+    def needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(
+            t.requires_grad for t in (self.q, self.k, self.v, self.attn_mask) if t is not None
+        )
+
+    def with_(self, **changes) -> AttentionProblem:
+        """A copy with some fields replaced (dataclasses.replace)."""
+        return replace(self, **changes)
+
+    def causal_allowed(self, query_index: Tensor | None = None) -> Tensor | None:
+        """Bool (Nq', Nk) causal mask for the given query rows (all rows when None)."""
+        if not self.causal:
+            return None
+        rows = self.query_index(query_index)
+        keys = torch.arange(self.num_keys, device=self.q.device)
+        return keys[None, :] <= rows[:, None] + (self.num_keys - self.num_queries)
+
+    def query_index(self, query_index: Tensor | None = None) -> Tensor:
+        if query_index is not None:
+            return query_index
+        return torch.arange(self.num_queries, device=self.q.device)

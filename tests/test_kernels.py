@@ -1,0 +1,140 @@
+"""Every kernel that runs here equals the eager reference; auto picks a kernel that can run."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from robust_attn import RobustAttention
+from robust_attn.kernels import KERNELS, select_kernel
+from robust_attn.kernels.eager import eager_attention
+from robust_attn.mitigations.softcap import TanhSoftCap
+from robust_attn.problem import AttentionProblem
+from robust_attn.testing import strategies as ras
+
+from .conftest import requires_cuda
+
+
+@st.composite
+def problems(draw, score_mods=st.just(()), max_tokens=33):
+    """Problems with masks of every kind, causal or not, and 0-2 prepended keys (Nk > Nq)."""
+    shape = draw(ras.attention_shapes(max_tokens=max_tokens))
+    extra_keys = draw(st.integers(0, 2))
+    num_keys = shape.tokens + extra_keys
+    generator = torch.Generator().manual_seed(draw(ras.seeds))
+
+    def heads(n):
+        return torch.randn(shape.batch, shape.heads, n, shape.head_dim, generator=generator)
+
+    return AttentionProblem(
+        heads(shape.tokens), heads(num_keys), heads(num_keys), scale=shape.head_dim ** -0.5,
+        attn_mask=draw(ras.attention_masks(shape, num_keys=num_keys)),
+        causal=draw(st.booleans()), score_mods=draw(score_mods),
+    )
+
+
+def _with_grad(problem):
+    return problem.with_(**{name: getattr(problem, name).clone().requires_grad_()
+                            for name in ("q", "k", "v")})
+
+
+def _forward_backward(kernel, problem):
+    problem = _with_grad(problem)
+    out = kernel(problem, 0.0)
+    out.backward(torch.cos(out.detach()))
+    return out, problem.q.grad, problem.k.grad, problem.v.grad
+
+
+@given(problems())
+def test_sdpa_equals_eager_forward_and_backward(problem):
+    expected = _forward_backward(eager_attention, problem)
+    actual = _forward_backward(KERNELS["sdpa"].run, problem)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@given(problems())
+def test_blocked_rows_are_zero_and_gradients_finite(problem):
+    out, *grads = _forward_backward(eager_attention, problem)
+    empty = ~(eager_logits_allowed(problem)).any(dim=-1)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    assert (out.masked_select(empty.unsqueeze(-1)) == 0).all()
+
+
+def eager_logits_allowed(problem):
+    from robust_attn.kernels.eager import attention_logits
+
+    return attention_logits(problem) > -torch.inf
+
+
+FLEX_CASES = {
+    "causal": dict(causal=True),
+    "softcap and float mask with an empty row": dict(score_mods=(TanhSoftCap(2.0),), mask="float"),
+    "prepended keys, causal, bool mask": dict(causal=True, extra_keys=2, mask="bool"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", FLEX_CASES)
+def test_flex_equals_eager_forward(case):
+    options = dict(FLEX_CASES[case])
+    batch, heads, tokens, head_dim = 2, 3, 40, 16
+    num_keys = tokens + options.pop("extra_keys", 0)
+    q = torch.randn(batch, heads, tokens, head_dim)
+    k, v = torch.randn(2, batch, heads, num_keys, head_dim)
+    mask_kind = options.pop("mask", None)
+    mask = None
+    if mask_kind:
+        allowed = torch.rand(batch, 1, tokens, num_keys) < 0.6
+        allowed[0, 0, 3] = False  # a query with no allowed key
+        mask = allowed if mask_kind == "bool" else \
+            torch.randn(allowed.shape).masked_fill(~allowed, -torch.inf)
+    problem = AttentionProblem(q, k, v, head_dim ** -0.5, attn_mask=mask, **options)
+    with torch.no_grad():
+        torch.testing.assert_close(KERNELS["flex"].run(problem, 0.0), eager_attention(problem),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def _problem(requires_grad=False, **options):
+    q = torch.randn(1, 2, 5, 8, requires_grad=requires_grad)
+    return AttentionProblem(q, q, q, 8 ** -0.5, **options)
+
+
+def test_auto_prefers_sdpa_then_flex_then_eager_on_cpu():
+    softcap = (TanhSoftCap(5.0),)
+    assert select_kernel("auto", _problem(), 0.0).name == "sdpa"
+    with torch.no_grad():
+        assert select_kernel("auto", _problem(requires_grad=True, score_mods=softcap), 0.0).name \
+            == "flex"
+    assert select_kernel("auto", _problem(requires_grad=True, score_mods=softcap), 0.0).name \
+        == "eager"
+    assert select_kernel("auto", _problem(score_mods=softcap), 0.1).name == "eager"
+
+
+@pytest.mark.parametrize("kernel, needs", [("flex", "forward only"), ("xformers", "xformers"),
+                                           ("sdpa", "score modifiers")])
+def test_forcing_a_kernel_that_cannot_run_names_it(kernel, needs):
+    problem = _problem(requires_grad=True, score_mods=(TanhSoftCap(5.0),))
+    with pytest.raises(ValueError, match=f"kernel='{kernel}'.*{needs}"):
+        select_kernel(kernel, problem, 0.0)
+
+
+def test_unfused_module_uses_eager_and_matches_fused():
+    module = RobustAttention(32, num_heads=4)
+    x = torch.randn(2, 9, 32)
+    fused = module(x, is_causal=True)
+    module.fused_attn = False
+    torch.testing.assert_close(module(x, is_causal=True), fused, atol=1e-6, rtol=1e-6)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["sdpa", "flex", "xformers"])
+def test_cuda_kernels_equal_eager(kernel):
+    pytest.importorskip("xformers") if kernel == "xformers" else None
+    q, k, v = torch.randn(3, 2, 4, 128, 64, device="cuda")
+    mask = torch.rand(2, 1, 128, 128, device="cuda") < 0.7
+    for options in (dict(), dict(causal=True), dict(attn_mask=mask)):
+        problem = AttentionProblem(q, k, v, 64 ** -0.5, **options)
+        torch.testing.assert_close(KERNELS[kernel].run(problem, 0.0), eager_attention(problem),
+                                   atol=2e-3, rtol=2e-3)

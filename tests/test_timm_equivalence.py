@@ -1,0 +1,72 @@
+"""With no mitigation, RobustAttention is timm's Attention: strict state dict, same outputs and grads."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from robust_attn import RobustAttention
+from robust_attn.testing import strategies as ras
+
+timm_layers = pytest.importorskip("timm.layers")
+
+
+def _pair(shape, qkv_bias, qk_norm, scale_norm, fused):
+    reference = timm_layers.Attention(shape.dim, num_heads=shape.heads, qkv_bias=qkv_bias,
+                                      qk_norm=qk_norm, scale_norm=scale_norm,
+                                      norm_layer=nn.LayerNorm)
+    for parameter in reference.parameters():  # LayerNorm starts at (1, 0): move off it
+        nn.init.normal_(parameter, std=0.5)
+    ours = RobustAttention(shape.dim, num_heads=shape.heads, qkv_bias=qkv_bias, qk_norm=qk_norm,
+                           scale_norm=scale_norm, norm_layer=nn.LayerNorm)
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    reference.fused_attn = ours.fused_attn = fused
+    return reference, ours
+
+
+def _forward_backward(module, x, attn_mask, is_causal):
+    x = x.clone().requires_grad_()
+    out = module(x, attn_mask=attn_mask, is_causal=is_causal)
+    out.backward(torch.cos(out.detach()))  # an arbitrary fixed upstream gradient
+    grads = {name: p.grad for name, p in module.named_parameters()}
+    return out, x.grad, grads
+
+
+@given(shape=ras.attention_shapes(), data=st.data(), qkv_bias=st.booleans(),
+       qk_norm=st.booleans(), scale_norm=st.booleans(), fused=st.booleans())
+def test_equals_timm_attention(shape, data, qkv_bias, qk_norm, scale_norm, fused):
+    reference, ours = _pair(shape, qkv_bias, qk_norm, scale_norm, fused)
+    is_causal = data.draw(st.booleans(), label="is_causal")
+    # timm takes a mask or is_causal, not both, and its unfused path gives nan for empty rows.
+    attn_mask = None if is_causal else data.draw(
+        ras.attention_masks(shape, allow_empty_rows=False), label="attn_mask")
+    x = torch.randn(shape.batch, shape.tokens, shape.dim)
+
+    expected = _forward_backward(reference, x, attn_mask, is_causal)
+    actual = _forward_backward(ours, x, attn_mask, is_causal)
+
+    torch.testing.assert_close(actual[0], expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(actual[1], expected[1], atol=1e-5, rtol=1e-5)
+    assert actual[2].keys() == expected[2].keys()
+    for name in expected[2]:
+        torch.testing.assert_close(actual[2][name], expected[2][name], atol=1e-5, rtol=1e-5,
+                                   msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def test_state_dict_round_trips_into_timm():
+    ours = RobustAttention(48, num_heads=4, qkv_bias=True, qk_norm=True)
+    reference = timm_layers.Attention(48, num_heads=4, qkv_bias=True, qk_norm=True,
+                                      norm_layer=nn.LayerNorm)
+    reference.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 7, 48)
+    torch.testing.assert_close(ours(x), reference(x), atol=1e-6, rtol=1e-6)
+
+
+def test_has_timm_attributes():
+    ours = RobustAttention(48, num_heads=4)
+    reference = timm_layers.Attention(48, num_heads=4)
+    for attribute in ("num_heads", "head_dim", "attn_dim", "scale", "fused_attn"):
+        assert getattr(ours, attribute) == getattr(reference, attribute), attribute
+    for child in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"):
+        assert type(getattr(ours, child)) is type(getattr(reference, child)), child
