@@ -84,6 +84,8 @@ class RobustAttention(nn.Module):
         probe: record :class:`~robust_attn.probe.AttentionHealth` in ``.health``
             at each forward (None: follow :func:`robust_attn.set_probe_enabled`).
         probe_queries: the probe's bound on sampled query rows per head.
+        probe_spectral: the probe also measures the attention matrix's spectral
+            gap (an SVD per head: costly, off by default).
         **mitigations: one keyword per mitigation, e.g. ``softcap=50.0``; see
             :data:`robust_attn.mitigations.MITIGATIONS`.
     """
@@ -109,6 +111,7 @@ class RobustAttention(nn.Module):
         kernel: str = "auto",
         probe: bool | None = None,
         probe_queries: int = health_probe.DEFAULT_MAX_QUERIES,
+        probe_spectral: bool = False,
         **mitigations: Any,
     ) -> None:
         super().__init__()
@@ -134,6 +137,7 @@ class RobustAttention(nn.Module):
         self.fused_attn = kernel != "eager"
         self.probe = probe
         self.probe_queries = _check_positive_int("probe_queries", probe_queries)
+        self.probe_spectral = probe_spectral
         self.health: health_probe.AttentionHealth | None = None
 
         self.mitigations = nn.ModuleDict(_build_mitigations(mitigations, config, qk_norm))
@@ -166,11 +170,11 @@ class RobustAttention(nn.Module):
         dropout_p = self.attn_drop.p if self.training else 0.0
         kernel = select_kernel(self.kernel if self.fused_attn else "eager", problem, dropout_p)
         out = kernel.run(problem, dropout_p)
-        for mitigation in self.mitigations.values():
+        for mitigation in sorted(self.mitigations.values(), key=lambda m: m.output_order):
             out = mitigation.transform_output(out, problem, x)
         if self.probe_active:
             self.health = health_probe.measure(problem, out, self._mitigation_health(),
-                                               self.probe_queries)
+                                               self.probe_queries, self.probe_spectral)
 
         x = rearrange(out, "b h n d -> b n (h d)")
         x = self.norm(x)

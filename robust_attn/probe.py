@@ -66,8 +66,9 @@ class AttentionHealth:
     max_logit: largest allowed pre-softmax logit (after score modifiers).
     residual: res(X) of each head's output tokens (0 = all tokens identical).
     cosine: mean pairwise cosine similarity of each head's output tokens.
-    spectral_gap: sigma_1 - sigma_2 of the attention matrix, when every query
-        row was sampled (else None).
+    spectral_gap: sigma_1 - sigma_2 of the attention matrix, when asked for
+        (``spectral=True``: a batched SVD, the probe's costliest part) and every
+        query row was sampled; else None.
     empty_queries: sampled query rows with no allowed key (their output is zero).
     nonfinite: count of non-finite values in q, k, v and the output (all rows).
     sampled_queries: query rows per head that the figures above come from.
@@ -108,7 +109,7 @@ def _sample(problem: AttentionProblem, out: Tensor, max_queries: int):
     query_index = None if rows == num_queries else \
         torch.linspace(0, num_queries - 1, rows, device=problem.q.device).round().long()
     mask = problem.attn_mask
-    if mask is not None and mask.shape[0] > 1:
+    if mask is not None and mask.dim() == 4:  # (B|1, H|1, Nq, Nk); fewer dims have no batch
         mask = mask[:items]
     sub = problem.with_(q=problem.q[:items], k=problem.k[:items], v=problem.v[:items],
                         attn_mask=mask)
@@ -120,20 +121,26 @@ def _per_head(values: Tensor) -> Tensor:
     return values.flatten(2).mean(dim=(0, 2)) if values.dim() > 2 else values.mean(dim=0)
 
 
+def _spectral_gap(weights: Tensor) -> Tensor:
+    """Per-head gap; nan when the weights are not finite (the nonfinite counts say why)."""
+    if not torch.isfinite(weights).all():
+        return torch.full((weights.shape[1],), torch.nan)
+    return _per_head(metrics.attention_spectral_gap(weights))
+
+
 def _nonfinite(tensor: Tensor) -> Tensor:
     return (~torch.isfinite(tensor)).sum()
 
 
 @torch.no_grad()
 def measure(problem: AttentionProblem, out: Tensor, extras: dict[str, Tensor],
-            max_queries: int = DEFAULT_MAX_QUERIES) -> AttentionHealth:
+            max_queries: int = DEFAULT_MAX_QUERIES, spectral: bool = False) -> AttentionHealth:
     """Health of one attention call from its problem and its output (B, H, Nq, Dv)."""
     sub, query_index, sub_out = _sample(problem, out, max_queries)
     logits = attention_logits(sub, query_index).float()
     allowed = logits > -torch.inf
     weights = sub.normalizer(logits)
     entropy = metrics.attention_entropy(weights, allowed)
-    every_row = query_index is None
     return AttentionHealth(
         entropy=_per_head(entropy),
         min_entropy=entropy.transpose(0, 1).flatten(1).amin(dim=1),
@@ -142,7 +149,7 @@ def measure(problem: AttentionProblem, out: Tensor, extras: dict[str, Tensor],
         max_logit=metrics.max_attention_logit(logits, allowed).amax(dim=0),
         residual=_per_head(metrics.token_residual(sub_out.float())),
         cosine=_per_head(metrics.token_cosine_similarity(sub_out.float())),
-        spectral_gap=_per_head(metrics.attention_spectral_gap(weights)) if every_row else None,
+        spectral_gap=_spectral_gap(weights) if spectral and query_index is None else None,
         empty_queries=(~allowed.any(dim=-1)).sum(),
         nonfinite={name: _nonfinite(t) for name, t in
                    (("q", problem.q), ("k", problem.k), ("v", problem.v), ("output", out))},

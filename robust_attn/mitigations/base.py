@@ -28,6 +28,10 @@ from ..problem import AttentionProblem, ScoreMod
 class Mitigation(nn.Module):
     option: ClassVar[str]
     conflicts: ClassVar[Mapping[str, str]] = {}
+    # Order of transform_output among mitigations, lowest first (ties keep option order), so
+    # the result does not depend on the order of the options: corrections that complete the
+    # attention output (outlier removal) keep 0; transforms of the finished output (gates) use 1.
+    output_order: ClassVar[int] = 0
 
     @classmethod
     def from_option(cls, value: Any, config: AttentionConfig) -> Mitigation | None:

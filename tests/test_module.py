@@ -1,0 +1,129 @@
+"""RobustAttention's contract: clear errors naming the argument, conflicts refused, presets built."""
+
+import pickle
+from copy import deepcopy
+
+import pytest
+import torch
+
+import robust_attn
+from robust_attn import RobustAttention, create, list_variants
+from robust_attn.mitigations import MITIGATIONS, Mitigation
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(dim=30, num_heads=4), "dim=30 is not divisible by num_heads=4"),
+    (dict(dim=0, num_heads=1), "dim=0"),
+    (dict(dim=16, num_heads=0), "num_heads=0"),
+    (dict(dim=16, num_heads=2, attn_drop=1.5), "attn_drop"),
+    (dict(dim=16, num_heads=2, proj_drop=-0.1), "proj_drop"),
+    (dict(dim=16, num_heads=2, kernel="fastest"), "kernel='fastest'"),
+    (dict(dim=16, num_heads=2, softcap=-1.0), "softcap=-1.0"),
+    (dict(dim=16, num_heads=2, softcap="big"), "softcap='big'"),
+])
+def test_bad_construction_names_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RobustAttention(**kwargs)
+
+
+def test_unknown_option_is_a_type_error_listing_known_options():
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['softcapp'\].*softcap"):
+        RobustAttention(16, num_heads=2, softcapp=30.0)
+
+
+@pytest.mark.parametrize("x, error, match", [
+    (torch.randn(5, 16), ValueError, r"\(B, N, C\)"),
+    (torch.randn(1, 5, 12), ValueError, "width 12 .* dim=16"),
+    (torch.ones(1, 5, 16, dtype=torch.long), TypeError, "floating point"),
+])
+def test_bad_input_names_the_argument(x, error, match):
+    with pytest.raises(error, match=match):
+        RobustAttention(16, num_heads=2)(x)
+
+
+@pytest.mark.parametrize("mask, error, match", [
+    (torch.ones(4, 4, dtype=torch.bool), ValueError, "attn_mask of shape"),
+    (torch.ones(3, 2, 5, 5, dtype=torch.bool), ValueError, "attn_mask of shape"),
+    (torch.ones(1, 1, 1, 5, 5, dtype=torch.bool), ValueError, "attn_mask of shape"),
+    (torch.ones(5, 5, dtype=torch.int64), TypeError, "attn_mask must be bool"),
+    ([[True]], TypeError, "attn_mask must be a tensor"),
+])
+def test_bad_mask_names_the_argument(mask, error, match):
+    with pytest.raises(error, match=match):
+        RobustAttention(16, num_heads=2)(torch.randn(2, 5, 16), attn_mask=mask)
+
+
+def test_fully_masked_rows_give_zeros_not_nan_on_every_cpu_kernel():
+    mask = torch.ones(6, 6, dtype=torch.bool)
+    mask[2] = False
+    x = torch.randn(2, 6, 16)
+    for kernel in ("sdpa", "eager"):
+        module = RobustAttention(16, num_heads=2, kernel=kernel, proj_bias=False)
+        out = module(x.clone().requires_grad_(), attn_mask=mask)
+        out.sum().backward()
+        assert torch.isfinite(out).all(), kernel
+        assert (out[:, 2] == 0).all(), kernel
+        assert all(torch.isfinite(p.grad).all() for p in module.parameters()), kernel
+
+
+def test_mask_and_causal_together_both_apply():
+    module = RobustAttention(16, num_heads=2)
+    x = torch.randn(1, 6, 16)
+    keep_first_three = torch.zeros(6, 6, dtype=torch.bool)
+    keep_first_three[:, :3] = True
+    both = module(x, attn_mask=keep_first_three, is_causal=True)
+    explicit = module(x, attn_mask=keep_first_three & torch.ones(6, 6, dtype=torch.bool).tril())
+    torch.testing.assert_close(both, explicit)
+
+
+class _Sharpen(Mitigation):
+    """A test-only score modifier that declares a conflict with softcap."""
+
+    option = "sharpen"
+    conflicts = {"softcap": "sharpening undoes the cap"}
+
+    def __init__(self, config):
+        super().__init__()
+
+
+def test_conflicting_options_fail_at_construction_naming_both(monkeypatch):
+    monkeypatch.setitem(MITIGATIONS, "sharpen", _Sharpen)
+    RobustAttention(16, num_heads=2, sharpen=True)  # alone it builds
+    with pytest.raises(ValueError, match="options 'sharpen' and 'softcap' conflict: sharpening"):
+        RobustAttention(16, num_heads=2, sharpen=True, softcap=30.0)
+
+
+def test_softcap_caps_logits_and_matches_the_formula():
+    module = RobustAttention(16, num_heads=2, softcap=2.0, probe=True)
+    with torch.no_grad():
+        module.qkv.weight.mul_(30)  # logits far beyond the cap
+        module(torch.randn(1, 8, 16))
+    assert module.health.max_logit.max() <= 2.0  # tanh saturates to the cap in float32
+    plain = RobustAttention(16, num_heads=2, kernel="eager")
+    plain.load_state_dict(module.state_dict())
+    plain.fused_attn = False
+    x = torch.randn(1, 8, 16)
+    q, k, v = plain.qkv(x).reshape(1, 8, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    scores = 2.0 * torch.tanh((q @ k.transpose(-2, -1)) * plain.scale / 2.0)
+    expected = plain.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(1, 8, 16))
+    torch.testing.assert_close(module(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", list_variants())
+def test_every_preset_builds_runs_and_round_trips(variant):
+    module = create(variant, 32, num_heads=4)
+    x = torch.randn(2, 7, 32)
+    out = module(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    copy = create(variant, 32, num_heads=4)
+    copy.load_state_dict(module.state_dict(), strict=True)
+    torch.testing.assert_close(copy(x), out)
+    torch.testing.assert_close(deepcopy(module)(x), out)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(module))(x), out)
+
+
+def test_create_rejects_unknown_variant_and_applies_overrides():
+    with pytest.raises(ValueError, match="variant='nope'.*baseline"):
+        create("nope", 16)
+    assert create("softcap", 16, num_heads=2, softcap=7.0).mitigations["softcap"].cap == 7.0
+    assert set(robust_attn.list_variants()) >= {"baseline", "qk_norm", "softcap"}
