@@ -2,6 +2,9 @@
 
 from . import metrics
 from .attention import RobustAttention
+from .early_warnings import HealthWarning, Thresholds
+from .integrations import convert, layer, revert
+from .monitor import HealthMonitor, MonitorReport, attention_maps
 from .presets import create, list_variants, preset_options
 from .probe import AttentionHealth, health_probe, set_probe_enabled
 
@@ -9,11 +12,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionHealth",
+    "HealthMonitor",
+    "HealthWarning",
+    "MonitorReport",
     "RobustAttention",
+    "Thresholds",
+    "attention_maps",
+    "convert",
     "create",
     "health_probe",
+    "layer",
     "list_variants",
     "metrics",
     "preset_options",
+    "revert",
     "set_probe_enabled",
 ]

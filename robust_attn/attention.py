@@ -51,7 +51,7 @@ def _build_mitigations(options: dict[str, Any], config: AttentionConfig,
                if type(m).make_linear is not Mitigation.make_linear]
     if len(linears) > 1:
         raise ValueError(f"options {linears} conflict: each replaces the qkv and proj layers")
-    return built
+    return dict(sorted(built.items(), key=lambda item: item[1].output_order))  # stable
 
 
 def _check_positive_int(name: str, value: Any) -> int:
@@ -170,7 +170,7 @@ class RobustAttention(nn.Module):
         dropout_p = self.attn_drop.p if self.training else 0.0
         kernel = select_kernel(self.kernel if self.fused_attn else "eager", problem, dropout_p)
         out = kernel.run(problem, dropout_p)
-        for mitigation in sorted(self.mitigations.values(), key=lambda m: m.output_order):
+        for mitigation in self.mitigations.values():  # sorted by output_order at construction
             out = mitigation.transform_output(out, problem, x)
         if self.probe_active:
             self.health = health_probe.measure(problem, out, self._mitigation_health(),
@@ -189,6 +189,12 @@ class RobustAttention(nn.Module):
         """Sum of the mitigations' auxiliary losses (0 when none has one); add it to the task loss."""
         losses = [loss for m in self.mitigations.values() if (loss := m.auxiliary_loss()) is not None]
         return torch.stack(losses).sum() if losses else self.qkv.weight.new_zeros(())
+
+    def reset_from_weights(self) -> None:
+        """Call after replacing qkv/proj weights in place (a custom init, a loaded timm state dict)
+        so that mitigations that derive state from them (sigma_reparam's u, v, gamma) catch up."""
+        for mitigation in self.mitigations.values():
+            mitigation.reset_from_weights()
 
     def _score_mods(self) -> tuple:
         return tuple(mod for m in self.mitigations.values() if (mod := m.score_mod()) is not None)

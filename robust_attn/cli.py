@@ -1,28 +1,70 @@
 """The robust-attn command line.
 
-    robust-attn doctor --builtin [--variants ...] [--scales ...] [--out DIR]
+    robust-attn doctor [--builtin] [--variants ...] [--scales ...] [--out DIR]
+    robust-attn doctor --model TIMM_NAME [--checkpoint PATH] [--variants ...] [--out DIR]
+    robust-attn diagram [--variants ...] [--norm pre post] [--betas ...] [--alphas ...] [--out DIR]
+    robust-attn bench [NAME [ARGS ...]]
 
-``doctor --builtin`` measures, at initialisation, a deep stack of each variant
-(robust_attn.stack) under several query/key weight scales, with and without
-residual connections, and prints the per-layer health of the first variant, a
-summary of every variant, a JSON report and a PNG of per-layer entropy and res.
+``doctor --builtin`` (the default) measures, at initialisation, a deep stack
+of each variant (robust_attn.stack) under several query/key weight scales,
+with and without residual connections: the per-layer health of the first
+variant, a summary of every variant, the early warnings of one monitored
+training step of each stack, a JSON report, a PNG of per-layer entropy and
+res, and each variant's attention maps.
+
+``doctor --model`` builds a timm model (random init, or the local checkpoint
+given), converts it to each variant (robust_attn.convert), runs one training
+step on a random batch under a HealthMonitor, and prints a per-layer health
+table and the warnings per variant, with attention maps and a JSON report.
+
+``diagram`` draws the trainability diagram (robust_attn.diagnostics) of each
+variant; ``bench`` lists the benchmarks of a source checkout or runs one.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import copy
 import json
+import runpy
 import sys
+from collections import defaultdict
 from pathlib import Path
+from statistics import fmean
 
+import torch
+
+from .diagnostics import (
+    DEFAULT_ALPHAS,
+    DEFAULT_BETAS,
+    NORM_POSITIONS,
+    Architecture,
+    layer_health,
+    trainability_diagram,
+)
+from .early_warnings import HealthWarning
+from .integrations import convert
+from .monitor import HealthMonitor
+from .plotting import plot_attention_maps, plot_stack_health, plot_trainability_diagrams
 from .presets import list_variants
-from .stack import ENTROPY_COLLAPSE, RANK_COLLAPSE, StackHealth, StackSetting, measure_stack
+from .stack import (
+    ENTROPY_COLLAPSE,
+    RANK_COLLAPSE,
+    AttentionStack,
+    StackHealth,
+    StackSetting,
+    init_stack_weights,
+)
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
     lines = [header, ["-" * width for width in widths], *rows]
-    return "\n".join(" | ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
+    return "\n".join(" | ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True))
+                     for line in lines)
 
 
 def _per_layer_table(reports: list[StackHealth]) -> str:
@@ -30,32 +72,108 @@ def _per_layer_table(reports: list[StackHealth]) -> str:
                           for name in ("H", "res", "sink", "logit")]
     rows = [[str(layers[0].layer)] + [value for layer in layers for value in (
         f"{layer.entropy:.3f}", f"{layer.residual:.1e}", f"{layer.sink_mass:.2f}",
-        f"{layer.max_logit:.1f}")] for layers in zip(*(r.layers for r in reports))]
+        f"{layer.max_logit:.1f}")] for layers in zip(*(r.layers for r in reports), strict=True)]
     return _table(header, rows)
+
+
+def _stack_name(setting: StackSetting) -> str:
+    return "with residual" if setting.residual else "attention only"
 
 
 def _summary_table(reports: list[StackHealth]) -> str:
     header = ["variant", "stack", "sqk", "worst H", "final res", "verdict"]
-    rows = [[r.setting.variant, "with residual" if r.setting.residual else "attention only",
-             f"{r.setting.qk_scale:g}", f"{r.worst_entropy:.3f}", f"{r.final_residual:.1e}",
-             r.verdict] for r in reports]
+    rows = [[r.setting.variant, _stack_name(r.setting), f"{r.setting.qk_scale:g}",
+             f"{r.worst_entropy:.3f}", f"{r.final_residual:.1e}", r.verdict] for r in reports]
     return _table(header, rows)
 
 
-def doctor(args: argparse.Namespace) -> int:
+def _codes(warnings: list[HealthWarning]) -> dict[str, list[HealthWarning]]:
+    grouped = defaultdict(list)
+    for warning in warnings:
+        grouped[warning.code].append(warning)
+    return dict(grouped)
+
+
+def _warning_cell(warnings: list[HealthWarning]) -> tuple[str, str]:
+    """("code x count, ...", "preset, ...") for one row of a warnings table."""
+    grouped = _codes(warnings)
+    found = ", ".join(f"{code} x{len(items)}" for code, items in grouped.items())
+    presets = dict.fromkeys(items[0].mitigations[0] for items in grouped.values())
+    return found or "-", ", ".join(presets) or "-"
+
+
+def _warning_lines(warnings: list[HealthWarning]) -> list[str]:
+    """One line per code: how many, where, the first message, what to try."""
+    lines = []
+    for code, items in _codes(warnings).items():
+        where = sorted({w.layer if w.head is None else f"{w.layer}/{w.head}" for w in items
+                        if w.layer is not None})
+        place = f" in {', '.join(where[:4])}{' ...' if len(where) > 4 else ''}" if where else ""
+        lines.append(f"  {code} x{len(items)}{place}: {items[0].message}\n"
+                     f"    try: {', '.join(items[0].mitigations)} ({items[0].advice})")
+    return lines or ["  none"]
+
+
+def _loss(output: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against random labels for (B, K) outputs, else the output's mean square."""
+    if output.dim() == 2:
+        labels = torch.randint(output.shape[1], (output.shape[0],),
+                               generator=torch.Generator().manual_seed(0))
+        return torch.nn.functional.cross_entropy(output.float(), labels)
+    return output.float().square().mean()
+
+
+def _training_step(model: torch.nn.Module, inputs: torch.Tensor):
+    """One forward and backward of ``model`` under a HealthMonitor: its output, report, warnings,
+    and the sampled attention maps."""
+    with HealthMonitor(model, every=1, keep_maps=True) as monitor:
+        output = model(inputs)
+        loss = _loss(output[-1] if isinstance(output, list) else output)
+        loss.backward()
+        monitor.step(loss)
+        return output, monitor.report(), monitor.warnings(), monitor.attention_maps()
+
+
+def _builtin_step(setting: StackSetting, kernel: str):
+    """The stack of ``setting``, drawn as robust_attn.stack.measure_stack draws it, after one
+    monitored training step on the loss mean(X_L^2): its StackHealth (measure_stack's numbers,
+    from the same forward), warnings and attention maps."""
+    generator = torch.Generator().manual_seed(setting.seed)
+    stack = AttentionStack(setting.depth, setting.dim, setting.num_heads, setting.residual,
+                           setting.variant, kernel=kernel)
+    init_stack_weights(stack, setting.qk_scale, generator)
+    x = torch.randn(setting.batch, setting.tokens, setting.dim, generator=generator)
+    hidden, _, warnings, maps = _training_step(stack, x)
+    layers = [layer_health(index, attention, state.detach()) for index, (attention, state)
+              in enumerate(zip(stack.layers, hidden, strict=True))]
+    return StackHealth(setting, layers), warnings, maps
+
+
+def _picture(plot, *args) -> bool:
+    """``plot(*args)``, printing the path it wrote, or why there is no picture (False)."""
+    try:
+        print(f"wrote {plot(*args)}")
+        return True
+    except ImportError as error:
+        print(f"no pictures: {error}")
+        return False
+
+
+def doctor_builtin(args: argparse.Namespace) -> int:
     base = StackSetting(depth=args.depth, dim=args.width, num_heads=args.heads,
                         tokens=args.tokens, seed=args.seed)
     settings = [StackSetting(**{**base.__dict__, "variant": variant, "qk_scale": scale,
                                 "residual": residual})
                 for variant in args.variants for residual in (False, True) for scale in args.scales]
-    reports = [measure_stack(setting) for setting in settings]
+    reports, warnings, maps = zip(*(_builtin_step(setting, args.kernel) for setting in settings),
+                                  strict=True)
 
     print(f"Stack at initialisation: {base.depth} pre-LN attention layers, width {base.dim}, "
           f"{base.num_heads} heads, {base.tokens} tokens, batch {base.batch}, seed {base.seed}; "
           "sqk multiplies the std of W_q and W_k.")
-    print(f"H = normalised attention entropy (1 = uniform, 0 = one-hot), res = "
-          f"||X - 1 mean(X)|| / ||X|| (0 = all tokens identical), sink = attention on the first "
-          f"token, logit = largest attention logit.\n")
+    print("H = normalised attention entropy (1 = uniform, 0 = one-hot), res = "
+          "||X - 1 mean(X)|| / ||X|| (0 = all tokens identical), sink = attention on the first "
+          "token, logit = largest attention logit.\n")
     first = [r for r in reports if r.setting.variant == args.variants[0] and not r.setting.residual]
     print(f"Per layer, {args.variants[0]}, attention only:")
     print(_per_layer_table(first), "\n")
@@ -63,48 +181,225 @@ def doctor(args: argparse.Namespace) -> int:
           f"rank collapse: final res < {RANK_COLLAPSE}):")
     print(_summary_table(reports))
 
+    print("\nEarly warnings of one training step of each stack on the loss mean(X_L^2) "
+          "(HealthMonitor; codes and thresholds: robust_attn.early_warnings):")
+    print(_table(["variant", "stack", "sqk", "warnings", "try"],
+                 [[s.variant, _stack_name(s), f"{s.qk_scale:g}",
+                   *_warning_cell(found)] for s, found in zip(settings, warnings, strict=True)]))
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report_path = out / "doctor.json"
-    report_path.write_text(json.dumps([r.to_dict() for r in reports], indent=1))
+    report_path.write_text(json.dumps(
+        [{**r.to_dict(), "warnings": [w.to_dict() for w in found]}
+         for r, found in zip(reports, warnings, strict=True)], indent=1))
     print(f"\nwrote {report_path}")
-    try:
-        from .plotting import plot_stack_health
-
-        print(f"wrote {plot_stack_health(reports, out / 'stack_health.png')}")
-    except ImportError as error:
-        print(f"no picture: {error}")
+    if _picture(plot_stack_health, reports, out / "stack_health.png"):
+        for s, kept in zip(settings, maps, strict=True):
+            if s.residual and s.qk_scale == max(args.scales):  # where the variants differ most
+                _picture(plot_attention_maps, kept, out / f"attention_maps_{s.variant}.png",
+                         f"{s.variant}, with residual, sqk={s.qk_scale:g}")
     return 0
+
+
+def _layer_table(report) -> str:
+    """Each layer at the latest sample: mean over heads, but the lowest min H and largest logit."""
+    rows = [[s.name, f"{fmean(s.entropy[-1]):.3f}", f"{min(s.min_entropy[-1]):.3f}",
+             f"{fmean(s.sink_mass[-1]):.2f}", f"{max(s.max_logit[-1]):.1f}",
+             f"{s.input_residual[-1]:.2e}", f"{s.input_cosine[-1]:.3f}",
+             f"{s.branch_gain[-1]:.2e}", f"{s.grad_norm[-1]:.2e}"] for s in report.layers]
+    return _table(["layer", "H", "min H", "sink", "logit", "res in", "cos in", "gain", "grad"],
+                  rows)
+
+
+def _build_timm_model(args: argparse.Namespace) -> torch.nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise SystemExit("doctor --model needs timm: pip install 'robust-attn[timm]'") from None
+    torch.manual_seed(args.seed)
+    kwargs = {"checkpoint_path": args.checkpoint} if args.checkpoint else {}
+    if args.img_size:
+        kwargs["img_size"] = args.img_size
+    try:
+        return timm.create_model(args.model, pretrained=False, **kwargs)
+    except RuntimeError as error:  # timm: unknown model name
+        raise SystemExit(f"cannot build timm model {args.model!r}: {error}") from None
+
+
+def doctor_model(args: argparse.Namespace) -> int:
+    base = _build_timm_model(args)
+    size = base.pretrained_cfg.get("input_size", (3, 224, 224))
+    if args.img_size:
+        size = (size[0], args.img_size, args.img_size)
+    inputs = torch.randn(args.batch, *size, generator=torch.Generator().manual_seed(args.seed))
+    source = f"checkpoint {args.checkpoint}" if args.checkpoint else "random init"
+    print(f"{args.model} ({source}), batch of {args.batch} random inputs {tuple(size)}; one "
+          "training step (cross-entropy against random labels) per variant.")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for variant in args.variants:
+        model, summary = convert(copy.deepcopy(base), variant)
+        print(f"\n== {variant}: {len(summary.swapped)} attention modules converted, "
+              f"{len(summary.skipped)} skipped")
+        if not summary.swapped:
+            print("  nothing to monitor: " + "; ".join(f"{k}: {v}" for k, v in
+                                                       summary.skipped.items()))
+            continue
+        model.train()
+        _, report, warnings, maps = _training_step(model, inputs)
+        print(_layer_table(report))
+        print("warnings:\n" + "\n".join(_warning_lines(warnings)))
+        results.append({"variant": variant, "model": args.model, "source": source,
+                        "swapped": summary.swapped, "skipped": summary.skipped,
+                        "changes_function": summary.changes_function,
+                        "report": report.to_dict(), "warnings": [w.to_dict() for w in warnings]})
+        _picture(plot_attention_maps, maps, out / f"attention_maps_{variant}.png",
+                 f"{args.model}, {variant}, {source}")
+    report_path = out / "doctor.json"
+    report_path.write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {report_path}")
+    return 0
+
+
+def doctor(args: argparse.Namespace) -> int:
+    if args.checkpoint and not args.model:
+        raise SystemExit("--checkpoint loads weights into a timm model: give --model too")
+    torch.set_num_threads(args.threads or (torch.get_num_threads() if args.model else 1))
+    return doctor_model(args) if args.model else doctor_builtin(args)
+
+
+def diagram(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads or 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for norm in args.norm:
+        architecture = Architecture(depth=args.depth, dim=args.width, num_heads=args.heads,
+                                    tokens=args.tokens, norm=norm, seed=args.seed)
+        diagrams = [trainability_diagram(variant, args.betas, args.alphas, architecture,
+                                         kernel=args.kernel) for variant in args.variants]
+        print(f"\nTrainability at initialisation, {norm}-LN: {args.depth} layers, width "
+              f"{args.width}, {args.heads} heads, {args.tokens} tokens; beta = logit std / "
+              "sqrt(log N), alpha = residual strength.")
+        print(_table(["variant", "healthy cells", "theory agrees"],
+                     [[d.variant, f"{d.healthy_share():.0%}",
+                       "-" if (agree := d.to_dict()["theory_agreement"]) is None
+                       else f"{agree:.0%}"] for d in diagrams]))
+        for d in diagrams:
+            if d.disagreements():
+                print(f"\n{d.variant}: where theory and measurement disagree")
+                print(_disagreement_table(d))
+        path = out / f"trainability_{norm}.json"
+        path.write_text(json.dumps([d.to_dict() for d in diagrams], indent=1))
+        print(f"wrote {path}")
+        _picture(plot_trainability_diagrams, diagrams, out / f"trainability_{norm}.png")
+    return 0
+
+
+def _disagreement_table(diagram) -> str:
+    return _table(["beta", "alpha", "measured", "theory", "worst H", "theory H", "final res",
+                   "theory res"],
+                  [[f"{c.beta:g}", f"{c.alpha:g}", c.verdict, c.theory.verdict,
+                    f"{c.health.worst_entropy:.3f}", f"{c.theory.worst_entropy:.3f}",
+                    f"{c.health.final_residual:.1e}", f"{c.theory.final_residual:.1e}"]
+                   for c in diagram.disagreements()])
+
+
+def _benchmarks() -> dict[str, Path]:
+    return {path.stem: path for path in sorted(BENCHMARKS.glob("*.py"))}
+
+
+def bench(args: argparse.Namespace) -> int:
+    available = _benchmarks()
+    if not available:
+        print(f"no benchmarks at {BENCHMARKS}: they ship with the source repository, not the "
+              "package")
+        return 1
+    if args.name is None:
+        for name, path in available.items():
+            doc = (ast.get_docstring(ast.parse(path.read_text())) or "").splitlines()
+            print(f"{name}: {doc[0] if doc else ''}")
+        return 0
+    if args.name not in available:
+        print(f"unknown benchmark {args.name!r}; available: {sorted(available)}")
+        return 2
+    script = available[args.name]
+    sys.argv = [str(script), *args.args]
+    sys.path.insert(0, str(script.parent))  # as `python script.py` does: siblings import
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def _add_architecture(parser: argparse.ArgumentParser, depth: int, width: int) -> None:
+    parser.add_argument("--depth", type=int, default=depth)
+    parser.add_argument("--width", type=int, default=width)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kernel", default="auto",
+                        choices=["auto", "sdpa", "flex", "xformers", "eager"],
+                        help="attention kernel of the stacks (the probe measures the same on each)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default 1: these stacks are too small to gain from "
+                             "more, and shared machines lose a lot to oversubscription)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robust-attn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    variants = dict(nargs="+", default=list_variants(), choices=list_variants(),
+                    metavar="VARIANT", help=f"presets (default: all of {list_variants()})")
+
     doctor_parser = commands.add_parser("doctor", help="health of each variant at initialisation")
-    doctor_parser.add_argument("--builtin", action="store_true", default=True,
-                               help="measure the built-in stack (the default; nothing is downloaded)")
-    doctor_parser.add_argument("--variants", nargs="+", default=list_variants(),
-                               choices=list_variants(), metavar="VARIANT",
-                               help=f"presets to measure (default: all of {list_variants()})")
+    source = doctor_parser.add_mutually_exclusive_group()
+    source.add_argument("--builtin", action="store_true", default=True,
+                        help="measure the built-in stack (the default; nothing is downloaded)")
+    source.add_argument("--model", metavar="TIMM_NAME",
+                        help="a timm model, converted to each variant (random init)")
+    doctor_parser.add_argument("--checkpoint", metavar="PATH",
+                               help="with --model: load this local checkpoint")
+    doctor_parser.add_argument("--img-size", type=int, default=None,
+                               help="with --model: input image size (default: the model's)")
+    doctor_parser.add_argument("--batch", type=int, default=4, help="with --model: batch size")
+    doctor_parser.add_argument("--variants", **variants)
     doctor_parser.add_argument("--scales", nargs="+", type=float, default=[1.0, 4.0, 16.0],
                                help="query/key weight scales sqk (default: 1 4 16)")
-    doctor_parser.add_argument("--depth", type=int, default=24)
-    doctor_parser.add_argument("--width", type=int, default=128)
-    doctor_parser.add_argument("--heads", type=int, default=4)
-    doctor_parser.add_argument("--tokens", type=int, default=64)
-    doctor_parser.add_argument("--seed", type=int, default=0)
+    _add_architecture(doctor_parser, depth=24, width=128)
     doctor_parser.add_argument("--out", default="robust-attn-doctor",
-                               help="folder for doctor.json and stack_health.png")
+                               help="folder for doctor.json and the pictures")
     doctor_parser.set_defaults(run=doctor)
+
+    diagram_parser = commands.add_parser("diagram", help="trainability diagram of each variant")
+    diagram_parser.add_argument("--variants", **variants)
+    diagram_parser.add_argument("--norm", nargs="+", default=["pre"], choices=NORM_POSITIONS,
+                                help="LayerNorm position(s) (default: pre)")
+    diagram_parser.add_argument("--betas", nargs="+", type=float, default=list(DEFAULT_BETAS),
+                                help="QK init scales beta: logit std / sqrt(log N)")
+    diagram_parser.add_argument("--alphas", nargs="+", type=float, default=list(DEFAULT_ALPHAS),
+                                help="residual strengths alpha (0 = attention only)")
+    _add_architecture(diagram_parser, depth=12, width=64)
+    diagram_parser.add_argument("--out", default="robust-attn-diagram",
+                                help="folder for trainability_<norm>.json and .png")
+    diagram_parser.set_defaults(run=diagram)
+
+    bench_parser = commands.add_parser("bench", help="list the benchmarks, or run one")
+    bench_parser.add_argument("name", nargs="?", help="benchmark to run (none: list them)")
+    bench_parser.add_argument("args", nargs=argparse.REMAINDER, help="its own arguments")
+    bench_parser.set_defaults(run=bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if "baseline" in args.variants:  # the baseline first: everything is read against it
+    if "baseline" in getattr(args, "variants", []):  # the baseline first: read all against it
         args.variants = ["baseline"] + [v for v in args.variants if v != "baseline"]
-    return args.run(args)
+    threads = torch.get_num_threads()
+    try:
+        return args.run(args)
+    finally:  # commands may set the thread count; callers in the same process keep theirs
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,31 @@ from types import MappingProxyType
 from typing import Any
 
 from .attention import RobustAttention
+from .sparse import BlockLocal, GlobalTokens, Strided
 
 PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     "baseline": {},
     "qk_norm": {"qk_norm": True},
     "softcap": {"softcap": 50.0},
+    # Zhai et al. 2023: W_hat = gamma W / sigma(W) on qkv and proj, gamma = 1 as in the paper.
+    "sigma_reparam": {"sigma_reparam": True},
+    # Bao et al. 2024: concentrated QK-eigenspectrum init plus its regulariser (weight 0.01).
+    "spectral_qk": {"spectral_qk": True},
+    # gpt-oss's learned per-head sink logit (zero value: it can only take mass away), starting
+    # at 0 = softmax-off-by-one; H parameters. sink_tokens=k is the StreamingLLM alternative.
+    "sink": {"sink_logit": True},
+    # Qiu et al. 2025's best gate (G1, elementwise), as in Qwen3-Next and timm's gated=True.
+    "gated": {"gated": "elementwise"},
+    # Nait Saada, Naderi & Tanner 2025: A - uniform, against rank collapse; no option to tune.
+    "outlier_removal": {"outlier_removal": True},
+    # Ramapuram et al. 2024: b = -log(Nk), with qk_norm as the paper recommends for stability.
+    "sigmoid": {"sigmoid": True, "qk_norm": True},
+    # Blocks of 64 tokens (Parmar et al. 2018; Qiu et al. 2020) plus the first token (a ViT's
+    # class token) global (Longformer, Big Bird): the block_sparse kernel, linear in N.
+    "block_sparse": {"sparsity": BlockLocal(64) | GlobalTokens(1)},
+    # Child et al. 2019's strided pattern, (i - j) mod 8 == 0 (the paper pairs it with a local
+    # window in other layers): the strided kernel, N^2 / 8 scores.
+    "strided": {"sparsity": Strided(8)},
 })
 
 

@@ -4,6 +4,7 @@ Every kernel computes the same thing (heads layout (B, H, N, D)):
 
     s_ij  = score_mods(scale * q_i . k_j)  +  bias_ij          (bias: -inf blocks a key)
     s_ij  = -inf  where causal and j > i + (Nk - Nq)
+    s_ij  = -inf  where a sparsity pattern blocks (i, j)
     out_i = sum_j normalizer(s)_ij v_j
 
 Score modifiers use FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx)``
@@ -16,6 +17,10 @@ when a mitigation prepends keys (sink tokens, a sink logit's zero key), the
 prepended keys stay visible to every query, which is what the mitigations need.
 (SDPA's own ``is_causal`` is aligned top-left; the SDPA kernel only uses it
 when Nq == Nk.)
+
+A sparsity pattern (:mod:`robust_attn.sparse`) is aligned the same way: it
+covers the Nq query tokens, which are the last Nq keys, and the prepended keys
+stay visible to every query (:meth:`robust_attn.sparse.Pattern.problem_mask_mod`).
 """
 
 from __future__ import annotations
@@ -23,9 +28,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .sparse import Pattern
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
@@ -60,6 +69,8 @@ class AttentionProblem:
     score_mods: applied in order to ``scale * q k^T`` before the mask.
     normalizer: maps masked scores (B, H, Nq, Nk) to weights; softmax unless a
         mitigation replaces it (sigmoid attention).
+    pattern: a sparsity pattern (robust_attn.sparse), applied like a mask
+        (aligned as described in the module docstring); None allows every pair.
     """
 
     q: Tensor
@@ -70,6 +81,7 @@ class AttentionProblem:
     causal: bool = False
     score_mods: tuple[ScoreMod, ...] = ()
     normalizer: Callable[[Tensor], Tensor] = SOFTMAX
+    pattern: Pattern | None = None
 
     @property
     def num_queries(self) -> int:
@@ -100,6 +112,14 @@ class AttentionProblem:
         rows = self.query_index(query_index)
         keys = torch.arange(self.num_keys, device=self.q.device)
         return keys[None, :] <= rows[:, None] + (self.num_keys - self.num_queries)
+
+    def pattern_allowed(self, query_index: Tensor | None = None) -> Tensor | None:
+        """Bool (Nq', Nk) sparsity-pattern mask for the given query rows (all rows when None)."""
+        if self.pattern is None:
+            return None
+        keys = torch.arange(self.num_keys, device=self.q.device)
+        return self.pattern.allowed(self.query_index(query_index), keys, self.num_queries,
+                                    self.num_keys)
 
     def query_index(self, query_index: Tensor | None = None) -> Tensor:
         if query_index is not None:

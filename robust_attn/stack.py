@@ -42,7 +42,7 @@ class AttentionStack(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         """The hidden states after each layer, (B, N, C) each."""
         hidden = []
-        for norm, attention in zip(self.norms, self.layers):
+        for norm, attention in zip(self.norms, self.layers, strict=True):
             update = attention(norm(x))
             x = x + update if self.residual else update
             hidden.append(x)
@@ -56,16 +56,14 @@ def init_stack_weights(stack: AttentionStack, qk_scale: float, generator: torch.
             dim, attn_dim = attention.dim, attention.attn_dim
             qkv = attention.qkv.weight
             stds = (qk_scale, qk_scale, 1.0)
-            for block, std in zip(qkv.split(attn_dim, dim=0), stds):
+            for block, std in zip(qkv.split(attn_dim, dim=0), stds, strict=True):
                 block.copy_(torch.randn(block.shape, generator=generator) * std / dim ** 0.5)
             proj = attention.proj.weight
             proj.copy_(torch.randn(proj.shape, generator=generator) / attn_dim ** 0.5)
             for linear in (attention.qkv, attention.proj):
                 if linear.bias is not None:
                     linear.bias.zero_()
-            reset = getattr(attention, "reset_reparametrization", None)
-            if reset is not None:
-                reset()
+            attention.reset_from_weights()
 
 
 @dataclass(frozen=True)
@@ -132,7 +130,7 @@ def measure_stack(setting: StackSetting, **options) -> StackHealth:
     x = torch.randn(setting.batch, setting.tokens, setting.dim, generator=generator)
     hidden = stack(x)
     layers = []
-    for index, (attention, state) in enumerate(zip(stack.layers, hidden)):
+    for index, (attention, state) in enumerate(zip(stack.layers, hidden, strict=True)):
         health = attention.health
         layers.append(LayerHealth(
             layer=index + 1,

@@ -30,7 +30,7 @@ def test_outputs_and_gradients_are_bit_identical_with_probe_on_or_off(shape, var
         runs.append(_grads(module, x, is_causal=is_causal))
     (out_off, dx_off, grads_off), (out_on, dx_on, grads_on) = runs
     assert torch.equal(out_off, out_on) and torch.equal(dx_off, dx_on)
-    assert all(torch.equal(a, b) for a, b in zip(grads_off, grads_on))
+    assert all(torch.equal(a, b) for a, b in zip(grads_off, grads_on, strict=True))
     assert module.health is not None
 
 

@@ -2,6 +2,9 @@
 
     S = score_mods(scale * Q K^T) + bias, blocked keys at -inf;  A = normalizer(S);  out = A V
 
+Blocked keys: the mask's False / -inf entries, causal, and the sparsity
+pattern, which is applied here as a dense (Nq, Nk) mask.
+
 The health probe calls :func:`attention_logits` on a subsample of query rows,
 so what it measures is what the kernels compute.
 """
@@ -43,9 +46,9 @@ def attention_logits(problem: AttentionProblem, query_index: Tensor | None = Non
         if query_index is not None and mask.shape[-2] != 1:
             mask = mask[..., query_index, :]
         scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
-    causal = problem.causal_allowed(query_index)
-    if causal is not None:
-        scores = scores.masked_fill(~causal, -math.inf)
+    for allowed in (problem.causal_allowed(query_index), problem.pattern_allowed(query_index)):
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, -math.inf)
     return scores
 
 

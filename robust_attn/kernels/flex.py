@@ -4,9 +4,10 @@ The problem's score_mods and the finite part of its float mask (as
 ``score + bias[b, h, q, kv]``) become one score_mod; every blocked key (bool
 False, float -inf, causal) goes into a mask_mod compiled into a BlockMask, so
 a query with no allowed key returns zeros. Both are handed to
-``torch.nn.attention.flex_attention``. Causal BlockMasks are cached per
-(Nq, Nk, device); a dense bool mask is rebuilt on each call since its content
-can change.
+``torch.nn.attention.flex_attention``. The BlockMask of the causal mask and
+the sparsity pattern is built once per (pattern, causal, Nq, Nk, device) and
+cached, so a new length builds a new one and never reuses a stale one; with a
+dense bool mask it is rebuilt on each call since the mask's content can change.
 
 On the CPU, FlexAttention runs forward only (its backward raises
 NotImplementedError), so it is never chosen there when gradients are needed.
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..problem import AttentionProblem, ScoreMod
+from ..sparse.pattern import Pattern, structural_mask_mod
 from .base import Kernel
 
 
@@ -57,32 +59,33 @@ def _score_mod(problem: AttentionProblem) -> ScoreMod | None:
 
 
 @functools.lru_cache(maxsize=32)
-def _causal_block_mask(num_queries: int, num_keys: int, device: torch.device):
+def _structural_block_mask(pattern: Pattern | None, causal: bool, num_queries: int,
+                           num_keys: int, device: torch.device):
+    """The BlockMask of the causal mask and the pattern, once per (pattern, causal, lengths, device)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    offset = num_keys - num_queries
-
-    def causal(b, h, q_idx, kv_idx):
-        return kv_idx <= q_idx + offset
-
-    return create_block_mask(causal, None, None, num_queries, num_keys, device=device)
+    mask_mod = structural_mask_mod(pattern, causal, num_queries, num_keys)
+    return create_block_mask(mask_mod, None, None, num_queries, num_keys, device=device)
 
 
 def _block_mask(problem: AttentionProblem):
-    """Blocked keys (bool False, float -inf, causal) as a BlockMask, so blocked rows give zeros."""
+    """Blocked keys (bool False, float -inf, causal, pattern) as a BlockMask, so blocked rows
+    give zeros."""
     mask = problem.attn_mask
     if mask is None:
-        return _causal_block_mask(problem.num_queries, problem.num_keys, problem.q.device) \
-            if problem.causal else None
+        if not problem.causal and problem.pattern is None:
+            return None
+        return _structural_block_mask(problem.pattern, problem.causal, problem.num_queries,
+                                      problem.num_keys, problem.q.device)
     from torch.nn.attention.flex_attention import create_block_mask
 
     keep = _expanded(mask if mask.dtype == torch.bool else mask > -math.inf, problem)
-    offset = problem.num_keys - problem.num_queries
-    causal = problem.causal
+    structure = structural_mask_mod(problem.pattern, problem.causal, problem.num_queries,
+                                    problem.num_keys)
 
     def allowed(b, h, q_idx, kv_idx):
         allowed_here = keep[b, h, q_idx, kv_idx]
-        return allowed_here & (kv_idx <= q_idx + offset) if causal else allowed_here
+        return allowed_here if structure is None else allowed_here & structure(b, h, q_idx, kv_idx)
 
     batch, heads = problem.q.shape[:2]
     return create_block_mask(allowed, batch, heads, problem.num_queries, problem.num_keys,

@@ -48,6 +48,9 @@ def _unsupported(problem: AttentionProblem, dropout_p: float) -> str | None:
         return "xformers has no CPU kernels: it runs on CUDA tensors only"
     if problem.score_mods or not problem.is_softmax:
         return "xformers computes plain softmax attention: use kernel='flex' or 'eager'"
+    if problem.pattern is not None:
+        return ("xformers does not apply sparsity patterns here: use kernel='flex' or a "
+                "structured sparse kernel")
     return None
 
 

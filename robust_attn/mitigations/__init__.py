@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 from .base import Mitigation
+from .gated import Gated
+from .outlier_removal import OutlierRemoval
+from .sigma_reparam import SigmaReparam, SigmaReparamLinear, fold_sigma_reparam, sigma_reparametrize
+from .sigmoid import Sigmoid
+from .sinks import SinkLogit, SinkTokens
 from .softcap import SoftCap
+from .sparsity import Sparsity
+from .spectral_qk import SpectralQK
 
-MITIGATIONS: dict[str, type[Mitigation]] = {cls.option: cls for cls in (SoftCap,)}
+MITIGATIONS: dict[str, type[Mitigation]] = {cls.option: cls for cls in (
+    SoftCap, SinkTokens, SinkLogit, Gated, OutlierRemoval, Sigmoid, SigmaReparam, SpectralQK,
+    Sparsity,
+)}
 
-__all__ = ["MITIGATIONS", "Mitigation", "SoftCap"]
+__all__ = ["MITIGATIONS", "Gated", "Mitigation", "OutlierRemoval", "Sigmoid", "SinkLogit",
+           "SinkTokens", "SoftCap", "Sparsity", "SigmaReparam", "SigmaReparamLinear", "SpectralQK",
+           "fold_sigma_reparam", "sigma_reparametrize"]

@@ -67,6 +67,11 @@ class Mitigation(nn.Module):
     def transform_output(self, out: Tensor, problem: AttentionProblem, x: Tensor) -> Tensor:
         return out
 
+    # After the host's weights were replaced in place (an init, a loaded timm state dict):
+    # recompute whatever the mitigation derives from them (e.g. sigma_reparam's u, v, gamma).
+    def reset_from_weights(self) -> None:
+        return None
+
     # Side output: a loss the user adds to the task loss, or None.
     def auxiliary_loss(self) -> Tensor | None:
         return None

@@ -1,5 +1,6 @@
 """Hypothesis strategies and assertions for users' own attention tests."""
 
 from . import strategies
+from .assertions import assert_no_entropy_collapse, assert_no_rank_collapse
 
-__all__ = ["strategies"]
+__all__ = ["assert_no_entropy_collapse", "assert_no_rank_collapse", "strategies"]

@@ -1,4 +1,5 @@
-"""Hypothesis strategies for attention tests, as reusable values (see hypothesis' docs on composing).
+"""Hypothesis strategies for attention tests, as reusable values (see hypothesis' docs on
+composing).
 
     from hypothesis import given
     from robust_attn.testing import strategies as ras
@@ -9,10 +10,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from hypothesis import strategies as st
+
+from ..stack import StackSetting
 
 seeds = st.integers(min_value=0, max_value=2**31 - 1)
 
@@ -66,3 +70,67 @@ def attention_masks(draw, shape: AttentionShape, kinds=MASK_KINDS, allow_empty_r
         return allowed
     bias = torch.randn(mask_shape, generator=generator)
     return bias.masked_fill(~allowed, -torch.inf)
+
+
+# The collapse setting: deep stacks of attention at initialisation (robust_attn.stack).
+#
+#     from hypothesis import given
+#     from robust_attn.stack import measure_stack
+#     from robust_attn.testing import assert_no_entropy_collapse, strategies as ras
+#
+#     @given(ras.stack_settings("qk_norm", qk_scales=ras.qk_scales(6, 32)))
+#     def test_qk_norm_keeps_entropy(setting):
+#         assert_no_entropy_collapse(measure_stack(setting))
+#
+# For a model of your own, draw its sizes and weight scale the same way and
+# check it with the assertions (robust_attn.testing.assertions):
+#
+#     @given(ras.qk_scales(6, 32), ras.seeds)
+#     def test_my_model_keeps_entropy(qk_scale, seed):
+#         torch.manual_seed(seed)
+#         model = MyModel(attn_layer=robust_attn.RobustAttention, qk_norm=True)
+#         scale_qk_weights(model, qk_scale)                # your own init
+#         assert_no_entropy_collapse(model, torch.randn(2, 32, model.dim))
+
+QK_SCALES = (0.5, 32.0)
+
+
+def qk_scales(min_value: float = QK_SCALES[0], max_value: float = QK_SCALES[1]):
+    """The factor s on the std of W_q and W_k, log-uniform over [min_value, max_value].
+
+    The attention logits scale as s^2 (robust_attn.stack), so collapse depends
+    on log s: a log-uniform draw spends as many examples on [0.5, 4] as on [4, 32].
+    """
+    if not 0 < min_value <= max_value:
+        raise ValueError(f"qk_scales({min_value}, {max_value}): "
+                         f"expected 0 < min_value <= max_value")
+    return st.floats(math.log(min_value), math.log(max_value)).map(
+        lambda log_scale: min(max(math.exp(log_scale), min_value), max_value))
+
+
+# The parts of a stack setting, each a strategy to reuse or replace.
+stack_depths = st.integers(8, 48)
+stack_heads = st.integers(1, 4)
+stack_head_dims = st.sampled_from((8, 12, 16))
+stack_tokens = st.integers(4, 32)
+stack_batches = st.integers(1, 2)
+stack_qk_scales = qk_scales()
+stack_residual = st.booleans()
+
+
+@st.composite
+def stack_settings(draw, variant: str = "baseline", *, depths=stack_depths, heads=stack_heads,
+                   head_dims=stack_head_dims, tokens=stack_tokens, batches=stack_batches,
+                   qk_scales=stack_qk_scales, residual=stack_residual,
+                   seeds=seeds) -> StackSetting:
+    """A :class:`robust_attn.stack.StackSetting` of ``variant``: depth in [8, 48], width
+    heads x head_dim <= 64, 4 to 32 tokens, batch 1 or 2, an initial QK scale in [0.5, 32],
+    with or without residual connections. Each keyword is a strategy that replaces a part.
+
+    The defaults keep a depth-48 stack under a second on a CPU; measure a
+    setting with :func:`robust_attn.stack.measure_stack`.
+    """
+    num_heads = draw(heads)
+    return StackSetting(variant=variant, depth=draw(depths), dim=num_heads * draw(head_dims),
+                        num_heads=num_heads, tokens=draw(tokens), batch=draw(batches),
+                        qk_scale=draw(qk_scales), residual=draw(residual), seed=draw(seeds))

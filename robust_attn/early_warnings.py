@@ -1,0 +1,415 @@
+"""Early warnings: the signs of trouble the literature knows, read from a monitor's report.
+
+Each rule reads a :class:`~robust_attn.monitor.MonitorReport` and returns
+:class:`HealthWarning` values: a code, the layer and head (None where the
+warning is about the whole model), the evidence (the recent values and the
+steps they come from) and the presets that address it, best first. Level
+rules judge the latest finite sampled value; trend rules the recent samples.
+
+Codes, what fires them (defaults of :class:`Thresholds`), and the source:
+
+    entropy_collapse     a head's mean normalised entropy < 0.1 (Zhai et al. 2023)
+    entropy_falling      least-squares slope of a head's entropy over the last 5
+                         samples < -1e-3 per step, and a fitted fall over those
+                         samples > 0.05 (Zhai et al. 2023)
+    logit_growth         a head's largest attention logit > 100 (Wortsman et al. 2023)
+    rank_collapse        tokens entering a layer: res < 0.01 or mean cosine > 0.99
+                         (Dong et al. 2021; Noci et al. 2022)
+    attention_sink       > 50% of heads put > 0.3 of their attention on the first key
+                         (Gu et al. 2025's Sink^eps with their eps = 0.3)
+    loss_spike           loss > median + 6 * 1.4826 * MAD of the previous 50 finite
+                         losses (Hampel's robust z-score)
+    loss_oscillation     over the last 20 losses, >= 90% of successive changes flip
+                         sign and the mean change is > 5% of the median loss
+    divergence           a non-finite loss, or non-finite q, k, v or output in a layer
+    vanishing_gradients  a layer's gradient norm < 1e-3 x the largest layer's, or 0
+                         (Noci et al. 2022: rank collapse makes gradients vanish)
+    exploding_gradients  a layer's gradient norm non-finite or > 100 x its median
+                         over earlier samples
+    redundant_layer      a layer's centred attention maps repeat the previous layer's,
+                         similarity > 0.95 (Bhojanapalli et al. 2021)
+    lazy_layer           the attention output's norm < 1e-3 of its input's (He et al. 2024)
+
+Thresholds the papers do not fix (all but the entropy scale of
+:data:`robust_attn.stack.ENTROPY_COLLAPSE`, res of
+:data:`robust_attn.stack.RANK_COLLAPSE` and Gu et al.'s eps) are ours; each is
+a field of :class:`Thresholds`.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .stack import ENTROPY_COLLAPSE, RANK_COLLAPSE
+
+if TYPE_CHECKING:
+    from .monitor.report import LayerSeries, MonitorReport
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Every threshold of the rules (see the module table); the defaults are documented there."""
+
+    entropy_collapse: float = ENTROPY_COLLAPSE
+    entropy_fall_rate: float = 1e-3
+    entropy_fall_min: float = 0.05
+    trend_samples: int = 5
+    logit_bound: float = 100.0
+    rank_residual: float = RANK_COLLAPSE
+    rank_cosine: float = 0.99
+    sink_eps: float = 0.3
+    sink_share: float = 0.5
+    loss_window: int = 50
+    loss_min_history: int = 10
+    loss_band: float = 6.0
+    oscillation_window: int = 20
+    oscillation_flips: float = 0.9
+    oscillation_amplitude: float = 0.05
+    vanishing_ratio: float = 1e-3
+    exploding_factor: float = 100.0
+    redundant_similarity: float = 0.95
+    lazy_gain: float = 1e-3
+    evidence_samples: int = 10
+
+
+@dataclass(frozen=True)
+class HealthWarning:
+    """One warning. evidence: {"steps": [...], "values": [...]} plus rule-specific entries."""
+
+    code: str
+    layer: str | None
+    head: int | None
+    message: str
+    evidence: dict
+    mitigations: tuple[str, ...]
+    advice: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# code -> (presets, best first; why they help)
+MITIGATIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "entropy_collapse": (("sigma_reparam", "qk_norm"), "sigma-reparametrised W_q, W_k bound the "
+                         "logits' growth (Zhai et al. 2023); qk_norm bounds them outright"),
+    "entropy_falling": (("sigma_reparam", "qk_norm"), "as for entropy collapse, before it happens"),
+    "logit_growth": (("qk_norm", "softcap"), "qk-layernorm stops attention logit growth "
+                     "(Wortsman et al. 2023); softcap bounds logits at 50"),
+    "rank_collapse": (("outlier_removal",), "removing the uniform part A - 11^T/N keeps tokens "
+                      "apart with depth (Nait Saada et al. 2025); check residual scaling too"),
+    "attention_sink": (("gated", "sink"), "an output gate removes the need for a sink (Qiu et al. "
+                       "2025); a learned sink logit gives heads an explicit one"),
+    "loss_spike": (("qk_norm", "sigma_reparam"), "spikes follow logit growth and entropy "
+                   "collapse (Wortsman et al. 2023, Zhai et al. 2023); or lower the learning rate"),
+    "loss_oscillation": (("qk_norm", "sigma_reparam"), "oscillation means the step is too large "
+                         "for the curvature: lower the learning rate, or bound the logits"),
+    "divergence": (("qk_norm", "softcap"), "bounded logits keep the softmax finite; restart "
+                   "from the last finite checkpoint with a lower learning rate"),
+    "vanishing_gradients": (("outlier_removal", "sigma_reparam"), "gradients vanish when tokens "
+                            "collapse (Noci et al. 2022) or the softmax saturates (entropy "
+                            "collapse): see which of the two is warned about beside it"),
+    "exploding_gradients": (("sigma_reparam", "qk_norm"), "spectral normalisation bounds each "
+                            "layer's gain (Zhai et al. 2023); or clip gradients"),
+    "redundant_layer": (("gated",), "gates let heads specialise and switch off per token (Qiu et "
+                        "al. 2025); a layer that stays redundant can share maps or be pruned "
+                        "(Bhojanapalli et al. 2021)"),
+    "lazy_layer": (("gated",), "a branch that adds nothing can be gated off or pruned (He et al. "
+                   "2024); if attention is near uniform, raise the q/k init scale"),
+}
+
+
+def _warning(code: str, layer: str | None, head: int | None, message: str,
+             evidence: dict) -> HealthWarning:
+    presets, advice = MITIGATIONS[code]
+    return HealthWarning(code, layer, head, message, evidence, presets, advice)
+
+
+def _recent(steps: list[int], values: list[float], count: int) -> dict:
+    """The last ``count`` (step, value) pairs as evidence."""
+    return {"steps": list(steps[-count:]), "values": list(values[-count:])}
+
+
+def _finite(values: list[float]) -> list[float]:
+    return [value for value in values if math.isfinite(value)]
+
+
+def _latest(values: list[float]) -> float | None:
+    """The last finite value, or None."""
+    return next((value for value in reversed(values) if math.isfinite(value)), None)
+
+
+def _per_head(report: MonitorReport, metric: str):
+    """(layer series, head, that head's values over the sampled steps) for every head."""
+    for series in report.layers:
+        for head in range(series.heads):
+            yield series, head, series.head_series(metric, head)
+
+
+def entropy_collapse(report: MonitorReport, t: Thresholds) -> list[HealthWarning]:
+    """A head's latest mean normalised entropy below ``t.entropy_collapse``."""
+    return [_warning("entropy_collapse", series.name, head,
+                     f"{series.name} head {head}: attention entropy {value:.3f} < "
+                     f"{t.entropy_collapse:g}", _recent(report.steps, values, t.evidence_samples))
+            for series, head, values in _per_head(report, "entropy")
+            if (value := _latest(values)) is not None and value < t.entropy_collapse]
+
+
+def slope(steps: list[int], values: list[float]) -> float | None:
+    """Least-squares slope of the finite values against their steps; None with fewer than 3.
+
+    slope = sum_i (s_i - s_bar)(v_i - v_bar) / sum_i (s_i - s_bar)^2
+    """
+    pairs = [(s, v) for s, v in zip(steps, values, strict=True) if math.isfinite(v)]
+    if len(pairs) < 3:
+        return None
+    s_bar = sum(s for s, _ in pairs) / len(pairs)
+    v_bar = sum(v for _, v in pairs) / len(pairs)
+    spread = sum((s - s_bar) ** 2 for s, _ in pairs)
+    return sum((s - s_bar) * (v - v_bar) for s, v in pairs) / spread if spread else None
+
+
+def entropy_falling(report: MonitorReport, t: Thresholds) -> list[HealthWarning]:
+    """A head's entropy falling faster than ``t.entropy_fall_rate`` per step over recent samples,
+    by more than ``t.entropy_fall_min`` over them (so noise over a few steps does not count)."""
+    warnings = []
+    steps = report.steps[-t.trend_samples:]
+    span = steps[-1] - steps[0] if steps else 0
+    for series, head, values in _per_head(report, "entropy"):
+        rate = slope(steps, values[-t.trend_samples:])
+        if rate is not None and rate < -t.entropy_fall_rate and -rate * span > t.entropy_fall_min:
+            warnings.append(_warning(
+                "entropy_falling", series.name, head,
+                f"{series.name} head {head}: attention entropy falling {-rate:.2g} per step "
+                f"(> {t.entropy_fall_rate:g})",
+                {**_recent(report.steps, values, t.evidence_samples), "slope_per_step": rate}))
+    return warnings
+
+
+def logit_growth(report: MonitorReport, t: Thresholds) -> list[HealthWarning]:
+    """A head's latest largest attention logit above ``t.logit_bound``."""
+    return [_warning("logit_growth", series.name, head,
+                     f"{series.name} head {head}: largest attention logit {value:.1f} > "
+                     f"{t.logit_bound:g}", _recent(report.steps, values, t.evidence_samples))
+            for series, head, values in _per_head(report, "max_logit")
+            if (value := _latest(values)) is not None and value > t.logit_bound]
+
+
+def rank_collapse(report: MonitorReport, t: Thresholds) -> list[HealthWarning]:
+    """Tokens entering a layer nearly identical: res below or mean cosine above its threshold."""
+    warnings = []
+    for series in report.layers:
+        res, cosine = _latest(series.input_residual), _latest(series.input_cosine)
+        if (res is not None and res < t.rank_residual) or \
+                (cosine is not None and cosine > t.rank_cosine):
+            evidence = _recent(report.steps, series.input_residual, t.evidence_samples)
+            evidence["cosine"] = series.input_cosine[-t.evidence_samples:]
+            warnings.append(_warning(
+                "rank_collapse", series.name, None,
+                f"{series.name}: tokens entering it have res {res:.2g} (< {t.rank_residual:g} "
+                f"collapses) and mean cosine {cosine:.4f} (> {t.rank_cosine:g} collapses)",
+                evidence))
+    return warnings
+
+
+def attention_sink(report: MonitorReport, t: Thresholds) -> list[HealthWarning]:
+    """Most heads sink: more than ``t.sink_share`` of heads put > ``t.sink_eps`` on the first key.
+
+    Gu et al. (2025)'s Sink_1^eps (:func:`robust_attn.metrics.sink_rate`, eps = 0.3)
+    over the heads of every layer that has no explicit sink key (for those,
+    mass on the first key is the design).
+    """
+    layers = [series for series in report.layers if not series.explicit_sink and series.sink_mass]
+    if not layers:
+        return []
+    rates = []
+    for index in range(len(report.steps)):
+        masses = torch.tensor([mass for series in layers for mass in series.sink_mass[index]])
+        masses = masses[masses.isfinite()]
+        rates.append((masses > t.sink_eps).float().mean().item() if masses.numel() else math.nan)
+    rate = _latest(rates)
+    if rate is None or rate <= t.sink_share:
+        return []
+    sinking = [f"{series.name}/{head}" for series in layers for head in range(series.heads)
+               if (mass := _latest(series.head_series("sink_mass", head))) is not None
+               and mass > t.sink_eps]
+    return [_warning("attention_sink", None, None,
+                     f"{rate:.0%} of heads put > {t.sink_eps:g} of their attention on the first "
+                     f"key (> {t.sink_share:.0%})",
+                     {**_recent(report.steps, rates, t.evidence_samples), "heads": sinking})]
+
+
+def _loss_tensor(losses: list[float | None]) -> torch.Tensor:
+    """float64 losses, nan where none was fed."""
+    return torch.tensor([math.nan if loss is None else loss for loss in losses],
+                        dtype=torch.float64)
+
+
+def _finite_loss(loss: float | None) -> bool:
+    return loss is not None and math.isfinite(loss)
+
+
+def robust_band(losses: list[float | None], window: int, band: float) -> torch.Tensor:
+    """Upper edge of the running robust band for each step (nan where there is no history yet).
+
+    For step i, over the finite losses among the previous ``window`` steps::
+
+        edge_i = median + band * max(1.4826 * MAD, 1e-3 * |median|)
+
+    (MAD = median absolute deviation, 1.4826 MAD estimates a Gaussian sigma:
+    Hampel's robust z-score; the floor keeps a flat loss from flagging noise.
+    Medians of an even count are the lower middle value, as torch.nanmedian's.)
+    """
+    values = _loss_tensor(losses)
+    values = torch.where(values.isfinite(), values, torch.nan)
+    padded = torch.cat([torch.full((window,), torch.nan, dtype=torch.float64), values])
+    history = padded.unfold(0, window, 1)[:-1]  # row i: the `window` steps before step i
+    median = history.nanmedian(dim=1).values
+    mad = (history - median[:, None]).abs().nanmedian(dim=1).values
+    return median + band * torch.maximum(1.4826 * mad, 1e-3 * median.abs())
+
+
+def loss_spike(report: MonitorReport, t: Thresholds) -> list[HealthWarning]:
+    """Losses above the running robust band of the previous ``t.loss_window`` finite losses."""
+    losses = report.losses
+    if not losses:
+        return []
+    edge = robust_band(losses, t.loss_window, t.loss_band)
+    finite = torch.tensor([_finite_loss(loss) for loss in losses], dtype=torch.long)
+    seen = torch.cat([torch.zeros(1, dtype=torch.long), finite.cumsum(0)])
+    known = seen[:-1] - seen[:-1].roll(t.loss_window).masked_fill(
+        torch.arange(len(losses)) < t.loss_window, 0)  # finite losses among the previous window
+    values = _loss_tensor(losses)
+    spikes = ((values > edge) & (known >= t.loss_min_history)).nonzero().flatten().tolist()
+    if not spikes:
+        return []
+    return [_warning("loss_spike", None, None,
+                     f"loss spiked at {len(spikes)} step(s), latest step {spikes[-1]}: "
+                     f"{losses[spikes[-1]]:.4g} > band {edge[spikes[-1]].item():.4g}",
+                     {"steps": spikes[-t.evidence_samples:],
+                      "values": [losses[i] for i in spikes[-t.evidence_samples:]],
+                      "band": [edge[i].item() for i in spikes[-t.evidence_samples:]]})]
+
+
+def loss_oscillation(report: MonitorReport, t: Thresholds) -> list[HealthWarning]:
+    """The last losses alternate up and down, with changes large against the loss itself."""
+    recent = [(step, loss) for step, loss in enumerate(report.losses)
+              if _finite_loss(loss)][-t.oscillation_window:]
+    if len(recent) < t.oscillation_window:
+        return []
+    losses = torch.tensor([loss for _, loss in recent], dtype=torch.float64)
+    changes = losses.diff()
+    flips = (changes[1:] * changes[:-1] < 0).double().mean().item()
+    amplitude = changes.abs().mean().item() / max(losses.abs().median().item(), 1e-12)
+    if flips < t.oscillation_flips or amplitude <= t.oscillation_amplitude:
+        return []
+    return [_warning("loss_oscillation", None, None,
+                     f"loss oscillates: {flips:.0%} of the last changes flip sign, mean change "
+                     f"{amplitude:.1%} of the loss",
+                     {"steps": [step for step, _ in recent], "values": losses.tolist(),
+                      "flips": flips, "relative_amplitude": amplitude})]
+
+
+def divergence(report: MonitorReport, t: Thresholds) -> list[HealthWarning]:
+    """A non-finite loss, or a layer whose latest probe counted non-finite q, k, v or output."""
+    warnings = []
+    bad = [step for step, loss in enumerate(report.losses)
+           if loss is not None and not math.isfinite(loss)]
+    if bad:
+        warnings.append(_warning("divergence", None, None,
+                                 f"non-finite loss at {len(bad)} step(s), first at step {bad[0]}",
+                                 {"steps": bad[:t.evidence_samples],
+                                  "values": [report.losses[s] for s in bad[:t.evidence_samples]]}))
+    for series in report.layers:
+        count = _latest(series.nonfinite)
+        if count is not None and count > 0:
+            warnings.append(_warning("divergence", series.name, None,
+                                     f"{series.name}: {count:g} non-finite values in q, k, v or "
+                                     "the attention output",
+                                     _recent(report.steps, series.nonfinite, t.evidence_samples)))
+    return warnings
+
+
+def _gradient_norms(report: MonitorReport) -> list[tuple[LayerSeries, float]]:
+    return [(series, norm) for series in report.layers
+            if (norm := _latest(series.grad_norm)) is not None]
+
+
+def vanishing_gradients(report: MonitorReport, t: Thresholds) -> list[HealthWarning]:
+    """A layer's latest gradient norm below ``t.vanishing_ratio`` times the largest layer's, or 0.
+
+    Relative, because the loss sets the gradients' scale: the layer learns
+    that much slower than the fastest one (with SGD; Adam rescales, but
+    cannot recover a direction lost in rounding).
+    """
+    norms = _gradient_norms(report)
+    if not norms:
+        return []
+    largest = max(norm for _, norm in norms)
+    return [_warning("vanishing_gradients", series.name, None,
+                     f"{series.name}: gradient norm {norm:.2g} is < {t.vanishing_ratio:g} of the "
+                     f"largest layer's ({largest:.2g})",
+                     {**_recent(report.steps, series.grad_norm, t.evidence_samples),
+                      "largest": largest})
+            for series, norm in norms if norm == 0 or norm < t.vanishing_ratio * largest]
+
+
+def exploding_gradients(report: MonitorReport, t: Thresholds) -> list[HealthWarning]:
+    """A layer's latest gradient norm non-finite or > ``t.exploding_factor`` x its past median."""
+    warnings = []
+    for series in report.layers:
+        if not series.grad_norm:
+            continue
+        latest, earlier = series.grad_norm[-1], _finite(series.grad_norm[:-1])
+        median = statistics.median(earlier) if len(earlier) >= 3 else None
+        if math.isinf(latest) or (math.isnan(latest) and earlier) or \
+                (median is not None and latest > t.exploding_factor * median):
+            warnings.append(_warning(
+                "exploding_gradients", series.name, None,
+                f"{series.name}: gradient norm {latest:.3g}, earlier median "
+                f"{median if median is not None else math.nan:.3g}",
+                {**_recent(report.steps, series.grad_norm, t.evidence_samples),
+                 "earlier_median": median}))
+    return warnings
+
+
+def redundant_layer(report: MonitorReport, t: Thresholds) -> list[HealthWarning]:
+    """A layer whose centred attention maps repeat the previous layer's (similarity > threshold)."""
+    return [_warning("redundant_layer", series.name, None,
+                     f"{series.name}: attention maps repeat the previous layer's (similarity "
+                     f"{value:.3f} > {t.redundant_similarity:g})",
+                     _recent(report.steps, series.map_similarity, t.evidence_samples))
+            for series in report.layers
+            if (value := _latest(series.map_similarity)) is not None
+            and value > t.redundant_similarity]
+
+
+def lazy_layer(report: MonitorReport, t: Thresholds) -> list[HealthWarning]:
+    """A layer whose attention output is below ``t.lazy_gain`` of its input's norm."""
+    return [_warning("lazy_layer", series.name, None,
+                     f"{series.name}: attention output is {value:.2g} of its input (< "
+                     f"{t.lazy_gain:g}): the branch contributes almost nothing",
+                     _recent(report.steps, series.branch_gain, t.evidence_samples))
+            for series in report.layers
+            if (value := _latest(series.branch_gain)) is not None and value < t.lazy_gain]
+
+
+RULES: dict[str, Callable[[MonitorReport, Thresholds], list[HealthWarning]]] = {
+    "entropy_collapse": entropy_collapse, "entropy_falling": entropy_falling,
+    "logit_growth": logit_growth, "rank_collapse": rank_collapse,
+    "attention_sink": attention_sink, "loss_spike": loss_spike,
+    "loss_oscillation": loss_oscillation, "divergence": divergence,
+    "vanishing_gradients": vanishing_gradients, "exploding_gradients": exploding_gradients,
+    "redundant_layer": redundant_layer, "lazy_layer": lazy_layer,
+}
+
+
+def check(report: MonitorReport, thresholds: Thresholds | None = None) -> list[HealthWarning]:
+    """Every rule's warnings for ``report``, in the order of :data:`RULES`."""
+    thresholds = thresholds or Thresholds()
+    return [warning for rule in RULES.values() for warning in rule(report, thresholds)]

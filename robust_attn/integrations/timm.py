@@ -1,0 +1,240 @@
+"""Convert the attention modules of a timm model to a robust_attn variant, in place, and back.
+
+    model, summary = robust_attn.convert(model, "sigma_reparam", include="blocks.1[01].*")
+    ...fine-tune...
+    model, _ = robust_attn.revert(model)            # plain timm modules, sigma folded in
+    stock = timm.create_model(name); stock.load_state_dict(model.state_dict())  # strict
+
+Supported classes and their weight mapping: :mod:`.timm_adapters`. Every other
+module that looks like attention (its class name contains "Attention" or
+"Attn", or it is an ``nn.MultiheadAttention``) is left alone and reported in
+the summary with the reason, as is every module that include/exclude leave
+out or whose variant options cannot be built for it (conflicts).
+
+Function preservation (``preserve_function=True``, the default): options with
+a function-preserving initialisation use it, so that the converted model
+computes what the timm model computed, within float32 rounding:
+
+  * ``sigma_reparam=True`` -> "preserve": gamma = sigma(W), so W_hat = W
+    (Zhai et al. 2023's gamma = 1 would rescale every weight to unit spectral norm);
+  * ``sink_logit=True`` -> "preserve": the sink logit starts at -40, so
+    exp(-40) ~ 4e-18 is below float32 resolution next to the row's mass.
+
+``spectral_qk`` only adds a loss on the loaded weights, timm's RoPE becomes the
+``rope`` q/k transform and timm's own gate (``gated=True``) the ``gated``
+mitigation: these keep the function. Every other enabled mitigation (outlier
+removal, an added gate, soft-capping, sigmoid attention, sink tokens, an added
+qk_norm, sparsity patterns) changes the function at conversion: the summary
+lists them per module, and fine-tuning is expected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..attention import RobustAttention
+from ..mitigations.sigma_reparam import SigmaReparam
+from ..mitigations.sinks import PRESERVING_SINK_LOGIT, SinkLogit
+from ..mitigations.spectral_qk import SpectralQK
+from ..presets import preset_options
+from .timm_adapters import timm_classes, to_robust, to_timm, unexpressible, unsupported_reason
+
+# Option values replaced by their function-preserving initialisation when converting.
+PRESERVING_VALUES = {"sigma_reparam": {True: "preserve"}, "sink_logit": {True: "preserve"}}
+
+Patterns = str | Sequence[str] | None
+
+
+@dataclass
+class ConversionSummary:
+    """What :func:`convert` did.
+
+    swapped: names of the modules replaced by RobustAttention.
+    skipped: name -> reason, for attention-like modules left as they were.
+    changes_function: name -> the enabled options that change that swapped
+        module's function at conversion (absent: the module computes as before);
+        a sparsity pattern is listed although it changes nothing on sequences it
+        covers whole (e.g. 64-token blocks on a 50-token ViT).
+    options: the options every swapped module was built with.
+    """
+
+    variant: str
+    options: dict[str, Any]
+    swapped: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    changes_function: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def preserves_function(self) -> bool:
+        """True when no swapped module changes the model's function at conversion."""
+        return not self.changes_function
+
+    def __str__(self) -> str:
+        lines = [f"convert to {self.variant!r} with {self.options}: {len(self.swapped)} swapped, "
+                 f"{len(self.skipped)} skipped"]
+        lines += [f"  swapped  {name}" + (f"  (changes function: {', '.join(changes)})"
+                                           if (changes := self.changes_function.get(name)) else "")
+                  for name in self.swapped]
+        lines += [f"  skipped  {name}: {reason}" for name, reason in self.skipped.items()]
+        return "\n".join(lines)
+
+
+@dataclass
+class RevertSummary:
+    """What :func:`revert` did: reverted module names, and name -> mitigations dropped."""
+
+    reverted: list[str] = field(default_factory=list)
+    dropped: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _as_list(patterns: Patterns) -> list[str]:
+    return [patterns] if isinstance(patterns, str) else list(patterns or ())
+
+
+def _selection_reason(name: str, include: Patterns, exclude: Patterns) -> str | None:
+    """Why include/exclude leave ``name`` out (fnmatch patterns on module names), or None."""
+    includes = _as_list(include)
+    if include is not None and not any(fnmatchcase(name, p) for p in includes):
+        return f"not matched by include={includes}"
+    matched = [p for p in _as_list(exclude) if fnmatchcase(name, p)]
+    return f"matched by exclude pattern {matched[0]!r}" if matched else None
+
+
+def _looks_like_attention(module: nn.Module) -> bool:
+    name = type(module).__name__.lower()
+    return isinstance(module, nn.MultiheadAttention) or "attention" in name or "attn" in name
+
+
+def _attention_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) of every attention-like module, not descending into them."""
+    if _looks_like_attention(module):
+        yield prefix, module
+        return
+    for name, child in module.named_children():
+        yield from _attention_modules(child, f"{prefix}.{name}" if prefix else name)
+
+
+def _class_reason(module: nn.Module, supported: tuple[type[nn.Module], ...]) -> str | None:
+    """Why ``module``'s class keeps it from being converted, or None."""
+    if isinstance(module, RobustAttention):
+        return "already a RobustAttention"
+    if type(module) not in supported:
+        return f"{type(module).__name__} is not a supported timm attention class"
+    return unsupported_reason(module)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """``model`` with its submodule ``name`` replaced by ``new`` ("" replaces the model itself)."""
+    if not name:
+        return new
+    parent_name, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), attribute, new)
+    return model
+
+
+def conversion_options(variant: str, preserve_function: bool = True,
+                       **overrides: Any) -> dict[str, Any]:
+    """The options :func:`convert` builds modules with: the preset's, ``overrides``, then the
+    function-preserving values when ``preserve_function``."""
+    options = {**preset_options(variant), **overrides}
+    if preserve_function:
+        options = {name: PRESERVING_VALUES.get(name, {}).get(value, value)
+                   if isinstance(value, bool) else value for name, value in options.items()}
+    return options
+
+
+def _keeps_function(name: str, mitigation: nn.Module, source: nn.Module) -> bool:
+    if isinstance(mitigation, SigmaReparam):
+        return mitigation.preserve
+    if isinstance(mitigation, SinkLogit):
+        return mitigation.learned and bool((mitigation.logit <= PRESERVING_SINK_LOGIT).all())
+    if name == "gated":
+        return getattr(source, "gate", None) is not None  # the source's own gate, moved over
+    return isinstance(mitigation, SpectralQK) or name == "rope"
+
+
+def function_changes(source: nn.Module, robust: RobustAttention) -> list[str]:
+    """The options of ``robust`` that make it compute otherwise than ``source`` did."""
+    changes = [name for name, m in robust.mitigations.items()
+               if not _keeps_function(name, m, source)]
+    if isinstance(source.q_norm, nn.Identity) and not isinstance(robust.q_norm, nn.Identity):
+        changes.insert(0, "qk_norm")
+    return changes
+
+
+@torch.no_grad()
+def convert(model: nn.Module, variant: str, include: Patterns = None, exclude: Patterns = None,
+            preserve_function: bool = True, **overrides: Any
+            ) -> tuple[nn.Module, ConversionSummary]:
+    """Swap every supported timm attention module of ``model`` for ``variant``, in place.
+
+    Args:
+        model: a timm model (or any module containing timm attention modules).
+        variant: a preset name (:func:`robust_attn.list_variants`).
+        include, exclude: fnmatch patterns (or lists of them) on module names,
+            e.g. ``include="blocks.1[01].attn"``: only matching modules are swapped
+            (include None: all), minus those matching an exclude pattern.
+        preserve_function: use function-preserving initialisations where the
+            variant has one (module docstring).
+        **overrides: RobustAttention options on top of the preset's, e.g.
+            ``softcap=30.0`` or ``probe=True``.
+    Returns:
+        ``model`` (the new module when ``model`` itself is the attention) and a
+        :class:`ConversionSummary`. Modules that cannot be converted are left
+        as they were and listed in ``summary.skipped``.
+    """
+    options = conversion_options(variant, preserve_function, **overrides)
+    summary = ConversionSummary(variant, options)
+    supported = tuple(timm_classes().values())
+    for name, module in list(_attention_modules(model)):
+        reason = _selection_reason(name, include, exclude) or _class_reason(module, supported)
+        if reason is None:
+            try:
+                robust = to_robust(module, options)
+            except (TypeError, ValueError) as error:
+                reason = f"variant {variant!r} cannot be built for this module: {error}"
+        if reason is not None:
+            summary.skipped[name] = reason
+            continue
+        model = _replace(model, name, robust)
+        summary.swapped.append(name)
+        if changes := function_changes(module, robust):
+            summary.changes_function[name] = changes
+    return model, summary
+
+
+@torch.no_grad()
+def revert(model: nn.Module, allow_lossy: bool = False) -> tuple[nn.Module, RevertSummary]:
+    """Replace every RobustAttention of ``model`` by the plain timm module it stands for, in place.
+
+    sigma_reparam is folded into the weights (W_hat = gamma W / sigma(W), as eval mode
+    computes it); modules converted from AttentionRope or EvaAttention go back to
+    those classes with their original projection layout; every other
+    RobustAttention (e.g. built by ``attn_layer=robust_attn.layer(...)``) becomes a
+    ``timm.layers.Attention``. An added qk_norm stays (timm's ``qk_norm=True``).
+    The result loads into a stock timm model (with ``strict=True``) built with the
+    same arguments.
+
+    An elementwise gate without scale_norm becomes timm's ``gated=True``. Mitigations
+    timm cannot express (sinks, headwise gates, outlier removal, soft-capping,
+    sigmoid attention, sparsity) would be dropped, changing the function: revert
+    raises ValueError naming them unless ``allow_lossy=True``.
+    """
+    modules = [(name, module) for name, module in _attention_modules(model)
+               if isinstance(module, RobustAttention)]
+    summary = RevertSummary(dropped={name: lossy for name, m in modules
+                                     if (lossy := unexpressible(m))})
+    if summary.dropped and not allow_lossy:
+        raise ValueError(f"revert would drop mitigations that timm's attention cannot express, "
+                         f"changing the function: {summary.dropped}; pass allow_lossy=True to "
+                         f"drop them anyway")
+    for name, module in modules:
+        model = _replace(model, name, to_timm(module))
+        summary.reverted.append(name)
+    return model, summary

@@ -1,0 +1,80 @@
+"""Gated attention: a sigmoid gate on each head's attention output, computed from the module input.
+
+    Y' = Y * sigmoid(x W_g + b_g)      Y: attention output (B, H, N, D); x: module input (B, N, C)
+
+Qiu et al. (2025), "Gated Attention for Large Language Models: Non-linearity,
+Sparsity, and Attention-Sink-Free" (NeurIPS 2025), position G1: after scaled
+dot-product attention, before the output projection (and before timm's
+``scale_norm``). The gate is query-dependent (row i of x gates row i of Y), adds
+a non-linearity between the value and output projections, and its sparsity lets
+a head output nothing for a query, which removes the first-token attention sink
+and the massive activations that come with it.
+
+``gated=`` one of:
+
+    "elementwise"  one gate per head and channel, W_g: (C, H * D). The paper's
+                   best variant, used in Qwen3-Next. ``True`` means this too.
+    "headwise"     one gate per head and token, W_g: (C, H); nearly as good in the
+                   paper, with C * H weights instead of C * H * D.
+
+The gate is an ``nn.Linear`` named ``gate`` with a bias when ``qkv_bias`` is set
+and PyTorch's default init, so sigmoid(x W_g) starts near 0.5. The authors' code
+(github.com/qiuzh20/gated_attention, ``modeling_qwen3.py``) packs W_g into
+``q_proj`` (same bias flag and init as the query projection).
+
+timm: ``timm.layers.Attention(gated=True)`` is ``gated="elementwise"``: the same
+``Linear(dim, attn_dim, bias=qkv_bias)`` named ``gate``, stored here as
+``mitigations.gated.gate``; timm applies it after ``scale_norm`` where this module
+applies it before (the same when ``scale_norm=False``, the default).
+
+Health: ``mean``, the mean gate value per head at the latest forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..config import AttentionConfig
+from ..problem import AttentionProblem
+from .base import Mitigation
+
+GATE_MODES = ("elementwise", "headwise")
+
+
+class Gated(Mitigation):
+    option = "gated"
+    output_order = 1  # gates the attention output, so after corrections that complete it
+
+    def __init__(self, mode: str, config: AttentionConfig):
+        super().__init__()
+        self.mode = mode
+        self.num_heads = config.num_heads
+        width = config.attn_dim if mode == "elementwise" else config.num_heads
+        self.gate = nn.Linear(config.dim, width, bias=config.qkv_bias, **config.factory_kwargs)
+        self._mean: Tensor | None = None
+
+    @classmethod
+    def from_option(cls, value: Any, config: AttentionConfig) -> Gated | None:
+        if value is None or value is False:
+            return None
+        if value is True:
+            value = "elementwise"
+        if value not in GATE_MODES:
+            raise ValueError(f"gated={value!r}: expected 'elementwise' (or True), 'headwise' "
+                             f"or None")
+        return cls(value, config)
+
+    def transform_output(self, out: Tensor, problem: AttentionProblem, x: Tensor) -> Tensor:
+        gate = rearrange(torch.sigmoid(self.gate(x)), "b n (h d) -> b h n d", h=self.num_heads)
+        self._mean = gate.detach().mean(dim=(0, 2, 3), dtype=torch.float32)  # for health()
+        return out * gate
+
+    def health(self) -> dict[str, Tensor]:
+        return {} if self._mean is None else {"mean": self._mean}
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"

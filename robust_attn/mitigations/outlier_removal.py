@@ -1,0 +1,87 @@
+"""Outlier removal: subtract the uniform attention, removing the attention matrix's outlier.
+
+    out = (A - U) V = kernel(q, k, v) - U V,    U_ij = 1[j allowed for i] / #allowed(i)
+
+Nait Saada, Naderi and Tanner (2025), "Mind the Gap: a Spectral Analysis of Rank
+Collapse and Signal Propagation in Attention Layers" (ICML 2025): a softmax
+attention matrix A is row-stochastic (A 1 = 1), and at initialisation its top
+singular value, along 1, stands apart from the rest (a spectral gap), so A acts
+almost as the rank-one averaging (1/N) 1 1^T and maps every token towards the
+same mean: rank collapse in width, compounded with depth. They remove the
+outlier with A - (1/N) 1 1^T. With a causal mask
+or any other mask we subtract, row by row, the uniform distribution over that
+row's allowed keys (our generalisation: it keeps every row summing to zero), so
+a row with no allowed key stays zero. Prepended keys (sinks) are keys like any
+other: U spreads over them too.
+
+U V is computed without materialising U:
+
+    no mask        the mean of v over the keys
+    causal only    cumulative sums of v over the keys divided by the counts (sums
+                   in float32 or wider; lower-right aligned like the causal mask)
+    any mask or    the kernel on the same problem with zero queries, the mask
+    sparsity       reduced to allowed / blocked and no score modifiers: softmax of
+    pattern        equal scores is uniform over the allowed keys (SDPA never
+                   materialises it; a pattern keeps its structured kernel)
+
+``outlier_removal=True``. It addresses rank collapse, not entropy collapse (see
+DESIGN.md: with W_q, W_k scaled up, A still concentrates).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..config import AttentionConfig
+from ..kernels import select_kernel
+from ..problem import SOFTMAX, AttentionProblem
+from .base import Mitigation
+
+
+def mean_over_all_keys(v: Tensor) -> Tensor:
+    """(B, H, 1, Dv): every query's uniform attention over all keys."""
+    return v.mean(dim=-2, keepdim=True)
+
+
+def mean_over_causal_keys(v: Tensor, num_queries: int) -> Tensor:
+    """(B, H, Nq, Dv): query i's mean over keys j <= i + (Nk - Nq); 0 where it has none."""
+    num_keys = v.shape[-2]
+    last_key = torch.arange(num_queries, device=v.device) + (num_keys - num_queries)
+    counts = (last_key + 1).clamp(min=0)
+    sums = v.cumsum(dim=-2, dtype=torch.promote_types(v.dtype, torch.float32))
+    sums = sums.index_select(-2, last_key.clamp(min=0))
+    means = sums * (counts > 0).unsqueeze(-1) / counts.clamp(min=1).unsqueeze(-1)
+    return means.to(v.dtype)
+
+
+def mean_over_allowed_keys(problem: AttentionProblem) -> Tensor:
+    """(B, H, Nq, Dv): each query's uniform attention over its allowed keys, run as a kernel."""
+    mask = problem.attn_mask
+    allowed = mask > -math.inf if mask is not None and mask.is_floating_point() else mask
+    uniform = problem.with_(q=torch.zeros_like(problem.q), attn_mask=allowed, score_mods=(),
+                            normalizer=SOFTMAX)
+    return select_kernel("auto", uniform, 0.0).run(uniform, 0.0)
+
+
+def uniform_attention_output(problem: AttentionProblem) -> Tensor:
+    """U V for the problem's masks, broadcastable to (B, H, Nq, Dv)."""
+    if problem.attn_mask is not None or problem.pattern is not None:
+        return mean_over_allowed_keys(problem)
+    if problem.causal:
+        return mean_over_causal_keys(problem.v, problem.num_queries)
+    return mean_over_all_keys(problem.v)
+
+
+class OutlierRemoval(Mitigation):
+    option = "outlier_removal"
+    conflicts = {"sigmoid": "outlier removal subtracts the uniform row from a row-stochastic "
+                            "attention matrix; sigmoid attention rows do not sum to one"}
+
+    def __init__(self, config: AttentionConfig):  # no parameters: nothing to build from config
+        super().__init__()
+
+    def transform_output(self, out: Tensor, problem: AttentionProblem, x: Tensor) -> Tensor:
+        return out - uniform_attention_output(problem)

@@ -1,0 +1,332 @@
+"""sigmaReparam: spectrally reparametrised qkv and proj layers, against entropy collapse.
+
+Every weight W of qkv and proj is replaced in the forward by (Zhai et al. 2023,
+"Stabilizing Transformer Training by Preventing Attention Entropy Collapse",
+ICML 2023, arXiv:2303.06296)::
+
+    W_hat = (gamma / sigma(W)) W,    sigma(W) = u^T W v    (the bias is not reparametrised)
+
+with a learnable scalar gamma and u, v the current estimates of W's top left and
+right singular vectors, refined by one power-iteration step per training forward
+(the paper's PyTorch-style pseudocode)::
+
+    u <- W v / ||W v||,    v <- W^T u / ||W^T u||
+
+The step runs under no_grad in float32 (autocast off), so u and v are constants
+for autograd, while sigma = u^T W v is differentiable in W (the paper's
+pseudocode computes sigma the same way, outside no_grad).
+
+Theorem 3.1 of the paper bounds every query row's attention entropy from below:
+with s = ||W_K W_Q^T||_2 ||X X^T||_2 (the logits' spectral scale) and T keys,
+
+    beta = exp(-s sqrt(T / (T - 1))),
+    Ent(A_i) >= log(1 + (T - 1) beta) + s sqrt(T (T - 1)) beta / (1 + (T - 1) beta),
+
+which falls exponentially in s; sigmaReparam keeps s in check through gamma.
+
+Followed as published: the update rule and sigma above; gamma = 1 for a fresh
+layer (the pseudocode's ``gamma = ones(1)``); one step per training forward; the
+bias left plain and the sigma computation kept in float32 (both as in
+apple/ml-sigma-reparam, vision/layers.py). Also as in that code: u, v are
+warm-started from an SVD (the pseudocode draws them at random), and the buffers
+change only in training mode.
+
+Our choices, where the paper is silent:
+  * ``sigma_reparam="preserve"`` starts gamma = sigma(W), so W_hat = W and the
+    layer computes what nn.Linear computes (apple/ml-sigma-reparam's ViT code
+    initialises its gamma the same way); use it when converting pretrained weights.
+  * Eval mode runs no power-iteration step: it uses u, v as the last training
+    forward left them, so eval, ``fold()`` and the inference weight agree exactly
+    (apple/ml-sigma-reparam's eval runs one step from the stored vector and
+    discards it).
+  * u and v are cloned before sigma is computed: autograd saves the clones, so
+    a later training forward may update the buffers in place before backward
+    (the two-forwards-one-backward failure of torch.nn.utils.spectral_norm).
+  * gamma is a 0-dim parameter (timm's optimizer groups exclude it from weight decay).
+  * Health (keys prefixed ``sigma_reparam.`` in ``AttentionHealth.extras``):
+    ``qkv.sigma``, ``proj.sigma``: the power-iteration estimate of sigma(W);
+    ``qkv.gamma``, ``proj.gamma``; ``q.spectral_norm``, ``k.spectral_norm``: the
+    exact spectral norms of the effective q block [W_hat_q, b_q] (its bias as an
+    extra column) and k block W_hat_k (the first two thirds of qkv's rows);
+    ``entropy_bound``: Theorem 3.1's bound with
+    s = scale ||[W_hat_q, b_q]||_2 ||W_hat_k||_2 ||[X, 1]||_2 ||X||_2, divided
+    by log(N) like ``AttentionHealth.entropy``, for the batch's weakest sequence.
+    This s bounds every head's centred logit rows (the key bias adds a constant
+    to each row, which softmax ignores; the query bias is the ones column), so
+    the bound holds, looser than the theorem's own s. It assumes the logits are
+    scale (x W_q^T + b_q)(x W_k^T + b_k)^T over all N tokens: it does not hold
+    with masks (causal included), qk_norm, other q/k transforms, score modifiers,
+    extra keys or a normalizer other than softmax.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import AttentionConfig
+from ..problem import AttentionProblem
+from .base import Mitigation
+
+# RobustAttention builds qkv first, then proj (attention.py, RobustAttention.__init__).
+_LAYER_ROLES = ("qkv", "proj")
+
+
+def _autocast_off(tensor: Tensor):
+    """A context in which matmuls on ``tensor``'s device run in the dtype they are given."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
+class SigmaReparamLinear(nn.Module):
+    """nn.Linear computing x W_hat^T + b, W_hat = (gamma / sigma(W)) W (see the module docstring).
+
+    Keeps nn.Linear's ``weight`` and ``bias`` (so timm weights load onto it) and
+    adds the parameter ``gamma`` and the float32 buffers ``u`` (out_features) and
+    ``v`` (in_features). It is not an nn.Linear subclass on purpose: code that
+    finds nn.Linear modules and reads ``.weight`` directly would skip W_hat.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as nn.Linear, whose
+            initialisation it uses (the same draw as nn.Linear under the same seed).
+        preserve: start gamma = sigma(W) (W_hat = W) instead of gamma = 1.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 preserve: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        linear = nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
+        self._adopt(linear, preserve)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, preserve: bool = True) -> SigmaReparamLinear:
+        """Reparametrise ``linear``, sharing its weight and bias parameters (no copy)."""
+        layer = cls.__new__(cls)  # skips __init__'s own nn.Linear: no second draw from the RNG
+        nn.Module.__init__(layer)
+        layer._adopt(linear, preserve)
+        return layer
+
+    def _adopt(self, linear: nn.Linear, preserve: bool) -> None:
+        if not isinstance(preserve, bool):
+            raise ValueError(f"preserve={preserve!r}: expected True or False")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.register_parameter("bias", linear.bias)
+        self.gamma = nn.Parameter(linear.weight.new_ones(()))
+        factory = {"device": linear.weight.device, "dtype": torch.float32}
+        self.register_buffer("u", torch.empty(self.out_features, **factory))
+        self.register_buffer("v", torch.empty(self.in_features, **factory))
+        if preserve:
+            self.preserve_function()
+        else:
+            self.warm_start()
+
+    @torch.no_grad()
+    def warm_start(self) -> None:
+        """u, v <- the weight's top singular vectors (an SVD). Call after loading weights."""
+        left, _, right = torch.linalg.svd(self.weight.float(), full_matrices=False)
+        self.u.copy_(left[:, 0])
+        self.v.copy_(right[0])
+
+    @torch.no_grad()
+    def preserve_function(self) -> None:
+        """Warm-start u, v and set gamma = sigma(W): W_hat = W, the current weight's function."""
+        self.warm_start()
+        self.gamma.copy_(self.sigma())
+
+    @torch.no_grad()
+    def _power_iteration_step(self) -> None:
+        with _autocast_off(self.weight):
+            weight = self.weight.float()
+            u = F.normalize(weight @ self.v.float(), dim=0)
+            v = F.normalize(weight.T @ u, dim=0)
+        self.u.copy_(u)
+        self.v.copy_(v)
+
+    def sigma(self) -> Tensor:
+        """sigma(W) = u^T W v in float32; differentiable in W, with u and v constants."""
+        # Copies: autograd saves them, so the buffers may change in place before backward.
+        u, v = (vector.to(torch.float32, copy=True) for vector in (self.u, self.v))
+        with _autocast_off(self.weight):
+            return torch.einsum("o,oi,i->", u, self.weight.float(), v)
+
+    def effective_weight(self) -> Tensor:
+        """W_hat = (gamma / sigma(W)) W, in the weight's dtype."""
+        return self.weight * (self.gamma.float() / self.sigma()).to(self.weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self._power_iteration_step()
+        return F.linear(x, self.effective_weight(), self.bias)
+
+    @torch.no_grad()
+    def fold(self) -> nn.Linear:
+        """A plain nn.Linear with weight W_hat (as eval mode computes it) and the same bias."""
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                           device="meta")
+        linear.weight = nn.Parameter(self.effective_weight())
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.clone())
+        return linear
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+
+def _replace_modules(model: nn.Module, convert: Callable[[nn.Module], nn.Module | None],
+                     done: dict[int, nn.Module] | None = None) -> nn.Module:
+    """``model`` with every module that ``convert`` maps to a replacement replaced, in place.
+
+    A module reached twice (shared) is converted once; the root's replacement is returned.
+    """
+    done = {} if done is None else done
+    if id(model) in done:
+        return done[id(model)]
+    replacement = convert(model)
+    if replacement is None:
+        for name, child in model.named_children():
+            setattr(model, name, _replace_modules(child, convert, done))
+        replacement = model
+    done[id(model)] = replacement
+    return replacement
+
+
+def fold_sigma_reparam(model: nn.Module) -> nn.Module:
+    """Replace every SigmaReparamLinear in ``model`` by its ``fold()``, in place, for inference.
+
+    Returns ``model`` (the folded layer when ``model`` itself is a SigmaReparamLinear).
+    A RobustAttention keeps its ``sigma_reparam`` mitigation, whose health then
+    describes the layers as they were when folded.
+    """
+    def folded(module: nn.Module) -> nn.Module | None:
+        return module.fold() if isinstance(module, SigmaReparamLinear) else None
+
+    return _replace_modules(model, folded)
+
+
+def sigma_reparametrize(model: nn.Module, preserve: bool = True) -> nn.Module:
+    """Replace every nn.Linear of ``model`` by a SigmaReparamLinear sharing its parameters.
+
+    The paper's "every linear layer" option. ``preserve`` (default) keeps the
+    model's function (gamma = sigma(W)); False starts gamma = 1. Only modules of
+    type exactly nn.Linear are converted: subclasses such as the ``out_proj`` of
+    nn.MultiheadAttention, whose parent reads ``.weight`` directly, are left alone.
+    Returns ``model`` (the new layer when ``model`` itself is an nn.Linear).
+    """
+    def reparametrized(module: nn.Module) -> nn.Module | None:
+        if type(module) is not nn.Linear:
+            return None
+        return SigmaReparamLinear.from_linear(module, preserve)
+
+    return _replace_modules(model, reparametrized)
+
+
+def attention_entropy_lower_bound(logit_scale: Tensor, num_keys: int) -> Tensor:
+    """Zhai et al. (2023), Theorem 3.1: the least entropy of a softmax row over T = num_keys keys.
+
+    ``logit_scale`` is s = ||W_K W_Q^T||_2 ||X X^T||_2 (or any upper bound of it)::
+
+        beta = exp(-s sqrt(T / (T - 1)))
+        H   >= log(1 + (T - 1) beta) + s sqrt(T (T - 1)) beta / (1 + (T - 1) beta)
+
+    The bound is the entropy of a row whose one logit exceeds the T - 1 others by
+    s sqrt(T / (T - 1)) (tight). Returned divided by log(T), like
+    :func:`robust_attn.metrics.attention_entropy`; 1.0 when T <= 1.
+    """
+    if num_keys <= 1:
+        return torch.ones_like(logit_scale)
+    beta = torch.exp(-logit_scale * math.sqrt(num_keys / (num_keys - 1)))
+    spread = 1 + (num_keys - 1) * beta
+    entropy = spread.log() + logit_scale * math.sqrt(num_keys * (num_keys - 1)) * beta / spread
+    return entropy / math.log(num_keys)
+
+
+class SigmaReparam(Mitigation):
+    """Builds qkv and proj as SigmaReparamLinear; reports sigma, gamma and Theorem 3.1's bound.
+
+    Option ``sigma_reparam``: True (gamma = 1, the paper) or "preserve"
+    (gamma = sigma(W), the function unchanged). After loading plain weights into
+    the module (e.g. a timm state dict, ``strict=False`` since gamma, u and v
+    are extra), call :meth:`reset_from_weights`.
+    """
+
+    option = "sigma_reparam"
+
+    def __init__(self, config: AttentionConfig, preserve: bool) -> None:
+        super().__init__()
+        self.preserve = preserve
+        self.scale = config.head_dim ** -0.5
+        self.attn_dim = config.attn_dim
+        # Plain dict, not submodules: RobustAttention owns the layers and their state_dict keys.
+        self._layers: dict[str, SigmaReparamLinear] = {}
+        self._input: weakref.ref[Tensor] | None = None
+
+    @classmethod
+    def from_option(cls, value: Any, config: AttentionConfig) -> SigmaReparam | None:
+        if value is None or value is False:
+            return None
+        if value is not True and not (isinstance(value, str) and value == "preserve"):
+            raise ValueError(f"sigma_reparam={value!r}: expected True, 'preserve', False or None")
+        return cls(config, preserve=value == "preserve")
+
+    def make_linear(self, in_features: int, out_features: int, bias: bool,
+                    config: AttentionConfig) -> SigmaReparamLinear:
+        layer = SigmaReparamLinear(in_features, out_features, bias, preserve=self.preserve,
+                                   **config.factory_kwargs)
+        self._layers[_LAYER_ROLES[len(self._layers)]] = layer
+        return layer
+
+    def reset_from_weights(self) -> None:
+        """Re-warm u, v from the current weights, and with "preserve" set gamma = sigma(W) again."""
+        for layer in self._layers.values():
+            if self.preserve:
+                layer.preserve_function()
+            else:
+                layer.warm_start()
+
+    def transform_output(self, out: Tensor, problem: AttentionProblem, x: Tensor) -> Tensor:
+        # The one stage that sees the module input: a weak reference for health()'s ||X||.
+        self._input = weakref.ref(x)
+        return out
+
+    @torch.no_grad()
+    def health(self) -> dict[str, Tensor]:
+        stats = {}
+        for role, layer in self._layers.items():
+            stats[f"{role}.sigma"] = layer.sigma()
+            stats[f"{role}.gamma"] = layer.gamma.detach().float().clone()
+        w_q, w_k, _ = self._layers["qkv"].effective_weight().float().split(self.attn_dim)
+        stats["q.spectral_norm"] = torch.linalg.matrix_norm(self._with_bias_column(w_q), ord=2)
+        stats["k.spectral_norm"] = torch.linalg.matrix_norm(w_k, ord=2)
+        x = self._input() if self._input is not None else None
+        if x is not None:
+            stats["entropy_bound"] = self._entropy_bound(
+                x.float(), stats["q.spectral_norm"] * stats["k.spectral_norm"])
+        return stats
+
+    def _with_bias_column(self, w_q: Tensor) -> Tensor:
+        """[W_hat_q, b_q] when qkv has a bias, else W_hat_q."""
+        bias = self._layers["qkv"].bias
+        if bias is None:
+            return w_q
+        return torch.cat([w_q, bias[:self.attn_dim].float()[:, None]], dim=1)
+
+    def _entropy_bound(self, x: Tensor, qk_norm_product: Tensor) -> Tensor:
+        """Theorem 3.1's normalised bound for the batch's sequence with the weakest one."""
+        queries = x if self._layers["qkv"].bias is None else F.pad(x, (0, 1), value=1.0)
+        input_norms = torch.linalg.matrix_norm(queries, ord=2) * torch.linalg.matrix_norm(x, ord=2)
+        logit_scale = self.scale * qk_norm_product * input_norms
+        return attention_entropy_lower_bound(logit_scale, x.shape[-2]).amin()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_input": None}  # a weak reference does not pickle
+
+    def extra_repr(self) -> str:
+        return f"preserve={self.preserve}"

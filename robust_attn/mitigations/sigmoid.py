@@ -1,0 +1,78 @@
+"""Sigmoid attention: each weight is an independent sigmoid instead of a softmax over the row.
+
+    A_ij = sigmoid(scale * q_i . k_j + b),    b = -log(Nk) by default;  out = A V
+
+Ramapuram et al. (2025), "Theory, Analysis, and Best Practices for Sigmoid
+Self-Attention" (ICLR 2025). Rows need not sum to one, so no key competes with
+another and no sink is needed to absorb mass; b = -log(n) makes every weight
+about 1/n at initialisation, like uniform softmax attention, which together
+with normalised queries and keys is what the paper finds stabilises training
+(the large initial attention norms are the failure). The authors' code
+(github.com/apple/ml-sigmoid-attention, ``layers/attention.py``) adds b as a
+constant ``attn_bias`` after masking.
+
+``sigmoid=`` one of:
+
+    True      b = -log(Nk), Nk the number of keys of each call (padded and
+              prepended keys included), so b follows the sequence length.
+    a float   a fixed b (e.g. -log of the training length, to keep b fixed when
+              the length changes at inference).
+
+Score modifiers still apply to scale * q k^T; blocked keys (-inf) get weight
+sigmoid(-inf) = 0, so a row with no allowed key outputs zero. b lives in the
+normalizer, not in a score modifier, because score modifiers (FlexAttention's
+signature) do not see the number of keys. Only the eager kernel computes
+sigmoid attention: ``kernel='auto'`` picks it, and forcing 'sdpa', 'flex' or
+'xformers' raises ValueError. The ``sigmoid`` preset turns ``qk_norm`` on, as
+the paper recommends. Options that assume softmax (sink tokens, sink logit,
+softcap, outlier removal) refuse to combine with it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..config import AttentionConfig
+from .base import Mitigation
+
+
+@dataclass(frozen=True)
+class SigmoidWeights:
+    """The normalizer sigmoid(scores + b), b = -log(Nk) when ``bias`` is None; picklable."""
+
+    bias: float | None = None
+    name = "sigmoid"
+
+    def __call__(self, scores: Tensor) -> Tensor:
+        bias = -math.log(scores.shape[-1]) if self.bias is None else self.bias
+        return torch.sigmoid(scores + bias)
+
+
+class Sigmoid(Mitigation):
+    option = "sigmoid"
+
+    def __init__(self, bias: float | None):
+        super().__init__()
+        self.bias = bias
+
+    @classmethod
+    def from_option(cls, value: Any, config: AttentionConfig) -> Sigmoid | None:
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls(None)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return cls(float(value))
+        raise ValueError(f"sigmoid={value!r}: expected True (bias -log(number of keys)), a finite "
+                         f"bias such as -5.0, or None")
+
+    def normalizer(self) -> SigmoidWeights:
+        return SigmoidWeights(self.bias)
+
+    def extra_repr(self) -> str:
+        return "bias=-log(num_keys)" if self.bias is None else f"bias={self.bias}"

@@ -1,0 +1,161 @@
+"""Spectral QK: keep each head's query-key eigenspectrum concentrated (small variance, held mean).
+
+Bao, Hataya & Karakida (2024), "Self-attention Networks Localize When
+QK-eigenspectrum Concentrates" (ICML 2024, arXiv:2402.02098), characterise
+attention localization by the eigenvalues of the query-key matrix
+W_QK = W_Q W_K^T (C x C): a small eigenvalue variance with a non-zero mean
+localizes attention, which can prevent both rank collapse and entropy collapse.
+Their regulariser, LocAteR, "minimizes the eigenspectrum scale while maintaining
+its mean". That much is the paper (we did not have LocAteR's exact formula at
+hand); the statistics' normalisation, the loss and the init below are ours.
+
+Per head h, with W_Q^h, W_K^h the (D, C) row blocks of qkv (torch's layout, so
+the logits are x_i^T W_Q^h^T W_K^h x_j), we work with the D x D matrix
+
+    M_h = W_K^h W_Q^h^T,
+
+whose eigenvalues are the non-zero eigenvalues of W_Q^h^T W_K^h (the paper's
+W_QK, taken per head; AB and BA share their non-zero eigenvalues), padded with
+zeros up to D. Normalisation (our decision): over those D eigenvalues, not over
+the C eigenvalues of the C x C matrix, whose C - D extra zeros come from the
+head's rank and would tie every statistic to the model width::
+
+    mean     mu_h = tr(M_h) / D
+    variance      = tr(M_h M_h) / D - mu_h^2          (= E[l^2] - E[l]^2)
+
+For real eigenvalues (e.g. a symmetric W_QK) this is the usual variance; complex
+eigenvalues (conjugate pairs) can make it negative, so it cannot serve as a
+loss (a rotation-like M would drive it to minus infinity). The loss uses the
+Frobenius spread instead::
+
+    spread_h = ||M_h - mu_h I||_F^2 / D  =  ||M_h||_F^2 / D - mu_h^2
+    auxiliary_loss = weight * mean_h spread_h
+
+By Schur's inequality spread_h >= E|l - mu_h|^2 >= variance, with equality for
+normal M_h with real eigenvalues; spread_h = 0 exactly when M_h = mu_h I, i.e.
+when W_Q^h^T W_K^h is mu_h times a (rank-D, generally oblique) projector. Its
+gradient in M, 2 (M - mu I) / D, is traceless, so a step in M holds the mean;
+through the factors W_Q^h, W_K^h it holds it to the extent that
+W_Q^h W_Q^h^T + W_K^h W_K^h^T is isotropic. Note that the loss alone also falls
+when W_QK shrinks as a whole, and with a mean near 0 (as at a random init) that
+pulls W_QK towards 0, i.e. uniform attention: hence the concentrated init.
+
+Concentrated init (ours): W_K^h <- c_h (W_Q^h)^+T, so M_h = c_h I exactly
+(when D <= C; otherwise M_h = c_h times a projector of rank C). W_Q^h keeps
+nn.Linear's draw, and c_h > 0 makes ||W_K^h||_F = ||W_Q^h||_F.
+
+Health (keys prefixed ``spectral_qk.``), per head (H,): ``eigenvalue_mean``,
+``eigenvalue_variance`` and ``spread``, of W_QK itself (the logits use
+scale * W_QK, whose eigenvalues are scale times these).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from ..config import AttentionConfig
+from .base import Mitigation
+
+DEFAULT_WEIGHT = 0.01  # our choice, not tuned
+
+
+def qk_products(qkv_weight: Tensor, num_heads: int) -> Tensor:
+    """M_h = W_K^h W_Q^h^T for every head, (H, D, D) in float32, from qkv's (3 H D, C) weight."""
+    w_q, w_k, _ = rearrange(qkv_weight.float(), "(qkv h d) c -> qkv h d c", qkv=3, h=num_heads)
+    return w_k @ w_q.transpose(-1, -2)
+
+
+def _trace_mean(products: Tensor) -> Tensor:
+    return products.diagonal(dim1=-2, dim2=-1).mean(dim=-1)
+
+
+def eigenvalue_moments(products: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, variance) of each (..., D, D) matrix's D eigenvalues, from traces (see above)."""
+    mean = _trace_mean(products)
+    second_moment = (products * products.transpose(-1, -2)).sum(dim=(-2, -1)) / products.shape[-1]
+    return mean, second_moment - mean.square()
+
+
+def eigenvalue_spread(products: Tensor) -> Tensor:
+    """||M - mu I||_F^2 / D of each (..., D, D) M: >= the eigenvalue variance, 0 iff M = mu I."""
+    mean = _trace_mean(products)
+    identity = torch.eye(products.shape[-1], device=products.device, dtype=products.dtype)
+    centred = products - mean[..., None, None] * identity
+    return centred.square().sum(dim=(-2, -1)) / products.shape[-1]
+
+
+@torch.no_grad()
+def concentrate_qk_spectrum_(qkv_weight: Tensor, num_heads: int) -> None:
+    """In place: W_K^h <- c_h (W_Q^h)^+T with ||W_K^h||_F = ||W_Q^h||_F, so M_h = c_h I."""
+    attn_dim = qkv_weight.shape[0] // 3
+    w_q = rearrange(qkv_weight[:attn_dim].float(), "(h d) c -> h d c", h=num_heads)
+    direction = torch.linalg.pinv(w_q).transpose(-1, -2)
+    scale = w_q.norm(dim=(-2, -1)) / direction.norm(dim=(-2, -1))
+    w_k = scale[:, None, None] * direction
+    qkv_weight[attn_dim:2 * attn_dim].copy_(rearrange(w_k, "h d c -> (h d) c"))
+
+
+class SpectralQK(Mitigation):
+    """Builds qkv with a concentrated QK eigenspectrum and regularises it (module docstring).
+
+    Option ``spectral_qk``: True (weight DEFAULT_WEIGHT) or a weight >= 0 for the
+    auxiliary loss; 0 keeps the init and the health, without a loss. qkv stays
+    a plain nn.Linear, so timm state dicts load strictly (loaded weights replace the init).
+    """
+
+    option = "spectral_qk"
+    conflicts = {
+        "qk_norm": "qk_norm normalises q and k per token, so the logits no longer follow the "
+                   "bilinear form x^T W_Q^h^T W_K^h x whose eigenspectrum spectral_qk shapes",
+        "sigma_reparam": "sigma_reparam's W_hat = gamma W / sigma(W) does not change when W "
+                         "shrinks, so spectral_qk's loss on W could fall by shrinking W alone, "
+                         "without changing the attention",
+    }
+
+    def __init__(self, config: AttentionConfig, weight: float) -> None:
+        super().__init__()
+        self.loss_weight = weight
+        self.num_heads = config.num_heads
+        # Plain dict, not a submodule: RobustAttention owns qkv and its state_dict keys.
+        self._layers: dict[str, nn.Linear] = {}
+
+    @classmethod
+    def from_option(cls, value: Any, config: AttentionConfig) -> SpectralQK | None:
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls(config, DEFAULT_WEIGHT)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"spectral_qk={value!r}: expected True, a loss weight >= 0 such as "
+                             f"{DEFAULT_WEIGHT}, False or None")
+        return cls(config, float(value))
+
+    def make_linear(self, in_features: int, out_features: int, bias: bool,
+                    config: AttentionConfig) -> nn.Linear | None:
+        if self._layers:  # RobustAttention builds qkv first; proj stays RobustAttention's default
+            return None
+        qkv = nn.Linear(in_features, out_features, bias, **config.factory_kwargs)
+        concentrate_qk_spectrum_(qkv.weight, self.num_heads)
+        self._layers["qkv"] = qkv
+        return qkv
+
+    def _products(self) -> Tensor:
+        return qk_products(self._layers["qkv"].weight, self.num_heads)
+
+    def auxiliary_loss(self) -> Tensor:
+        return self.loss_weight * eigenvalue_spread(self._products()).mean()
+
+    @torch.no_grad()
+    def health(self) -> dict[str, Tensor]:
+        products = self._products()
+        mean, variance = eigenvalue_moments(products)
+        return {"eigenvalue_mean": mean, "eigenvalue_variance": variance,
+                "spread": eigenvalue_spread(products)}
+
+    def extra_repr(self) -> str:
+        return f"weight={self.loss_weight}"

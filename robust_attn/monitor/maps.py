@@ -1,0 +1,142 @@
+"""Attention maps as the probe saw them, and how alike two layers' maps are.
+
+The probe (:mod:`robust_attn.probe`) recomputes, for a bounded subsample of
+query rows, the attention weights of the problem the kernel solved (q and k
+after every mitigation, masks, score modifiers), whichever kernel ran, but
+keeps only statistics. :func:`capturing_maps` keeps the weights too: while it
+is active every probe measurement also records the sampled (B', H, Nq', Nk)
+weights and the allowed-key mask, in call order. It wraps
+``robust_attn.probe.measure`` for the duration of the block, so it sees
+exactly what the probe measured (same rows, same batch items); it is not
+thread safe, and it costs a second evaluation of the sampled logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import probe
+from ..attention import RobustAttention
+from ..kernels.eager import attention_logits
+
+
+@dataclass(frozen=True)
+class AttentionMap:
+    """Sampled attention weights (B', H, Nq', Nk) of one call and where keys were allowed (bool)."""
+
+    weights: Tensor
+    allowed: Tensor
+
+
+@contextmanager
+def capturing_maps() -> Iterator[list[AttentionMap]]:
+    """Within the block, every probe measurement appends its sampled attention map to the list."""
+    captured: list[AttentionMap] = []
+    measure = probe.measure
+
+    def measure_and_keep(problem, out, extras, max_queries=probe.DEFAULT_MAX_QUERIES,
+                         spectral=False):
+        with torch.no_grad():
+            sub, query_index, _ = probe._sample(problem, out, max_queries)
+            logits = attention_logits(sub, query_index).float()
+            captured.append(AttentionMap(sub.normalizer(logits), logits > -torch.inf))
+        return measure(problem, out, extras, max_queries, spectral)
+
+    probe.measure = measure_and_keep
+    try:
+        yield captured
+    finally:
+        probe.measure = measure
+
+
+def attention_modules(model: nn.Module) -> dict[str, RobustAttention]:
+    """Every RobustAttention in ``model``, by name (timm modules converted by robust_attn.convert
+    are RobustAttention too); a model that is itself one is named after its class."""
+    return {name or type(model).__name__: module for name, module in model.named_modules()
+            if isinstance(module, RobustAttention)}
+
+
+@contextmanager
+def recording_maps(modules: dict[str, RobustAttention]) -> Iterator[dict[str, AttentionMap]]:
+    """Within the block, the dict holds each module's map from its latest probed call.
+
+    The caller turns the modules' probes on; a forward hook files the map the
+    probe captured during that module's call under the module's name.
+    """
+    recorded: dict[str, AttentionMap] = {}
+    with capturing_maps() as captured:
+        hooks = [module.register_forward_hook(_keep_latest(name, captured, recorded))
+                 for name, module in modules.items()]
+        try:
+            yield recorded
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+
+def _keep_latest(name: str, captured: list[AttentionMap], recorded: dict[str, AttentionMap]):
+    def hook(module, args, output):
+        if captured:  # modules do not nest, so the newest capture is this call's
+            recorded[name] = captured[-1]
+
+    return hook
+
+
+@torch.no_grad()
+def attention_maps(model: nn.Module, *args, **kwargs) -> dict[str, Tensor]:
+    """Run ``model(*args, **kwargs)`` with every probe on; each attention module's map (H, Nq', Nk).
+
+    The map is the first batch item's sampled attention weights (all query rows
+    when N <= the module's ``probe_queries``, else evenly spaced rows), from the
+    module's last call, whichever kernel computed it. The modules' probe
+    switches are restored afterwards.
+    """
+    modules = attention_modules(model)
+    switches = {name: module.probe for name, module in modules.items()}
+    try:
+        for module in modules.values():
+            module.probe = True
+        with recording_maps(modules) as recorded:
+            model(*args, **kwargs)
+    finally:
+        for name, module in modules.items():
+            module.probe = switches[name]
+    return {name: attention.weights[0] for name, attention in recorded.items()}
+
+
+def map_similarity(previous: AttentionMap, current: AttentionMap) -> Tensor:
+    """Per head of ``current``: the largest centred cosine with any head of ``previous``; (H,).
+
+    Formula, for head h of layer l and head g of layer l-1, with maps centred
+    over the allowed keys of each row (A~_ij = A_ij - mean_{k allowed} A_ik,
+    0 where not allowed) and flattened over (batch, query, key)::
+
+        sim_h = max_g  <A~_l^h, A~_{l-1}^g> / (||A~_l^h|| ||A~_{l-1}^g||)
+
+    Centring removes the uniform part, so two near-uniform (untrained) maps
+    are not called alike, and the max over g ignores the order of heads.
+    1 means head h repeats a head of the previous layer. Cross-layer
+    redundancy of attention maps: Bhojanapalli et al. (2021), "Leveraging
+    redundancy in attention with Reuse Transformers" (arXiv:2110.06821).
+    Maps of different shapes (other sampled rows or keys) give nan.
+    """
+    if previous.weights.shape[0] != current.weights.shape[0] or \
+            previous.weights.shape[2:] != current.weights.shape[2:]:
+        return torch.full((current.weights.shape[1],), torch.nan)
+    a, b = _centred_heads(current), _centred_heads(previous)
+    return (a @ b.T).amax(dim=1)
+
+
+def _centred_heads(attention: AttentionMap) -> Tensor:
+    """(H, B' Nq' Nk) unit rows: the map centred over allowed keys, per head."""
+    allowed = attention.allowed.expand_as(attention.weights)
+    weights = torch.where(allowed, attention.weights, 0.0)
+    counts = allowed.sum(dim=-1, keepdim=True).clamp_min(1)
+    centred = torch.where(allowed, weights - weights.sum(dim=-1, keepdim=True) / counts, 0.0)
+    return F.normalize(centred.transpose(0, 1).flatten(1), dim=1)

@@ -1,0 +1,98 @@
+"""One sampled step: probes on, hooks gathering what the probe does not see, then the readings.
+
+While a SampledStep is open, each monitored module's probe is on and a forward
+hook records the module's input and output statistics (res and cosine of the
+tokens entering it, the branch gain) and the attention map the probe sampled
+(:func:`~robust_attn.monitor.maps.recording_maps`). ``collect`` turns the
+modules' :class:`~robust_attn.probe.AttentionHealth` and those statistics into
+one tensor per metric; ``close`` removes every hook and switches the probes
+off, so steps that are not sampled run the plain forward.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import torch
+from torch import Tensor
+
+from .. import metrics
+from ..attention import RobustAttention
+from .maps import map_similarity, recording_maps
+
+
+def branch_statistics(x: Tensor, output: Tensor) -> dict[str, Tensor]:
+    """Statistics of a module's input tokens x (B, N, C) and of its output against its input.
+
+    input_residual = mean over the batch of res(x); input_cosine = mean token
+    cosine similarity of x (metrics.token_residual, metrics.token_cosine_similarity);
+    branch_gain = ||output||_F / ||x||_F, how much the attention branch weighs
+    against what enters it. He et al. (2024), "What Matters in Transformers?
+    Not All Attention is Needed" (arXiv:2406.15786), drop attention layers that
+    change their input least; this gain is the cheap per-step analogue.
+    """
+    x, output = x.detach().float(), output.detach().float()
+    return {
+        "input_residual": metrics.token_residual(x).mean(),
+        "input_cosine": metrics.token_cosine_similarity(x).mean(),
+        "branch_gain": output.norm() / x.norm().clamp_min(torch.finfo(torch.float32).tiny),
+    }
+
+
+class SampledStep:
+    """Probes and hooks on ``modules`` from construction until :meth:`close`."""
+
+    def __init__(self, modules: dict[str, RobustAttention]):
+        self.modules = modules
+        self.inputs: dict[str, dict[str, Tensor]] = {}
+        self._hooks = ExitStack()
+        for module in modules.values():
+            module.probe = True
+        self.maps = self._hooks.enter_context(recording_maps(modules))
+        for name, module in modules.items():
+            handle = module.register_forward_hook(self._input_hook(name), with_kwargs=True)
+            self._hooks.callback(handle.remove)
+
+    def _input_hook(self, name: str):
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs["x"]
+            with torch.no_grad():
+                self.inputs[name] = branch_statistics(x, output)
+
+        return hook
+
+    def close(self) -> None:
+        self._hooks.close()
+        for module in self.modules.values():
+            module.probe = False
+
+    def collect(self) -> dict[str, dict[str, Tensor]]:
+        """Per module and metric: an (H,) or () tensor; nan where the module did not run."""
+        readings, previous = {}, None
+        for name, module in self.modules.items():
+            ran = name in self.inputs  # the hook saw it run while sampled
+            readings[name] = {**_health_readings(module.health if ran else None,
+                                                 module.num_heads),
+                              **self.inputs.get(name, _no_inputs())}
+            current = self.maps.get(name)
+            similarity = map_similarity(previous, current) if previous is not None and \
+                current is not None else torch.full((module.num_heads,), torch.nan)
+            readings[name]["map_similarity"] = similarity.nanmean()
+            previous = current
+        return readings
+
+
+def _health_readings(health, heads: int) -> dict[str, Tensor]:
+    if health is None:
+        nan = torch.full((heads,), torch.nan)
+        return {"entropy": nan, "min_entropy": nan, "sink_mass": nan, "max_logit": nan,
+                "head_cosine": nan, "head_residual": nan, "nonfinite": torch.tensor(torch.nan)}
+    return {"entropy": health.entropy, "min_entropy": health.min_entropy,
+            "sink_mass": health.sink_mass, "max_logit": health.max_logit,
+            "head_cosine": health.cosine, "head_residual": health.residual,
+            "nonfinite": sum(health.nonfinite.values()).float()}
+
+
+def _no_inputs() -> dict[str, Tensor]:
+    return {key: torch.tensor(torch.nan) for key in ("input_residual", "input_cosine",
+                                                     "branch_gain")}

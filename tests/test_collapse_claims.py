@@ -1,0 +1,228 @@
+"""Every preset's claim against collapse (robust_attn.claims), shown beside the baseline on the same
+draw, and the invariants every preset keeps.
+
+Claims: for each guarantee, hypothesis draws a stack from the guarantee's setting
+(robust_attn.testing.strategies.stack_settings narrowed to it); on every draw
+the baseline must fall below the bound (else the setting is too wide, and the
+test fails saying so) and the preset must stay at or above it.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import replace
+from operator import attrgetter
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import robust_attn.attention
+from benchmarks import claims_table
+from benchmarks.claims_table import measure
+from robust_attn import create, list_variants
+from robust_attn.claims import (
+    BASELINE_ENTROPY_COLLAPSE,
+    BASELINE_RANK_COLLAPSE,
+    CLAIMS,
+    ENTROPY,
+    RANK,
+    Setting,
+)
+from robust_attn.kernels import KERNELS, select_kernel
+from robust_attn.kernels.eager import attention_logits, attention_weights
+from robust_attn.stack import ENTROPY_COLLAPSE, RANK_COLLAPSE, StackSetting
+from robust_attn.testing import assert_no_entropy_collapse, assert_no_rank_collapse
+from robust_attn.testing import strategies as ras
+
+FAILURES = {  # failure -> (the user-facing assertion, the measure it bounds, its name)
+    ENTROPY: (assert_no_entropy_collapse, attrgetter("worst_entropy"), "worst-layer entropy"),
+    RANK: (assert_no_rank_collapse, attrgetter("final_residual"), "final res(X)"),
+}
+GUARANTEES = [pytest.param(variant, guarantee, id=f"{variant}-{guarantee.failure}")
+              for variant, claim in CLAIMS.items() if variant in list_variants()
+              for guarantee in claim.guarantees]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small problems: one intra-op thread (two, on two cores shared with other jobs, ran
+    5 to 15 times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def claim_settings(variant: str, setting: Setting):
+    """Stack settings of ``variant`` drawn from a claim's setting."""
+    return ras.stack_settings(variant, depths=st.integers(*setting.depths),
+                              tokens=st.integers(*setting.tokens),
+                              qk_scales=ras.qk_scales(*setting.qk_scales),
+                              residual=st.sampled_from(setting.residual))
+
+
+def test_every_preset_states_a_claim():
+    assert sorted(CLAIMS) == list_variants(), "record every preset's claim in robust_attn/claims.py"
+
+
+@pytest.mark.parametrize(("variant", "guarantee"), GUARANTEES)
+@given(data=st.data())
+def test_preset_keeps_its_guarantee_where_the_baseline_collapses(variant, guarantee, data):
+    setting = data.draw(claim_settings(variant, guarantee.setting), label="setting")
+    assertion, value, name = FAILURES[guarantee.failure]
+    baseline = value(measure(replace(setting, variant="baseline")))
+    assert baseline < guarantee.bound, (
+        f"the baseline shows no {guarantee.failure} in this draw ({name} {baseline:.3g} >= "
+        f"{guarantee.bound:g}): the claim's setting is wider than where the baseline fails")
+    assertion(measure(setting), bound=guarantee.bound)
+
+
+THRESHOLDS = {RANK: RANK_COLLAPSE, ENTROPY: ENTROPY_COLLAPSE}
+BASELINE_FAILS = {RANK: BASELINE_RANK_COLLAPSE, ENTROPY: BASELINE_ENTROPY_COLLAPSE}
+
+
+def unaddressed(variant: str) -> list[str]:
+    return [failure for failure in (ENTROPY, RANK)
+            if CLAIMS[variant].addresses not in (failure, "both")]
+
+
+def within(stack: StackSetting, setting: Setting) -> bool:
+    return (stack.residual in setting.residual
+            and setting.qk_scales[0] <= stack.qk_scale <= setting.qk_scales[1]
+            and setting.depths[0] <= stack.depth <= setting.depths[1]
+            and setting.tokens[0] <= stack.tokens <= setting.tokens[1])
+
+
+@pytest.mark.parametrize("variant", sorted(CLAIMS))
+def test_a_witness_for_each_failure_a_claim_leaves_open(variant):
+    claim = CLAIMS[variant]
+    assert sorted(claim.witnesses) == sorted(unaddressed(variant))
+    for failure, witness in claim.witnesses.items():
+        assert witness.variant == variant
+        assert within(witness, BASELINE_FAILS[failure]), f"{failure} witness outside the setting"
+
+
+@pytest.mark.parametrize(("variant", "failure"), [
+    (variant, failure) for variant in list_variants() if variant in CLAIMS
+    for failure in unaddressed(variant)])
+def test_preset_still_fails_where_it_claims_nothing(variant, failure):
+    """A claim is not understated: its witness, where the baseline fails, fails too."""
+    witness = CLAIMS[variant].witnesses[failure]
+    _, value, name = FAILURES[failure]
+    measured = value(measure(witness))
+    assert measured < THRESHOLDS[failure], (
+        f"{variant} shows no {failure} in its witness ({name} {measured:.3g}): measure where "
+        f"it holds and record it as a guarantee in robust_attn/claims.py")
+
+
+def test_claims_table_quick_run_writes_every_preset(tmp_path):
+    assert claims_table.main(["--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "claims.json").read_text())
+    assert [row["variant"] for row in report["rows"]][0] == "baseline"
+    assert sorted(row["variant"] for row in report["rows"]) == list_variants()
+    assert report["setting"]["depth"] == 8
+    table = (tmp_path / "claims.md").read_text()
+    assert all(f"| {variant} |" in table for variant in list_variants())
+
+
+# Invariants of every preset, on the module as users build it.
+
+@contextmanager
+def recorded_problems():
+    """The AttentionProblems RobustAttention hands its kernel, in call order."""
+    problems = []
+
+    def select(kernel, problem, dropout_p):
+        problems.append(problem)
+        return select_kernel(kernel, problem, dropout_p)
+
+    with mock.patch.object(robust_attn.attention, "select_kernel", select):
+        yield problems
+
+
+def build(variant: str, shape: ras.AttentionShape, seed: int, kernel: str = "eager"):
+    """The preset's module (eval mode) and an input, both from ``seed``."""
+    torch.manual_seed(seed)
+    module = create(variant, shape.dim, shape.heads, kernel=kernel).eval()
+    return module, torch.randn(shape.batch, shape.tokens, shape.dim)
+
+
+def solve(module, x, attn_mask=None):
+    """The module's output and the problem it solved."""
+    with recorded_problems() as problems, torch.no_grad():
+        out = module(x, attn_mask=attn_mask)
+    return out, problems[0]
+
+
+shapes = ras.attention_shapes(head_dims=(3, 8, 12))
+
+
+@pytest.mark.parametrize("variant", list_variants())
+@given(shape=shapes, seed=ras.seeds, data=st.data())
+def test_attention_rows_sum_to_one_where_softmax(variant, shape, seed, data):
+    module, x = build(variant, shape, seed)
+    mask = data.draw(ras.attention_masks(shape), label="mask")
+    _, problem = solve(module, x, mask)
+    weights = attention_weights(problem)
+    has_keys = (attention_logits(problem) > -torch.inf).any(dim=-1)
+    if problem.is_softmax:
+        torch.testing.assert_close(weights.sum(dim=-1), has_keys.to(weights.dtype))
+    else:  # sigmoid attention: rows need not sum to one, but stay in [0, 1] per weight
+        assert ((weights >= 0) & (weights <= 1)).all()
+
+
+@pytest.mark.parametrize("variant", list_variants())
+@given(shape=shapes, seed=ras.seeds, data=st.data())
+def test_masked_keys_get_zero_weight(variant, shape, seed, data):
+    module, x = build(variant, shape, seed)
+    mask = data.draw(ras.attention_masks(shape, kinds=("bool", "float")), label="mask")
+    _, problem = solve(module, x, mask)
+    blocked = ~mask if mask.dtype == torch.bool else mask == -torch.inf
+    blocked = blocked.expand(shape.batch, shape.heads, shape.tokens, shape.tokens)
+    user_keys = attention_weights(problem)[..., -shape.tokens:]  # extra keys are prepended
+    assert (user_keys[blocked] == 0).all()
+
+
+def has_sparsity_pattern(variant: str) -> bool:
+    """Whether the preset's attention depends on token positions through a sparsity pattern."""
+    return solve(create(variant, 8, 1, kernel="eager"), torch.zeros(1, 2, 8))[1].pattern is not None
+
+
+@pytest.mark.parametrize("variant", [v for v in list_variants() if not has_sparsity_pattern(v)])
+@given(shape=shapes, seed=ras.seeds, data=st.data())
+def test_permuting_tokens_permutes_the_output(variant, shape, seed, data):
+    module, x = build(variant, shape, seed)
+    out, _ = solve(module, x)
+    permutation = torch.tensor(data.draw(st.permutations(range(shape.tokens)), label="permutation"))
+    permuted, _ = solve(module, x[:, permutation])
+    torch.testing.assert_close(permuted, out[:, permutation])
+
+
+@pytest.mark.parametrize("variant", list_variants())
+@given(shape=shapes, seed=ras.seeds, data=st.data())
+def test_kernels_that_run_on_cpu_agree_with_eager(variant, shape, seed, data):
+    """Every kernel that can run the problem here, except FlexAttention (on a CPU it compiles
+    once per shape: tens of seconds), gives the eager reference's output."""
+    module, x = build(variant, shape, seed)
+    mask = data.draw(ras.attention_masks(shape), label="mask")
+    reference, problem = solve(module, x, mask)
+    for name, kernel in KERNELS.items():
+        if name in ("eager", "flex") or kernel.unsupported(problem, 0.0) is not None:
+            continue
+        other, _ = build(variant, shape, seed, kernel=name)
+        other.load_state_dict(module.state_dict())
+        out, _ = solve(other, x, mask)
+        torch.testing.assert_close(out, reference, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("variant", list_variants())
+@given(shape=shapes, seed=ras.seeds)
+def test_state_dict_round_trips(variant, shape, seed):
+    module, x = build(variant, shape, seed)
+    loaded, _ = build(variant, shape, seed + 1)
+    loaded.load_state_dict(module.state_dict(), strict=True)
+    assert torch.equal(solve(loaded, x)[0], solve(module, x)[0])

@@ -1,0 +1,212 @@
+"""Every early warning fires on a case that has its problem and stays silent on a healthy one.
+
+Most cases are monitor reports built by hand, so each rule is tested at its threshold; the
+collapse rules are also run end to end on the stacks of DESIGN.md's table, baseline collapsing
+beside the variant that cures it under the same draw.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from robust_attn import HealthMonitor, RobustAttention, list_variants
+from robust_attn.early_warnings import MITIGATIONS, RULES, Thresholds, check, robust_band, slope
+from robust_attn.monitor import LayerSeries, MonitorReport
+from robust_attn.stack import AttentionStack, init_stack_weights
+
+HEALTHY = {"entropy": 0.8, "min_entropy": 0.6, "sink_mass": 0.05, "max_logit": 5.0,
+           "head_cosine": 0.3, "head_residual": 0.8, "input_residual": 0.9, "input_cosine": 0.1,
+           "branch_gain": 0.5, "map_similarity": 0.1, "grad_norm": 1.0, "nonfinite": 0.0}
+HEAD_VALUED = ("entropy", "min_entropy", "sink_mass", "max_logit", "head_cosine", "head_residual")
+
+
+def report(samples=6, every=10, layers=3, heads=2, losses=None, **overrides):
+    """A healthy report: ``samples`` sampled steps of ``layers`` layers, ``heads`` heads each.
+
+    overrides: metric -> function (layer, head or None, sample index) -> value, replacing the
+    healthy value where it returns something other than None.
+    """
+    result = MonitorReport(every, steps=[i * every for i in range(samples)],
+                           losses=losses if losses is not None else
+                           [2.0 - 0.001 * i for i in range(samples * every)])
+    for layer in range(layers):
+        series = LayerSeries(f"blocks.{layer}.attn", heads)
+        for metric, healthy in HEALTHY.items():
+            override = overrides.get(metric, lambda *args: None)
+
+            def value(head, sample, override=override, healthy=healthy, layer=layer):
+                replaced = override(layer, head, sample)
+                return healthy if replaced is None else replaced
+
+            getattr(series, metric).extend(
+                [[value(h, s) for h in range(heads)] for s in range(samples)]
+                if metric in HEAD_VALUED else [value(None, s) for s in range(samples)])
+        result.layers.append(series)
+    return result
+
+
+def codes(found):
+    return {warning.code for warning in found}
+
+
+def at(layer, value, head=None, from_sample=0):
+    """An override: ``value`` in one layer (and head), from one sample on."""
+    return lambda lay, h, s: value if lay == layer and (head is None or h == head) \
+        and s >= from_sample else None
+
+
+def noisy_losses(steps, seed=0, level=2.0, noise=0.02):
+    generator = torch.Generator().manual_seed(seed)
+    trend = torch.linspace(level, level / 2, steps)
+    return (trend + noise * torch.randn(steps, generator=generator)).tolist()
+
+
+# code -> (report that has the problem, healthy report that must stay silent)
+CASES = {
+    "entropy_collapse": (report(entropy=at(1, 0.05, head=1)), report(entropy=at(1, 0.15, 1))),
+    "entropy_falling": (report(entropy=lambda layer, h, s: 0.8 - 0.02 * s * 10 if layer == 2 else None),
+                        report(entropy=lambda layer, h, s: 0.8 - 0.0005 * s * 10)),
+    "logit_growth": (report(max_logit=lambda layer, h, s: 10.0 * 2 ** s if layer == 0 else None),
+                     report(max_logit=lambda layer, h, s: 10.0 + s)),
+    "rank_collapse": (report(input_residual=at(2, 0.005, from_sample=5)),
+                      report(input_residual=at(2, 0.02))),
+    "attention_sink": (report(sink_mass=lambda layer, h, s: 0.6 if (layer, h) != (0, 0) else None),
+                       report(sink_mass=lambda layer, h, s: 0.6 if layer == 0 else None)),
+    "loss_spike": (report(losses=noisy_losses(60)[:55] + [5.0] + noisy_losses(60)[56:]),
+                   report(losses=noisy_losses(60))),
+    "loss_oscillation": (report(losses=noisy_losses(40)[:20] + [1.0, 1.5] * 10),
+                         report(losses=noisy_losses(40, noise=0.05))),
+    "divergence": (report(losses=[2.0] * 30 + [math.nan] + [None] * 29),
+                   report(losses=[2.0] * 30 + [None] * 30)),
+    "vanishing_gradients": (report(grad_norm=at(0, 1e-4)), report(grad_norm=at(0, 1e-2))),
+    "exploding_gradients": (report(grad_norm=at(1, 500.0, from_sample=5)),
+                            report(grad_norm=at(1, 50.0, from_sample=5))),
+    "redundant_layer": (report(map_similarity=at(2, 0.99)), report(map_similarity=at(2, 0.9))),
+    "lazy_layer": (report(branch_gain=at(1, 1e-4)), report(branch_gain=at(1, 1e-2))),
+}
+
+
+def test_every_rule_has_cases_and_presets_that_exist():
+    assert set(CASES) == set(RULES) == set(MITIGATIONS)
+    for presets, advice in MITIGATIONS.values():
+        assert presets and set(presets) <= set(list_variants()) and advice
+
+
+@pytest.mark.parametrize("code", sorted(CASES))
+def test_warning_fires_on_the_problem(code):
+    found = [w for w in check(CASES[code][0]) if w.code == code]
+    assert found, f"{code} did not fire"
+    for warning in found:
+        assert warning.mitigations == MITIGATIONS[code][0] and warning.message
+        assert warning.evidence["steps"] and len(warning.evidence["steps"]) == \
+            len(warning.evidence["values"])
+        assert warning.to_dict()["code"] == code
+
+
+@pytest.mark.parametrize("code", sorted(CASES))
+def test_warning_stays_silent_when_healthy(code):
+    assert code not in codes(check(CASES[code][1]))
+
+
+def test_healthy_report_raises_nothing():
+    assert check(report()) == []
+
+
+def test_warnings_name_the_layer_and_head():
+    (warning,) = check(CASES["entropy_collapse"][0])
+    assert (warning.layer, warning.head) == ("blocks.1.attn", 1)
+    assert warning.evidence["values"][-1] == 0.05
+
+
+def test_explicit_sinks_are_not_sinks():
+    sinking = CASES["attention_sink"][0]
+    for series in sinking.layers:
+        series.explicit_sink = True
+    assert "attention_sink" not in codes(check(sinking))
+
+
+def test_thresholds_are_respected():
+    case = report(entropy=at(1, 0.15, head=1))
+    assert "entropy_collapse" in codes(check(case, Thresholds(entropy_collapse=0.2)))
+
+
+def test_slope_and_robust_band():
+    assert slope([0, 10, 20], [1.0, 0.5, 0.0]) == pytest.approx(-0.05)
+    assert slope([0, 10], [1.0, 0.5]) is None
+    edge = robust_band([1.0, 2.0, 4.0, 3.0, None, 100.0], window=3, band=2.0)
+    assert math.isnan(edge[0]) and edge[1].item() == pytest.approx(1.0 + 2.0 * 1e-3)
+    # before step 4: [2, 4, 3], median 3, MAD 1; before step 5: [4, 3, None], lower median 3
+    assert edge[4].item() == pytest.approx(3.0 + 2.0 * 1.4826)
+    assert edge[5].item() == pytest.approx(3.0 + 2.0 * 3e-3)
+
+
+# End to end: the stacks of DESIGN.md's table, one monitored step each.
+
+def monitored_step(model, x):
+    with HealthMonitor(model, every=1) as monitor:
+        loss = model(x)[-1].square().mean()
+        loss.backward()
+        monitor.step(loss)
+        return codes(monitor.warnings())
+
+
+def stack(variant, qk_scale, residual, depth=12):
+    model = AttentionStack(depth, 64, 4, residual=residual, variant=variant)
+    init_stack_weights(model, qk_scale, torch.Generator().manual_seed(0))
+    return model
+
+
+X = torch.randn(2, 32, 64, generator=torch.Generator().manual_seed(1))
+
+
+def test_entropy_collapse_and_logit_growth_fire_on_baseline_not_on_qk_norm():
+    baseline = monitored_step(stack("baseline", 16.0, True), X)
+    assert {"entropy_collapse", "logit_growth"} <= baseline
+    assert not {"entropy_collapse", "logit_growth"} & monitored_step(stack("qk_norm", 16.0, True), X)
+
+
+def test_rank_collapse_fires_on_baseline_not_on_outlier_removal():
+    assert "rank_collapse" in monitored_step(stack("baseline", 1.0, False), X)
+    assert "rank_collapse" not in monitored_step(stack("outlier_removal", 1.0, False), X)
+    assert "rank_collapse" not in monitored_step(stack("baseline", 1.0, True), X)
+
+
+class TwoBranches(nn.Module):
+    """Two attention modules reading the same tokens: identical copies, or independent draws."""
+
+    def __init__(self, same: bool, gain: float = 1.0):
+        super().__init__()
+        self.first = RobustAttention(32, num_heads=2)
+        self.second = copy.deepcopy(self.first) if same else RobustAttention(32, num_heads=2)
+        with torch.no_grad():
+            self.first.qkv.weight.mul_(4.0)  # peaked maps, far from uniform
+            self.second.qkv.weight.copy_(self.first.qkv.weight if same else
+                                         4.0 * self.second.qkv.weight)
+            self.second.proj.weight.mul_(gain)
+            self.second.proj.bias.mul_(gain)
+
+    def forward(self, x):
+        return [self.first(x) + self.second(x)]
+
+
+def test_redundant_layer_fires_on_repeated_maps_only():
+    x = torch.randn(2, 16, 32)
+    assert "redundant_layer" in monitored_step(TwoBranches(same=True), x)
+    assert "redundant_layer" not in monitored_step(TwoBranches(same=False), x)
+
+
+def test_lazy_layer_fires_on_a_branch_that_adds_nothing():
+    x = torch.randn(2, 16, 32)
+    assert "lazy_layer" in monitored_step(TwoBranches(same=False, gain=1e-5), x)
+    assert "lazy_layer" not in monitored_step(TwoBranches(same=False), x)
+
+
+def test_divergence_fires_on_non_finite_activations():
+    model = TwoBranches(same=False)
+    x = torch.randn(2, 16, 32)
+    assert "divergence" not in monitored_step(model, x)
+    x[0, 3, 5] = math.inf
+    assert "divergence" in monitored_step(model, x)

@@ -1,0 +1,167 @@
+"""Sigmoid attention against the eager matrix form sigmoid(scale q k^T + b) V, in float64."""
+
+import math
+import pickle
+
+import pytest
+import torch
+from einops import rearrange
+from hypothesis import given
+from hypothesis import strategies as st
+
+from robust_attn import RobustAttention, create
+from robust_attn.kernels import select_kernel
+from robust_attn.kernels.eager import attention_weights
+from robust_attn.mitigations.sigmoid import SigmoidWeights
+from robust_attn.problem import AttentionProblem
+from robust_attn.testing import strategies as ras
+
+BIASES = st.sampled_from([True, -2.5])
+
+
+def _module(shape, bias=True, **options):
+    return RobustAttention(shape.dim, num_heads=shape.heads, qkv_bias=True, sigmoid=bias,
+                           **options).double()
+
+
+def _float64(mask):
+    return mask.double() if mask is not None and mask.is_floating_point() else mask
+
+
+def _heads(module, x):
+    """q, k (after the module's q_norm, k_norm) and v, (B, H, N, D) each."""
+    q, k, v = rearrange(module.qkv(x), "b n (t h d) -> t b h n d", t=3, h=module.num_heads)
+    return module.q_norm(q), module.k_norm(k), v
+
+
+def reference_weights(module, x, attn_mask=None, causal=False):
+    """(B, H, N, N): sigmoid(scale q k^T + mask + b) where allowed, 0 where blocked."""
+    q, k, _ = _heads(module, x)
+    scores = module.scale * q @ k.transpose(-2, -1)
+    allowed = torch.ones_like(scores, dtype=torch.bool)
+    if attn_mask is not None:
+        allowed = allowed & (attn_mask if attn_mask.dtype == torch.bool else attn_mask > -math.inf)
+        scores = scores if attn_mask.dtype == torch.bool else scores + attn_mask
+    if causal:
+        allowed = allowed & torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+    bias = module.mitigations["sigmoid"].bias
+    bias = -math.log(k.shape[-2]) if bias is None else bias
+    return torch.where(allowed, torch.sigmoid(scores + bias), 0.0), allowed
+
+
+def reference(module, x, attn_mask=None, causal=False):
+    weights, _ = reference_weights(module, x, attn_mask, causal)
+    out = weights @ _heads(module, x)[2]
+    return module.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+def _forward_backward(module, forward, x):
+    module.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    out = forward(x)
+    out.backward(torch.cos(out.detach()))
+    return out, x.grad, {name: p.grad for name, p in module.named_parameters()}
+
+
+@given(shape=ras.attention_shapes(), bias=BIASES, qk_norm=st.booleans(), causal=st.booleans(),
+       data=st.data())
+def test_equals_the_eager_matrix_form_forward_and_backward(shape, bias, qk_norm, causal, data):
+    module = _module(shape, bias, qk_norm=qk_norm)
+    attn_mask = _float64(data.draw(ras.attention_masks(shape), label="attn_mask"))
+    x = torch.randn(shape.batch, shape.tokens, shape.dim, dtype=torch.float64)
+
+    expected = _forward_backward(module, lambda x: reference(module, x, attn_mask, causal), x)
+    actual = _forward_backward(module, lambda x: module(x, attn_mask, causal), x)
+    torch.testing.assert_close(actual[0], expected[0], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(actual[1], expected[1], atol=1e-10, rtol=1e-10)
+    for name, grad in expected[2].items():
+        torch.testing.assert_close(actual[2][name], grad, atol=1e-10, rtol=1e-10,
+                                   msg=lambda m, name=name: f"grad of {name}: {m}")
+    assert all(torch.isfinite(grad).all() for grad in actual[2].values())
+
+
+@given(shape=ras.attention_shapes(), bias=BIASES, causal=st.booleans(), data=st.data())
+def test_blocked_keys_get_zero_weight_and_empty_rows_output_zero(shape, bias, causal, data):
+    module = _module(shape, bias)
+    attn_mask = _float64(data.draw(ras.attention_masks(shape), label="attn_mask"))
+    x = torch.randn(shape.batch, shape.tokens, shape.dim, dtype=torch.float64)
+    q, k, v = _heads(module, x)
+    problem = AttentionProblem(q, k, v, module.scale, attn_mask, causal,
+                               normalizer=module.mitigations["sigmoid"].normalizer())
+    with torch.no_grad():
+        weights = attention_weights(problem)
+        expected, allowed = reference_weights(module, x, attn_mask, causal)
+        out = select_kernel("auto", problem, 0.0).run(problem, 0.0)
+    torch.testing.assert_close(weights, expected, atol=1e-12, rtol=1e-12)
+    assert (weights[~allowed.expand_as(weights)] == 0).all()
+    empty = ~allowed.expand_as(weights).any(dim=-1)
+    assert (out[empty] == 0).all()
+
+
+@pytest.mark.parametrize("num_keys", [1, 7, 64])
+def test_the_default_bias_makes_every_weight_one_over_n_plus_one_for_equal_scores(num_keys):
+    """sigmoid(0 - log N) = 1 / (N + 1): about uniform attention, as the paper intends."""
+    q = torch.zeros(1, 2, 3, 4, dtype=torch.float64)
+    k, v = torch.randn(2, 1, 2, num_keys, 4, dtype=torch.float64)
+    problem = AttentionProblem(q, k, v, 0.5, normalizer=SigmoidWeights())
+    weights = attention_weights(problem)
+    torch.testing.assert_close(weights, torch.full_like(weights, 1 / (num_keys + 1)))
+
+
+def test_only_the_eager_kernel_runs_it():
+    module = RobustAttention(32, num_heads=4, sigmoid=True)
+    x = torch.randn(2, 5, 32)
+    q, k, v = _heads(module, x)
+    problem = AttentionProblem(q, k, v, module.scale, normalizer=SigmoidWeights())
+    assert select_kernel("auto", problem, 0.0).name == "eager"
+    with torch.no_grad():
+        assert select_kernel("auto", problem, 0.0).name == "eager"
+    for kernel in ("sdpa", "flex", "xformers"):
+        forced = RobustAttention(32, num_heads=4, sigmoid=True, kernel=kernel)
+        with pytest.raises(ValueError, match=f"kernel='{kernel}' cannot run here"):
+            forced(x)
+
+
+@given(shape=ras.attention_shapes(), bias=BIASES, seed=ras.seeds)
+def test_permuting_tokens_permutes_the_output(shape, bias, seed):
+    module = _module(shape, bias)
+    x = torch.randn(shape.batch, shape.tokens, shape.dim, dtype=torch.float64)
+    permutation = torch.randperm(shape.tokens, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(module(x[:, permutation]), module(x)[:, permutation],
+                               atol=1e-12, rtol=1e-12)
+
+
+def test_state_dict_round_trips_and_the_module_pickles():
+    source = create("sigmoid", dim=32, num_heads=4)
+    target = create("sigmoid", dim=32, num_heads=4)
+    target.load_state_dict(source.state_dict(), strict=True)
+    x = torch.randn(2, 7, 32)
+    torch.testing.assert_close(target(x, is_causal=True), source(x, is_causal=True))
+    copy = pickle.loads(pickle.dumps(source))
+    torch.testing.assert_close(copy(x, is_causal=True), source(x, is_causal=True))
+    assert pickle.loads(pickle.dumps(SigmoidWeights(-3.0))) == SigmoidWeights(-3.0)
+
+
+def test_sigmoid_preset_turns_qk_norm_on():
+    module = create("sigmoid", dim=32, num_heads=4)
+    assert isinstance(module.q_norm, torch.nn.LayerNorm)
+    assert isinstance(module.k_norm, torch.nn.LayerNorm)
+    assert module.mitigations["sigmoid"].bias is None
+
+
+@pytest.mark.parametrize("option, value", [("sink_logit", True), ("sink_tokens", 1),
+                                           ("outlier_removal", True), ("softcap", 30.0)])
+def test_options_that_assume_softmax_conflict(option, value):
+    with pytest.raises(ValueError, match=f"'{option}' and 'sigmoid' conflict"):
+        RobustAttention(32, num_heads=4, sigmoid=True, **{option: value})
+
+
+def test_combines_with_the_gate():
+    module = create("sigmoid", dim=32, num_heads=4, gated="headwise")
+    assert torch.isfinite(module(torch.randn(2, 5, 32), is_causal=True)).all()
+
+
+@pytest.mark.parametrize("value", ["yes", math.nan, math.inf, "-1"])
+def test_bad_option_values_raise_naming_the_option(value):
+    with pytest.raises(ValueError, match="^sigmoid="):
+        RobustAttention(32, num_heads=4, sigmoid=value)

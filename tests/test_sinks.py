@@ -1,0 +1,247 @@
+"""Sink tokens and sink logits against the eager matrix form, in float64, on every kernel."""
+
+import math
+
+import pytest
+import torch
+from einops import rearrange
+from hypothesis import given
+from hypothesis import strategies as st
+
+from robust_attn import RobustAttention, create
+from robust_attn.kernels.eager import attention_weights
+from robust_attn.mitigations.sinks import PRESERVING_SINK_LOGIT
+from robust_attn.problem import AttentionProblem
+from robust_attn.testing import strategies as ras
+
+SINK_OPTIONS = st.sampled_from([
+    {"sink_tokens": 1}, {"sink_tokens": 3}, {"sink_logit": True}, {"sink_logit": "off_by_one"},
+    {"sink_tokens": 2, "sink_logit": True},
+])
+
+
+def _module(shape, kernel="auto", **options):
+    module = RobustAttention(shape.dim, num_heads=shape.heads, qkv_bias=True, kernel=kernel,
+                             **options).double()
+    with torch.no_grad():
+        for name, parameter in module.mitigations.named_parameters():
+            parameter.normal_(std=2.0 if name.endswith("logit") else 1.0)  # make the sinks matter
+    return module
+
+
+def _float64(mask):
+    return mask.double() if mask is not None and mask.is_floating_point() else mask
+
+
+def _masked_scores(module, q, k, attn_mask, causal):
+    """scale * q k^T with the user's mask and the causal triangle; -inf where blocked."""
+    scores = module.scale * q @ k.transpose(-2, -1)
+    allowed = torch.ones_like(scores, dtype=torch.bool)
+    if attn_mask is not None:
+        allowed = allowed & (attn_mask if attn_mask.dtype == torch.bool else attn_mask > -math.inf)
+        scores = scores if attn_mask.dtype == torch.bool else scores + attn_mask
+    if causal:
+        allowed = allowed & torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+    return scores.masked_fill(~allowed, -math.inf)
+
+
+def _heads(module, x):
+    return rearrange(module.qkv(x), "b n (t h d) -> t b h n d", t=3, h=module.num_heads)
+
+
+def reference(module, x, attn_mask=None, causal=False):
+    """Output and (B, H, N, extra + N) weights: softmax over [sink columns, masked token scores]."""
+    q, k, v = _heads(module, x)
+    columns, values = [_masked_scores(module, q, k, attn_mask, causal)], [v]
+    sinks = module.mitigations
+    if "sink_tokens" in sinks:
+        columns.insert(0, module.scale * q @ sinks["sink_tokens"].key.transpose(-2, -1))
+        values.insert(0, sinks["sink_tokens"].value.expand(v.shape[0], -1, -1, -1))
+    if "sink_logit" in sinks:
+        logit = sinks["sink_logit"].logit.view(1, -1, 1, 1).expand(*q.shape[:-1], 1)
+        columns.insert(0, logit)
+        values.insert(0, torch.zeros_like(v[:, :, :1]))
+    weights = torch.softmax(torch.cat(columns, dim=-1), dim=-1)
+    out = weights @ torch.cat(values, dim=-2)
+    return module.proj(rearrange(out, "b h n d -> b n (h d)")), weights
+
+
+def _forward_backward(module, forward, x):
+    module.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    out = forward(x)
+    out.backward(torch.cos(out.detach()))
+    return out, x.grad, {name: p.grad for name, p in module.named_parameters()}
+
+
+def assert_same_forward_and_backward(actual, expected, **tolerance):
+    torch.testing.assert_close(actual[0], expected[0], **tolerance)
+    torch.testing.assert_close(actual[1], expected[1], **tolerance, msg=lambda m: f"dx: {m}")
+    assert actual[2].keys() == expected[2].keys()
+    for name, grad in expected[2].items():
+        torch.testing.assert_close(actual[2][name], grad, **tolerance,
+                                   msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+@given(shape=ras.attention_shapes(), options=SINK_OPTIONS, causal=st.booleans(),
+       kernel=st.sampled_from(["auto", "sdpa", "eager"]), data=st.data())
+def test_equals_the_eager_matrix_form_forward_and_backward(shape, options, causal, kernel, data):
+    module = _module(shape, kernel=kernel, **options)
+    attn_mask = _float64(data.draw(ras.attention_masks(shape), label="attn_mask"))
+    x = torch.randn(shape.batch, shape.tokens, shape.dim, dtype=torch.float64)
+
+    expected = _forward_backward(module, lambda x: reference(module, x, attn_mask, causal)[0], x)
+    actual = _forward_backward(module, lambda x: module(x, attn_mask, causal), x)
+    assert_same_forward_and_backward(actual, expected, atol=1e-10, rtol=1e-10)
+
+
+@given(shape=ras.attention_shapes(), causal=st.booleans(), data=st.data())
+def test_sink_logit_minus_inf_is_no_sink(shape, causal, data):
+    sink = _module(shape, sink_logit=True)
+    baseline = RobustAttention(shape.dim, num_heads=shape.heads, qkv_bias=True).double()
+    baseline.load_state_dict(sink.state_dict(), strict=False)
+    with torch.no_grad():
+        sink.mitigations["sink_logit"].logit.fill_(-math.inf)
+    attn_mask = _float64(data.draw(ras.attention_masks(shape, allow_empty_rows=False)))
+    x = torch.randn(shape.batch, shape.tokens, shape.dim, dtype=torch.float64)
+    torch.testing.assert_close(sink(x, attn_mask, causal), baseline(x, attn_mask, causal),
+                               atol=1e-12, rtol=1e-12)
+
+
+def test_preserving_init_leaves_a_pretrained_module_unchanged_in_float32():
+    pretrained = RobustAttention(64, num_heads=4)
+    converted = RobustAttention(64, num_heads=4, sink_logit="preserve")
+    converted.load_state_dict(pretrained.state_dict(), strict=False)
+    assert (converted.mitigations["sink_logit"].logit == PRESERVING_SINK_LOGIT).all()
+    x = torch.randn(2, 50, 64)
+    for causal in (False, True):
+        torch.testing.assert_close(converted(x, is_causal=causal), pretrained(x, is_causal=causal),
+                                   rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_every_kernel_gives_the_same_output():
+    """sdpa, eager and (forward only, one compile) flex, with both sinks, causal and a bool mask."""
+    torch.manual_seed(1)
+    module = RobustAttention(64, num_heads=4, sink_tokens=2, sink_logit=True)
+    with torch.no_grad():
+        module.mitigations["sink_logit"].logit.normal_(std=2.0)
+    x = torch.randn(2, 40, 64)
+    attn_mask = torch.rand(2, 1, 40, 40) < 0.6
+    attn_mask[0, 0, 3] = False  # a query whose own keys are all blocked: it sees only the sinks
+    outputs = {}
+    with torch.no_grad():
+        for kernel in ("sdpa", "eager", "flex"):
+            module.kernel = kernel
+            outputs[kernel] = module(x, attn_mask=attn_mask, is_causal=True)
+    for kernel in ("sdpa", "flex"):
+        torch.testing.assert_close(outputs[kernel], outputs["eager"], atol=1e-5, rtol=1e-5,
+                                   msg=lambda m, kernel=kernel: f"{kernel}: {m}")
+
+
+def _extended_problem(module, x, attn_mask=None, causal=False):
+    q, k, v = _heads(module, x)
+    problem = AttentionProblem(q, k, v, module.scale, attn_mask, causal)
+    for mitigation in module.mitigations.values():
+        problem = mitigation.extend_keys(problem)
+    return problem
+
+
+@given(shape=ras.attention_shapes(), options=SINK_OPTIONS, causal=st.booleans(), data=st.data())
+def test_rows_sum_to_one_and_blocked_keys_get_zero_weight(shape, options, causal, data):
+    module = _module(shape, **options)
+    attn_mask = _float64(data.draw(ras.attention_masks(shape)))
+    x = torch.randn(shape.batch, shape.tokens, shape.dim, dtype=torch.float64)
+    with torch.no_grad():
+        weights = attention_weights(_extended_problem(module, x, attn_mask, causal))
+        expected = reference(module, x, attn_mask, causal)[1]
+        blocked = _masked_scores(module, *_heads(module, x)[:2], attn_mask, causal) == -math.inf
+    torch.testing.assert_close(weights, expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(weights.sum(dim=-1), torch.ones_like(weights[..., 0]))
+    token_weights = weights[..., weights.shape[-1] - shape.tokens:]
+    assert (token_weights[blocked.expand_as(token_weights)] == 0).all()
+
+
+@given(shape=ras.attention_shapes(), options=SINK_OPTIONS, seed=ras.seeds)
+def test_permuting_tokens_permutes_the_output(shape, options, seed):
+    module = _module(shape, **options)
+    x = torch.randn(shape.batch, shape.tokens, shape.dim, dtype=torch.float64)
+    permutation = torch.randperm(shape.tokens, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(module(x[:, permutation]), module(x)[:, permutation],
+                               atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("options, keys", [
+    ({"sink_tokens": 2}, {"mitigations.sink_tokens.key", "mitigations.sink_tokens.value"}),
+    ({"sink_logit": True}, {"mitigations.sink_logit.logit"}),
+    ({"sink_logit": "preserve"}, {"mitigations.sink_logit.logit"}),
+    ({"sink_logit": "off_by_one"}, set()),
+])
+def test_state_dict_round_trips(options, keys):
+    shape = ras.AttentionShape(batch=2, tokens=9, heads=4, head_dim=8)
+    source, target = _module(shape, **options), _module(shape, **options)
+    plain = RobustAttention(32, num_heads=4, qkv_bias=True)
+    assert set(source.state_dict()) - set(plain.state_dict()) == keys
+    target.load_state_dict(source.state_dict(), strict=True)
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    torch.testing.assert_close(target(x, is_causal=True), source(x, is_causal=True))
+
+
+def test_health_reports_the_sink_logit_and_the_probe_its_mass():
+    shape = ras.AttentionShape(batch=2, tokens=12, heads=3, head_dim=8)
+    module = _module(shape, sink_logit=True)
+    module.probe = True
+    x = torch.randn(2, 12, 24, dtype=torch.float64)
+    module(x, is_causal=True)
+    logit = module.mitigations["sink_logit"].logit
+    torch.testing.assert_close(module.health.extras["sink_logit.logit"], logit.detach().float())
+    sink_weight = reference(module, x, causal=True)[1][..., 0]
+    torch.testing.assert_close(module.health.sink_mass.double(),
+                               sink_weight.mean(dim=(0, 2)).detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_sink_tokens_health_reports_key_and_value_norms():
+    module = RobustAttention(32, num_heads=4, sink_tokens=3, probe=True)
+    module(torch.randn(1, 5, 32))
+    value = module.mitigations["sink_tokens"].value
+    torch.testing.assert_close(module.health.extras["sink_tokens.value_norm"],
+                               value.detach().norm(dim=-1).mean(dim=-1))
+    assert module.health.extras["sink_tokens.key_norm"].shape == (4,)
+
+
+def test_the_sink_logit_column_broadcasts_instead_of_materialising_the_mask():
+    module = RobustAttention(32, num_heads=4, sink_logit=True)
+    x = torch.randn(3, 6, 32)
+    assert _extended_problem(module, x).attn_mask.shape == (1, 4, 1, 7)
+    assert _extended_problem(module, x, torch.rand(6, 6) < 0.5).attn_mask.shape == (1, 4, 6, 7)
+    assert _extended_problem(module, x, torch.rand(3, 4, 6, 6) < 0.5).attn_mask.shape \
+        == (3, 4, 6, 7)
+
+
+def test_the_sink_logit_learns_through_sdpa():
+    module = RobustAttention(32, num_heads=4, sink_logit=True, kernel="sdpa")
+    module(torch.randn(2, 6, 32), is_causal=True).square().sum().backward()
+    assert (module.mitigations["sink_logit"].logit.grad != 0).all()
+
+
+def test_sink_preset_and_combinations():
+    assert create("sink", dim=32, num_heads=4).mitigations["sink_logit"].learned
+    for options in ({"gated": "headwise"}, {"outlier_removal": True}, {"softcap": 30.0},
+                    {"sink_tokens": 2}):
+        module = create("sink", dim=32, num_heads=4, **options)
+        assert torch.isfinite(module(torch.randn(2, 5, 32), is_causal=True)).all()
+
+
+@pytest.mark.parametrize("option, value", [
+    ("sink_tokens", -1), ("sink_tokens", True), ("sink_tokens", 1.5), ("sink_tokens", "2"),
+    ("sink_logit", "on"), ("sink_logit", 0.5), ("sink_logit", 1),
+])
+def test_bad_option_values_raise_naming_the_option(option, value):
+    with pytest.raises(ValueError, match=f"^{option}="):
+        RobustAttention(32, num_heads=4, **{option: value})
+
+
+@pytest.mark.parametrize("option, value", [("sink_tokens", 1), ("sink_logit", True)])
+def test_sinks_conflict_with_sigmoid_attention(option, value):
+    with pytest.raises(ValueError, match=f"'{option}' and 'sigmoid' conflict"):
+        RobustAttention(32, num_heads=4, sigmoid=True, **{option: value})

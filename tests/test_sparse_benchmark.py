@@ -1,0 +1,28 @@
+"""benchmarks/sparse.py --quick runs end to end and writes its JSON and markdown (no timing asserted)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "sparse.py"
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_json_and_markdown(tmp_path):
+    subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)], check=True,
+                   capture_output=True, timeout=120)
+    report = json.loads((tmp_path / "sparse-cpu-quick.json").read_text())
+    assert {"machine", "config", "results", "targets"} <= set(report)
+    assert report["machine"]["torch"]
+    rows = report["results"]
+    assert {row["N"] for row in rows} == set(report["config"]["sizes"])
+    kernels = {row["pattern"]: row["kernel"] for row in rows}
+    assert kernels["block_local"] == "block_diagonal" and kernels["strided"] == "strided"
+    for row in rows:
+        assert 0 < row["density"] <= 1 and row["forward_backward_s"] > 0
+        assert row["speedup_forward_backward"] > 0
+    table = (tmp_path / "sparse-cpu-quick.md").read_text()
+    assert "| N | pattern | kernel | density |" in table and report["machine"]["cpu"] in table
