@@ -22,9 +22,12 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/probe_overhead.py
+	$(BIN)/python benchmarks/monitor_overhead.py
+	$(BIN)/python benchmarks/claims_table.py
+	$(BIN)/python benchmarks/sparse.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check robust_attn tests benchmarks
+	$(BIN)/ruff check robust_attn tests benchmarks recipes
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .hypothesis

@@ -12,8 +12,7 @@ writes claims.json and claims.md.
 :func:`measure` is the one measurement protocol, shared with
 tests/test_collapse_claims.py: robust_attn.stack.measure_stack on the eager
 reference kernel (kernels agree, see the tests; FlexAttention would compile
-once per shape on a CPU), with spectral_qk's initialisation applied to the
-stack's weights (see :func:`_spectral_qk_initialisation`).
+once per shape on a CPU).
 """
 
 from __future__ import annotations
@@ -21,55 +20,34 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from unittest import mock
 
-from robust_attn import RobustAttention, list_variants
+from robust_attn import list_variants
 from robust_attn.claims import CLAIMS, ENTROPY, Claim, Setting
-from robust_attn.mitigations.spectral_qk import concentrate_qk_spectrum_
 from robust_attn.stack import StackHealth, StackSetting, measure_stack
 
 if __package__:  # imported as benchmarks.claims_table, by the tests
-    from .probe_overhead import machine
+    from .machine import machine
 else:  # run as a script
-    from probe_overhead import machine
+    from machine import machine
 
 COLUMNS = ((False, 1.0), (False, 16.0), (True, 1.0), (True, 16.0))  # (residual, sqk)
-
-
-@contextmanager
-def _spectral_qk_initialisation() -> Iterator[None]:
-    """Workaround: init_stack_weights redraws W_K, replacing spectral_qk's concentrated init,
-    and then calls ``attention.reset_from_weights()`` (which must not re-initialise: it also
-    runs after loading weights). Until the stack has a hook for a mitigation's own
-    initialisation, re-concentrate W_K from the drawn W_Q there, as the preset does at
-    construction."""
-    reset_from_weights = RobustAttention.reset_from_weights
-
-    def reset_and_concentrate(attention: RobustAttention) -> None:
-        reset_from_weights(attention)
-        if "spectral_qk" in attention.mitigations:
-            concentrate_qk_spectrum_(attention.qkv.weight, attention.num_heads)
-
-    with mock.patch.object(RobustAttention, "reset_from_weights", reset_and_concentrate):
-        yield
 
 
 @functools.cache
 def measure(setting: StackSetting) -> StackHealth:
     """The stack's health at initialisation (cached: a setting always measures the same)."""
-    with _spectral_qk_initialisation():
-        return measure_stack(setting, kernel="eager")
+    return measure_stack(setting, kernel="eager")
 
 
 def _describe(setting: Setting) -> str:
     stacks = {(False,): "attention only", (True,): "with residual"}.get(
         setting.residual, "with or without residual")
     low, high = setting.qk_scales
+    head_dims = "/".join(str(width) for width in setting.head_dims)
     return (f"{stacks}, sqk {low:g}-{high:g}, depth {setting.depths[0]}-{setting.depths[1]}, "
-            f"{setting.tokens[0]}-{setting.tokens[1]} tokens")
+            f"{setting.tokens[0]}-{setting.tokens[1]} tokens, {setting.heads[0]}-{setting.heads[1]} "
+            f"heads of width {head_dims}")
 
 
 def _claim_row(claim: Claim, depth: int) -> dict:

@@ -1,16 +1,21 @@
 """Cost of the HealthMonitor: training steps of a ViT-S with the monitor at default sampling against
 none, interleaved in one process.
 
-    python benchmarks/monitor_overhead.py [--quick] [--batch 8] [--repeats 5] [--threads N]
+    python benchmarks/monitor_overhead.py [--quick] [--batch 4] [--cycles 12] [--threads N]
                                           [--out benchmarks/results]
 
 The model is timm's vit_small_patch16_224 (random init) converted to the baseline variant
-(robust_attn.convert); without timm, a 12-block attention stack at ViT-S shape. One timed block is
-one sampling period (``every`` steps of forward, backward and AdamW): with the monitor, a
-HealthMonitor is attached for the block (so exactly one of its steps is sampled) and closed after
-it; without, the same steps run bare. Blocks alternate ABBA, so slow drift of the machine cancels;
-the ratio is of the median block times. The worst case, every step sampled (every=1), is measured
-the same way. Writes monitor-overhead.json and monitor-overhead.md (the machine included).
+(robust_attn.convert); without timm, a 12-block attention stack at ViT-S shape. A training step is
+forward, backward and AdamW. Each cycle times, back to back, one bare step (no monitor), one
+sampled step (a HealthMonitor is attached, which arms its step 0: probes, hooks, readings, the
+host transfer) and one unsampled step (the monitor's next step, after which it is closed); cycles
+alternate the order (bare first / bare last), so drift of a shared machine hits all three alike.
+With medians B, S and U of the three, the monitor at sampling period ``every`` costs per step
+
+    ratio = (S + (every - 1) U) / (every B)
+
+(one sampled step in every ``every``); S / B is the worst case, every=1. Writes
+monitor-overhead.json and monitor-overhead.md (the machine included).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from probe_overhead import machine
+from machine import machine
 
 from robust_attn import HealthMonitor
 
@@ -55,64 +60,80 @@ def loss_of(output) -> torch.Tensor:
     return output.float().square().mean()
 
 
-def block_seconds(model, optimizer, x, steps: int, every: int | None) -> float:
-    """Seconds for ``steps`` training steps, with a HealthMonitor(every) attached (None: bare)."""
-    start = time.perf_counter()
-    monitor = HealthMonitor(model, every=every) if every else None
-    for _ in range(steps):
-        loss = loss_of(model(x))
-        loss.backward()
-        if monitor is not None:
-            monitor.step(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+def train_step(model, optimizer, x, monitor: HealthMonitor | None) -> None:
+    loss = loss_of(model(x))
+    loss.backward()
     if monitor is not None:
-        monitor.close()
+        monitor.step(loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def timed(function) -> float:
+    start = time.perf_counter()
+    function()
     return time.perf_counter() - start
 
 
-def compare(model, optimizer, x, steps: int, every: int, repeats: int) -> dict:
-    """Median block time bare and monitored, ABBA-interleaved; their ratio."""
-    times = {"bare": [], "monitored": []}
-    for repeat in range(repeats):
-        order = ("bare", "monitored") if repeat % 2 == 0 else ("monitored", "bare")
-        for mode in order:
-            times[mode].append(block_seconds(model, optimizer, x, steps,
-                                             every if mode == "monitored" else None))
-    bare, monitored = statistics.median(times["bare"]), statistics.median(times["monitored"])
-    return {"every": every, "steps_per_block": steps, "bare_s": bare, "monitored_s": monitored,
-            "ratio": monitored / bare, "times": times}
+def cycle(model, optimizer, x, bare_first: bool) -> dict[str, float]:
+    """Seconds of one bare, one sampled and one unsampled step, timed back to back."""
+    times = {}
+    monitor = None
+
+    def sampled():
+        nonlocal monitor
+        monitor = HealthMonitor(model, every=2)  # step 0 sampled, step 1 not
+        train_step(model, optimizer, x, monitor)
+
+    def unsampled():
+        train_step(model, optimizer, x, monitor)
+        monitor.close()
+
+    def bare():
+        train_step(model, optimizer, x, None)
+
+    if bare_first:
+        times["bare"] = timed(bare)
+    times["sampled"] = timed(sampled)
+    times["unsampled"] = timed(unsampled)
+    if not bare_first:
+        times["bare"] = timed(bare)
+    return times
 
 
-def run(quick: bool, batch: int, repeats: int, every: int) -> dict:
+def run(quick: bool, batch: int, cycles: int, every: int) -> dict:
     torch.manual_seed(0)
     model, description = vit_small(quick)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = inputs_for(model, 2 if quick else batch)
-    block_seconds(model, optimizer, x, 2, None)  # warm-up: allocator, AdamW state
-    block_seconds(model, optimizer, x, 1, 1)
-    default = compare(model, optimizer, x, every, every, repeats)
-    worst = compare(model, optimizer, x, 1, 1, repeats * 2)
+    cycle(model, optimizer, x, True)  # warm-up: allocator, AdamW state, first hooks
+    measured = [cycle(model, optimizer, x, index % 2 == 0) for index in range(cycles)]
+    times = {kind: [m[kind] for m in measured] for kind in ("bare", "sampled", "unsampled")}
+    bare, sampled, unsampled = (statistics.median(times[kind])
+                                for kind in ("bare", "sampled", "unsampled"))
     return {"benchmark": "monitor overhead", "model": description, "batch": x.shape[0],
-            "repeats": repeats, "default_sampling": default, "every_step": worst,
-            "machine": machine()}
+            "cycles": cycles, "every": every, "bare_s": bare, "sampled_s": sampled,
+            "unsampled_s": unsampled, "ratio": (sampled + (every - 1) * unsampled) / (every * bare),
+            "sampled_ratio": sampled / bare, "unsampled_ratio": unsampled / bare,
+            "times": times, "machine": machine()}
 
 
 def markdown(result: dict) -> str:
-    default, worst, m = result["default_sampling"], result["every_step"], result["machine"]
+    m = result["machine"]
     return "\n".join([
         f"HealthMonitor overhead, training steps (forward, backward, AdamW) of {result['model']}, "
-        f"batch {result['batch']}, medians of ABBA-interleaved blocks in one process, "
-        f"{m['device']}, {m['threads']} threads, torch {m['torch']}:",
+        f"batch {result['batch']}: medians of {result['cycles']} interleaved cycles in one "
+        f"process, {m['device']}, {m['threads']} threads, torch {m['torch']}:",
         "",
-        "| sampling | block | bare (s) | monitored (s) | ratio |",
-        "|---|---|---|---|---|",
-        f"| default, every={default['every']} | {default['steps_per_block']} steps, "
-        f"{result['repeats']} repeats | {default['bare_s']:.3f} | {default['monitored_s']:.3f} | "
-        f"{default['ratio']:.3f} |",
-        f"| every step (worst case) | 1 step, {2 * result['repeats']} repeats | "
-        f"{worst['bare_s']:.3f} | {worst['monitored_s']:.3f} | {worst['ratio']:.3f} |",
+        "| step | median (s) | ratio to bare |",
+        "|---|---|---|",
+        f"| bare (no monitor) | {result['bare_s']:.3f} | 1.000 |",
+        f"| monitored, sampled | {result['sampled_s']:.3f} | {result['sampled_ratio']:.3f} |",
+        f"| monitored, not sampled | {result['unsampled_s']:.3f} | "
+        f"{result['unsampled_ratio']:.3f} |",
+        f"| **default sampling, every={result['every']}**: (S + {result['every'] - 1} U) / "
+        f"({result['every']} B) | | **{result['ratio']:.3f}** |",
         "",
     ])
 
@@ -120,8 +141,8 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--cycles", type=int, default=12)
     parser.add_argument("--every", type=int, default=DEFAULT_EVERY,
                         help=f"the sampling period (default: the monitor's, {DEFAULT_EVERY})")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -129,7 +150,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run(args.quick, args.batch, args.repeats, args.every)
+    result = run(args.quick, args.batch, 2 if args.quick else args.cycles, args.every)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "monitor-overhead.json").write_text(json.dumps(result, indent=1))

@@ -10,21 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from machine import machine
 
 from robust_attn import set_probe_enabled
 from robust_attn.stack import AttentionStack
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 
 def step_seconds(stack: AttentionStack, x: torch.Tensor, probe: bool) -> float:

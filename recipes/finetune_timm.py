@@ -18,10 +18,14 @@ trains it:
   * adversarial training (``--adv fgsm|pgd --adv-eps 4/255``): the model trains
     on FGSM or PGD inputs (recipes/_adversarial.py), and the final evaluation
     reports adversarial accuracy too;
-  * attention health every ``--log-every`` steps (robust_attn.health_probe on
-    the training forward): per layer in health.csv, worst-layer summaries in
-    TensorBoard when installed; losses, accuracy, learning rate and gradient
-    norm every step in train.csv; a progress bar; a summary table at the end;
+  * attention health every ``--log-every`` steps, sampled on the training
+    forward by :class:`robust_attn.HealthMonitor` (all-reduced over the ranks):
+    per layer and head in health.csv (health_from_step_<s>.csv for a run
+    resumed at step s; steps counted from the run's start), worst-layer
+    summaries in TensorBoard when
+    installed, the monitor's early warnings in the summary; losses, accuracy,
+    learning rate and gradient norm every step in train.csv; a progress bar;
+    a summary table at the end;
   * checkpoints (``--save-every``, and at the end) that ``--resume`` continues
     exactly (same batches, same schedule);
   * export: the trained model reverted to plain timm attention
@@ -56,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from _adversarial import adversarial_inputs
 from _distributed import Distributed, init_distributed, shutdown
-from _health import attention_health, layer_rows, summarize
+from _health import attention_health, summarize
 from _logging import MetricsLog, markdown_table, progress
 from _optim import adamw, warmup_cosine_schedule
 from _synthetic_images import SyntheticGratings
@@ -219,13 +223,16 @@ class Classifier:
             return (module or self.trained)((images - self.mean) / self.std).float()
 
     def attack(self, images: Tensor, labels: Tensor, start: Tensor | None) -> Tensor:
-        """FGSM or PGD inputs against the model in eval mode (dropout off, no probe)."""
+        """FGSM or PGD inputs against the model in eval mode (dropout off).
+
+        On a step the health monitor samples, the training forward runs after
+        these and is the one it keeps.
+        """
         was_training = self.model.training
         self.model.eval()
-        with robust_attn.health_probe(False):
-            steps = self.args.adv_steps if self.args.adv == "pgd" else 1
-            adversarial = adversarial_inputs(lambda z: self.logits(z, self.model), images, labels,
-                                             self.args.adv_eps, steps, self.args.adv_alpha, start)
+        steps = self.args.adv_steps if self.args.adv == "pgd" else 1
+        adversarial = adversarial_inputs(lambda z: self.logits(z, self.model), images, labels,
+                                         self.args.adv_eps, steps, self.args.adv_alpha, start)
         self.model.train(was_training)
         return adversarial
 
@@ -304,17 +311,8 @@ def export_timm(model: nn.Module, path: Path) -> str:
     return f"saved {path} (loads into stock timm with strict=True)"
 
 
-def log_health(log: MetricsLog, model: nn.Module, step: int) -> dict[str, float]:
-    healths = attention_health(model)
-    for row in layer_rows(healths):
-        log.write("health", {"step": step, **row})
-    summary = summarize(healths)
-    log.scalars(step, {f"health/{name}": value for name, value in summary.items()})
-    return summary
-
-
 def summary_table(args, conversion, first: dict, last: dict, seconds: float, steps_run: int,
-                  export: str) -> str:
+                  warnings: list, export: str) -> str:
     def cell(values: dict, name: str) -> str:
         value = values.get(name)
         return "" if value is None else f"{value:.4g}"
@@ -329,19 +327,21 @@ def summary_table(args, conversion, first: dict, last: dict, seconds: float, ste
              + (f"; function changed at conversion by {changed}" if changed else
                 "; function preserved at conversion"),
              f"{steps_run} steps in {seconds:.1f} s ({steps_run / max(seconds, 1e-9):.2f} steps/s)",
+             f"health warnings: {len(warnings)}", *(f"  {w.code} ({w.layer}): {w.message}"
+                                                    for w in warnings),
              f"export: {export}"]
     return markdown_table(["metric", "start", "end"], rows) + "\n\n" + "\n".join(notes)
 
 
 def train_step(classifier: Classifier, batch, step: int, args, distributed: Distributed,
-               optimizer, schedule, scaler, probe: bool) -> dict[str, float]:
+               optimizer, schedule, scaler, monitor: robust_attn.HealthMonitor
+               ) -> dict[str, float]:
     images, labels = (t.to(distributed.device) for t in batch)
     local = distributed.local_slice(args.batch_size)
     if args.adv != "none":
         images = classifier.attack(images, labels,
                                    pgd_start(args, step, images.shape, local, distributed.device))
-    with robust_attn.health_probe(probe):
-        logits = classifier.logits(images)
+    logits = classifier.logits(images)
     loss = F.cross_entropy(logits, labels)
     auxiliary = sum((m.auxiliary_loss() for m in classifier.model.modules()
                      if isinstance(m, robust_attn.RobustAttention)), loss.new_zeros(()))
@@ -350,6 +350,7 @@ def train_step(classifier: Classifier, batch, step: int, args, distributed: Dist
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(classifier.model.parameters(),
                                                args.clip_grad or math.inf)
+    monitor.step(loss.detach())  # after backward, before zero_grad: it reads gradient norms
     scaler.step(optimizer)
     scaler.update()
     schedule.step()
@@ -379,6 +380,9 @@ def main(argv: list[str] | None = None) -> None:
                           distributed.local_slice(args.batch_size))
     loader = DataLoader(train_set, batch_sampler=batches, num_workers=args.workers)
     log = MetricsLog(args.out) if distributed.is_main else None
+    monitor = robust_attn.HealthMonitor(model, every=args.log_every,
+                                        reduce_across_ranks=distributed.world_size > 1)
+    health_file = "health.csv" if start == 0 else f"health_from_step_{start}.csv"
     if distributed.is_main:
         print(conversion)
     first = evaluate(classifier, eval_set, args, distributed)
@@ -386,29 +390,32 @@ def main(argv: list[str] | None = None) -> None:
         time.perf_counter()
     model.train()
     for step, batch in enumerate(loader, start):
-        probe = step % args.log_every == 0 or step == args.steps - 1
         row = train_step(classifier, batch, step, args, distributed, optimizer, schedule, scaler,
-                         probe)
+                         monitor)
         last["train_loss"] = row["loss"]
         first.setdefault("train_loss", row["loss"])
         if log is not None:
             log.write("train", row)
             log.scalars(step, {f"train/{k}": v for k, v in row.items() if k != "step"})
-            if probe:
-                last.update(log_health(log, model, step))
+            if (step - start) % args.log_every == 0:  # a step the monitor sampled
+                last.update(summarize(attention_health(model)))
+                log.scalars(step, {f"health/{name}": last[name] for name in HEALTH_COLUMNS})
                 for name in HEALTH_COLUMNS:
-                    first.setdefault(name, last.get(name))
+                    first.setdefault(name, last[name])
         bar.update(1)
         bar.set_postfix_str(f"loss={row['loss']:.3f} acc={row['accuracy']:.2f}")
         if distributed.is_main and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
             save_checkpoint(args.out / "checkpoint.pt", model, optimizer, scaler, step + 1, args)
+            monitor.to_csv(args.out / health_file)
     bar.close()
+    monitor.close()
     seconds = time.perf_counter() - began
     last.update(evaluate(classifier, eval_set, args, distributed))
     if distributed.is_main:
         export = "skipped (--no-export)" if args.no_export else \
             export_timm(model, args.out / "timm_model.pth")
-        table = summary_table(args, conversion, first, last, seconds, args.steps - start, export)
+        table = summary_table(args, conversion, first, last, seconds, args.steps - start,
+                              monitor.warnings(), export)
         (args.out / "summary.md").write_text(table + "\n")
         print(table)
         log.close()

@@ -239,7 +239,7 @@ def plot(path: Path, runs: list[Run], floor: float) -> None:
                        s=80, color=line.get_color())
         entropies.plot([r.lr for r in mine], [r.health.get("entropy_min", math.nan) for r in mine],
                        marker="o", color=line.get_color())
-    losses.axhline(floor, color="black", linestyle="--", label="floor (entropy rate)")
+    losses.axhline(floor, color="black", linestyle="--", label="floor (true chain, eval tokens)")
     losses.set(xscale="log", xlabel="peak learning rate", ylabel="final eval loss, min(L, L_0)",
                title="loss vs learning rate (x: diverged)")
     entropies.set(xscale="log", xlabel="peak learning rate", ylim=(0, 1.02),

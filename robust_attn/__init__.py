@@ -1,6 +1,6 @@
 """robust-attn: drop-in attention modules that avoid rank collapse and entropy collapse."""
 
-from . import metrics
+from . import metrics, sparse
 from .attention import RobustAttention
 from .early_warnings import HealthWarning, Thresholds
 from .integrations import convert, layer, revert
@@ -27,4 +27,5 @@ __all__ = [
     "preset_options",
     "revert",
     "set_probe_enabled",
+    "sparse",
 ]

@@ -190,6 +190,13 @@ class RobustAttention(nn.Module):
         losses = [loss for m in self.mitigations.values() if (loss := m.auxiliary_loss()) is not None]
         return torch.stack(losses).sum() if losses else self.qkv.weight.new_zeros(())
 
+    def initialise_weights(self) -> None:
+        """Call after drawing fresh qkv/proj weights in place (a custom init): mitigations that
+        shape the initial weights (spectral_qk) apply their initialisation again. Then call
+        :meth:`reset_from_weights`."""
+        for mitigation in self.mitigations.values():
+            mitigation.initialise_weights()
+
     def reset_from_weights(self) -> None:
         """Call after replacing qkv/proj weights in place (a custom init, a loaded timm state dict)
         so that mitigations that derive state from them (sigma_reparam's u, v, gamma) catch up."""

@@ -182,14 +182,17 @@ class DiagramCell:
         """Whether measurement and theory give the same verdict (None without theory)."""
         return None if self.theory is None else self.theory.verdict == self.verdict
 
-    def to_dict(self) -> dict:
-        return {"beta": self.beta, "alpha": self.alpha, "verdict": self.verdict,
+    def to_dict(self, per_layer: bool = False) -> dict:
+        """The cell's numbers; ``per_layer`` adds every layer's LayerHealth."""
+        cell = {"beta": self.beta, "alpha": self.alpha, "verdict": self.verdict,
                 "worst_entropy": self.health.worst_entropy,
                 "final_residual": self.health.final_residual, "final_cosine": self.final_cosine,
                 "theory": None if self.theory is None else {
                     "verdict": self.theory.verdict, "worst_entropy": self.theory.worst_entropy,
-                    "final_residual": self.theory.final_residual},
-                "layers": [asdict(layer) for layer in self.health.layers]}
+                    "final_residual": self.theory.final_residual}}
+        if per_layer:
+            cell["layers"] = [asdict(layer) for layer in self.health.layers]
+        return cell
 
 
 @dataclass
@@ -217,7 +220,9 @@ class TrainabilityDiagram:
         """Share of cells measured healthy: how much of the grid the variant trains in."""
         return sum(cell.verdict == "healthy" for cell in self.cells) / len(self.cells)
 
-    def to_dict(self) -> dict:
+    def to_dict(self, per_layer: bool = False) -> dict:
+        """Plain numbers for JSON: the grid, agreement with theory, and every cell (``per_layer``:
+        with each layer's health)."""
         with_theory = [cell for cell in self.cells if cell.theory is not None]
         return {"variant": self.variant, "architecture": asdict(self.architecture),
                 "betas": list(self.betas), "alphas": list(self.alphas),
@@ -227,7 +232,7 @@ class TrainabilityDiagram:
                                      if with_theory else None),
                 "disagreements": [{"beta": c.beta, "alpha": c.alpha, "measured": c.verdict,
                                    "theory": c.theory.verdict} for c in self.disagreements()],
-                "cells": [cell.to_dict() for cell in self.cells]}
+                "cells": [cell.to_dict(per_layer) for cell in self.cells]}
 
 
 def propagate(stack: AttentionStack, x: Tensor, alpha: float, norm: str) -> list[Tensor]:

@@ -59,7 +59,8 @@ def health_probe(enabled: bool = True) -> Iterator[None]:
 class AttentionHealth:
     """One module's health at its latest forward. Per-head tensors have shape (H,).
 
-    entropy: mean normalised attention entropy (1 = uniform over the allowed keys).
+    entropy: mean normalised attention entropy (1 = uniform over the allowed keys); for a
+        normalizer other than softmax (sigmoid), of each row divided by its sum.
     min_entropy: the lowest normalised entropy of any sampled query row.
     sink_mass: mean attention on the first key.
     sparsity: share of allowed weights below a tenth of uniform.
@@ -129,6 +130,10 @@ def _spectral_gap(weights: Tensor) -> Tensor:
 
 
 def _nonfinite(tensor: Tensor) -> Tensor:
+    """Exact count of non-finite values. nan and inf propagate through a sum, so a finite sum
+    proves there are none: one reduction instead of an elementwise pass, in the common case."""
+    if torch.isfinite(tensor.sum(dtype=torch.float32)):
+        return torch.zeros((), dtype=torch.long, device=tensor.device)
     return (~torch.isfinite(tensor)).sum()
 
 
@@ -138,9 +143,11 @@ def measure(problem: AttentionProblem, out: Tensor, extras: dict[str, Tensor],
     """Health of one attention call from its problem and its output (B, H, Nq, Dv)."""
     sub, query_index, sub_out = _sample(problem, out, max_queries)
     logits = attention_logits(sub, query_index).float()
-    allowed = logits > -torch.inf
+    allowed = ~torch.isneginf(logits)  # nan logits stay 'allowed', so their nan shows
     weights = sub.normalizer(logits)
-    entropy = metrics.attention_entropy(weights, allowed)
+    # Rows of sigmoid attention are not distributions: judge where each row puts its weight.
+    shares = weights if sub.is_softmax else weights / weights.sum(dim=-1, keepdim=True)
+    entropy = metrics.attention_entropy(shares, allowed)
     return AttentionHealth(
         entropy=_per_head(entropy),
         min_entropy=entropy.transpose(0, 1).flatten(1).amin(dim=1),

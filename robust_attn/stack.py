@@ -63,7 +63,8 @@ def init_stack_weights(stack: AttentionStack, qk_scale: float, generator: torch.
             for linear in (attention.qkv, attention.proj):
                 if linear.bias is not None:
                     linear.bias.zero_()
-            attention.reset_from_weights()
+            attention.initialise_weights()  # e.g. spectral_qk's concentrated spectrum
+            attention.reset_from_weights()  # e.g. sigma_reparam's u, v from the new weights
 
 
 @dataclass(frozen=True)

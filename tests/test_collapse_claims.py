@@ -47,20 +47,12 @@ GUARANTEES = [pytest.param(variant, guarantee, id=f"{variant}-{guarantee.failure
               for guarantee in claim.guarantees]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small problems: one intra-op thread (two, on two cores shared with other jobs, ran
-    5 to 15 times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def claim_settings(variant: str, setting: Setting):
     """Stack settings of ``variant`` drawn from a claim's setting."""
     return ras.stack_settings(variant, depths=st.integers(*setting.depths),
                               tokens=st.integers(*setting.tokens),
+                              heads=st.integers(*setting.heads),
+                              head_dims=st.sampled_from(setting.head_dims),
                               qk_scales=ras.qk_scales(*setting.qk_scales),
                               residual=st.sampled_from(setting.residual))
 
@@ -94,7 +86,9 @@ def within(stack: StackSetting, setting: Setting) -> bool:
     return (stack.residual in setting.residual
             and setting.qk_scales[0] <= stack.qk_scale <= setting.qk_scales[1]
             and setting.depths[0] <= stack.depth <= setting.depths[1]
-            and setting.tokens[0] <= stack.tokens <= setting.tokens[1])
+            and setting.tokens[0] <= stack.tokens <= setting.tokens[1]
+            and setting.heads[0] <= stack.num_heads <= setting.heads[1]
+            and stack.dim // stack.num_heads in setting.head_dims)
 
 
 @pytest.mark.parametrize("variant", sorted(CLAIMS))

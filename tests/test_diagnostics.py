@@ -94,6 +94,8 @@ def test_diagram_shows_qk_norm_widening_the_healthy_region(tmp_path):
     assert all(cell.theory is None and cell.agrees is None for cell in qk_norm.cells)
     report = json.loads(json.dumps(baseline.to_dict()))
     assert len(report["cells"]) == 6 and report["theory_agreement"] is not None
+    assert "layers" not in report["cells"][0]
+    assert len(baseline.to_dict(per_layer=True)["cells"][0]["layers"]) == SMALL.depth
     assert {(d["beta"], d["alpha"]) for d in report["disagreements"]} == \
         {(c.beta, c.alpha) for c in baseline.disagreements()}
     pytest.importorskip("matplotlib")

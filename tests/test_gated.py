@@ -12,6 +12,13 @@ from torch import nn
 from robust_attn import RobustAttention, create
 from robust_attn.testing import strategies as ras
 
+from .float64_reference import (
+    assert_same_forward_and_backward,
+    float64_mask,
+    forward_backward,
+    scores_and_allowed,
+)
+
 MODES = st.sampled_from(["elementwise", "headwise"])
 
 
@@ -19,20 +26,10 @@ def _module(shape, **options):
     return RobustAttention(shape.dim, num_heads=shape.heads, qkv_bias=True, **options).double()
 
 
-def _float64(mask):
-    return mask.double() if mask is not None and mask.is_floating_point() else mask
-
-
 def _softmax_attention(module, x, attn_mask, causal):
     """(B, H, N, D): softmax(scale q k^T, masked) v; rows with nothing allowed are zero."""
     q, k, v = rearrange(module.qkv(x), "b n (t h d) -> t b h n d", t=3, h=module.num_heads)
-    scores = module.scale * q @ k.transpose(-2, -1)
-    allowed = torch.ones_like(scores, dtype=torch.bool)
-    if attn_mask is not None:
-        allowed = allowed & (attn_mask if attn_mask.dtype == torch.bool else attn_mask > -math.inf)
-        scores = scores if attn_mask.dtype == torch.bool else scores + attn_mask
-    if causal:
-        allowed = allowed & torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+    scores, allowed = scores_and_allowed(module.scale, q, k, attn_mask, causal)
     weights = torch.softmax(scores.masked_fill(~allowed, -math.inf), dim=-1).nan_to_num(0.0)
     return weights @ v
 
@@ -47,27 +44,15 @@ def reference(module, x, attn_mask=None, causal=False):
     return module.proj(y * gate)
 
 
-def _forward_backward(module, forward, x):
-    module.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_()
-    out = forward(x)
-    out.backward(torch.cos(out.detach()))
-    return out, x.grad, {name: p.grad for name, p in module.named_parameters()}
-
-
 @given(shape=ras.attention_shapes(), mode=MODES, causal=st.booleans(), data=st.data())
 def test_equals_the_eager_matrix_form_forward_and_backward(shape, mode, causal, data):
     module = _module(shape, gated=mode)
-    attn_mask = _float64(data.draw(ras.attention_masks(shape), label="attn_mask"))
+    attn_mask = float64_mask(data.draw(ras.attention_masks(shape), label="attn_mask"))
     x = torch.randn(shape.batch, shape.tokens, shape.dim, dtype=torch.float64)
 
-    expected = _forward_backward(module, lambda x: reference(module, x, attn_mask, causal), x)
-    actual = _forward_backward(module, lambda x: module(x, attn_mask, causal), x)
-    torch.testing.assert_close(actual[0], expected[0], atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(actual[1], expected[1], atol=1e-10, rtol=1e-10)
-    for name, grad in expected[2].items():
-        torch.testing.assert_close(actual[2][name], grad, atol=1e-10, rtol=1e-10,
-                                   msg=lambda m, name=name: f"grad of {name}: {m}")
+    expected = forward_backward(module, lambda x: reference(module, x, attn_mask, causal), x)
+    actual = forward_backward(module, lambda x: module(x, attn_mask, causal), x)
+    assert_same_forward_and_backward(actual, expected)
 
 
 def test_elementwise_equals_timms_gated_attention():

@@ -111,6 +111,12 @@ def test_auto_prefers_sdpa_then_flex_then_eager_on_cpu():
     assert select_kernel("auto", _problem(score_mods=softcap), 0.1).name == "eager"
 
 
+def test_auto_never_sends_float64_to_flex_on_cpu():
+    problem = _problem(score_mods=(TanhSoftCap(5.0),))
+    problem = problem.with_(q=problem.q.double(), k=problem.k.double(), v=problem.v.double())
+    assert select_kernel("auto", problem, 0.0).name == "eager"
+
+
 @pytest.mark.parametrize("kernel, needs", [("flex", "forward only"), ("xformers", "xformers"),
                                            ("sdpa", "score modifiers")])
 def test_forcing_a_kernel_that_cannot_run_names_it(kernel, needs):

@@ -15,6 +15,8 @@ from robust_attn.mitigations.outlier_removal import uniform_attention_output
 from robust_attn.problem import AttentionProblem
 from robust_attn.testing import strategies as ras
 
+from .float64_reference import float64_mask
+
 
 @st.composite
 def problems(draw):
@@ -28,8 +30,7 @@ def problems(draw):
         return torch.randn(shape.batch, shape.heads, n, shape.head_dim, generator=generator,
                            dtype=torch.float64)
 
-    mask = draw(ras.attention_masks(shape, num_keys=num_keys))
-    mask = mask.double() if mask is not None and mask.is_floating_point() else mask
+    mask = float64_mask(draw(ras.attention_masks(shape, num_keys=num_keys)))
     return AttentionProblem(heads(shape.tokens), heads(num_keys), heads(num_keys),
                             scale=shape.head_dim ** -0.5, attn_mask=mask,
                             causal=draw(st.booleans()))

@@ -96,6 +96,7 @@ def test_nonfinite_inputs_are_counted_not_hidden():
     module(x)
     assert module.health.nonfinite["q"] > 0 and module.health.nonfinite["output"] > 0
     assert module.health.spectral_gap.isnan().all()  # reported as unknown, not made up
+    assert module.health.entropy.isnan().all()  # a nan row is not a healthy, uniform row
 
 
 def test_global_and_module_switches():

@@ -145,12 +145,14 @@ def test_finetune_timm_smoke_run_trains_logs_and_exports_stock_timm_weights(tmp_
     rows = read_csv(out / "train.csv")
     assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
     assert all(math.isfinite(float(r["loss"])) for r in rows)
-    health = read_csv(out / "health.csv")
-    assert {r["step"] for r in health} == {"0", "2", "3"}
-    assert {r["layer"] for r in health} == {"blocks.0.attn", "blocks.1.attn"}
+    health = read_csv(out / "health.csv")  # robust_attn.HealthMonitor, every 2 steps, 2 heads
+    assert {(r["step"], r["layer"], r["head"]) for r in health} == {
+        (step, f"blocks.{block}.attn", head) for step in ("0", "2") for block in "01"
+        for head in "01"}
+    assert all(0 <= float(r["entropy"]) <= 1 for r in health)
     summary = (out / "summary.md").read_text()
     assert "| clean_accuracy |" in summary and "entropy_min" in summary
-    assert "function preserved at conversion" in summary
+    assert "function preserved at conversion" in summary and "health warnings:" in summary
 
     stock = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8,
                               embed_dim=32, depth=2, num_heads=2)

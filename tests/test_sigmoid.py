@@ -16,16 +16,19 @@ from robust_attn.mitigations.sigmoid import SigmoidWeights
 from robust_attn.problem import AttentionProblem
 from robust_attn.testing import strategies as ras
 
+from .float64_reference import (
+    assert_same_forward_and_backward,
+    float64_mask,
+    forward_backward,
+    scores_and_allowed,
+)
+
 BIASES = st.sampled_from([True, -2.5])
 
 
 def _module(shape, bias=True, **options):
     return RobustAttention(shape.dim, num_heads=shape.heads, qkv_bias=True, sigmoid=bias,
                            **options).double()
-
-
-def _float64(mask):
-    return mask.double() if mask is not None and mask.is_floating_point() else mask
 
 
 def _heads(module, x):
@@ -37,13 +40,7 @@ def _heads(module, x):
 def reference_weights(module, x, attn_mask=None, causal=False):
     """(B, H, N, N): sigmoid(scale q k^T + mask + b) where allowed, 0 where blocked."""
     q, k, _ = _heads(module, x)
-    scores = module.scale * q @ k.transpose(-2, -1)
-    allowed = torch.ones_like(scores, dtype=torch.bool)
-    if attn_mask is not None:
-        allowed = allowed & (attn_mask if attn_mask.dtype == torch.bool else attn_mask > -math.inf)
-        scores = scores if attn_mask.dtype == torch.bool else scores + attn_mask
-    if causal:
-        allowed = allowed & torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+    scores, allowed = scores_and_allowed(module.scale, q, k, attn_mask, causal)
     bias = module.mitigations["sigmoid"].bias
     bias = -math.log(k.shape[-2]) if bias is None else bias
     return torch.where(allowed, torch.sigmoid(scores + bias), 0.0), allowed
@@ -55,35 +52,23 @@ def reference(module, x, attn_mask=None, causal=False):
     return module.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
-def _forward_backward(module, forward, x):
-    module.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_()
-    out = forward(x)
-    out.backward(torch.cos(out.detach()))
-    return out, x.grad, {name: p.grad for name, p in module.named_parameters()}
-
-
 @given(shape=ras.attention_shapes(), bias=BIASES, qk_norm=st.booleans(), causal=st.booleans(),
        data=st.data())
 def test_equals_the_eager_matrix_form_forward_and_backward(shape, bias, qk_norm, causal, data):
     module = _module(shape, bias, qk_norm=qk_norm)
-    attn_mask = _float64(data.draw(ras.attention_masks(shape), label="attn_mask"))
+    attn_mask = float64_mask(data.draw(ras.attention_masks(shape), label="attn_mask"))
     x = torch.randn(shape.batch, shape.tokens, shape.dim, dtype=torch.float64)
 
-    expected = _forward_backward(module, lambda x: reference(module, x, attn_mask, causal), x)
-    actual = _forward_backward(module, lambda x: module(x, attn_mask, causal), x)
-    torch.testing.assert_close(actual[0], expected[0], atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(actual[1], expected[1], atol=1e-10, rtol=1e-10)
-    for name, grad in expected[2].items():
-        torch.testing.assert_close(actual[2][name], grad, atol=1e-10, rtol=1e-10,
-                                   msg=lambda m, name=name: f"grad of {name}: {m}")
+    expected = forward_backward(module, lambda x: reference(module, x, attn_mask, causal), x)
+    actual = forward_backward(module, lambda x: module(x, attn_mask, causal), x)
+    assert_same_forward_and_backward(actual, expected)
     assert all(torch.isfinite(grad).all() for grad in actual[2].values())
 
 
 @given(shape=ras.attention_shapes(), bias=BIASES, causal=st.booleans(), data=st.data())
 def test_blocked_keys_get_zero_weight_and_empty_rows_output_zero(shape, bias, causal, data):
     module = _module(shape, bias)
-    attn_mask = _float64(data.draw(ras.attention_masks(shape), label="attn_mask"))
+    attn_mask = float64_mask(data.draw(ras.attention_masks(shape), label="attn_mask"))
     x = torch.randn(shape.batch, shape.tokens, shape.dim, dtype=torch.float64)
     q, k, v = _heads(module, x)
     problem = AttentionProblem(q, k, v, module.scale, attn_mask, causal,

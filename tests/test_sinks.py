@@ -14,6 +14,13 @@ from robust_attn.mitigations.sinks import PRESERVING_SINK_LOGIT
 from robust_attn.problem import AttentionProblem
 from robust_attn.testing import strategies as ras
 
+from .float64_reference import (
+    assert_same_forward_and_backward,
+    float64_mask,
+    forward_backward,
+    scores_and_allowed,
+)
+
 SINK_OPTIONS = st.sampled_from([
     {"sink_tokens": 1}, {"sink_tokens": 3}, {"sink_logit": True}, {"sink_logit": "off_by_one"},
     {"sink_tokens": 2, "sink_logit": True},
@@ -29,19 +36,9 @@ def _module(shape, kernel="auto", **options):
     return module
 
 
-def _float64(mask):
-    return mask.double() if mask is not None and mask.is_floating_point() else mask
-
-
 def _masked_scores(module, q, k, attn_mask, causal):
     """scale * q k^T with the user's mask and the causal triangle; -inf where blocked."""
-    scores = module.scale * q @ k.transpose(-2, -1)
-    allowed = torch.ones_like(scores, dtype=torch.bool)
-    if attn_mask is not None:
-        allowed = allowed & (attn_mask if attn_mask.dtype == torch.bool else attn_mask > -math.inf)
-        scores = scores if attn_mask.dtype == torch.bool else scores + attn_mask
-    if causal:
-        allowed = allowed & torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+    scores, allowed = scores_and_allowed(module.scale, q, k, attn_mask, causal)
     return scores.masked_fill(~allowed, -math.inf)
 
 
@@ -66,33 +63,16 @@ def reference(module, x, attn_mask=None, causal=False):
     return module.proj(rearrange(out, "b h n d -> b n (h d)")), weights
 
 
-def _forward_backward(module, forward, x):
-    module.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_()
-    out = forward(x)
-    out.backward(torch.cos(out.detach()))
-    return out, x.grad, {name: p.grad for name, p in module.named_parameters()}
-
-
-def assert_same_forward_and_backward(actual, expected, **tolerance):
-    torch.testing.assert_close(actual[0], expected[0], **tolerance)
-    torch.testing.assert_close(actual[1], expected[1], **tolerance, msg=lambda m: f"dx: {m}")
-    assert actual[2].keys() == expected[2].keys()
-    for name, grad in expected[2].items():
-        torch.testing.assert_close(actual[2][name], grad, **tolerance,
-                                   msg=lambda m, name=name: f"grad of {name}: {m}")
-
-
 @given(shape=ras.attention_shapes(), options=SINK_OPTIONS, causal=st.booleans(),
        kernel=st.sampled_from(["auto", "sdpa", "eager"]), data=st.data())
 def test_equals_the_eager_matrix_form_forward_and_backward(shape, options, causal, kernel, data):
     module = _module(shape, kernel=kernel, **options)
-    attn_mask = _float64(data.draw(ras.attention_masks(shape), label="attn_mask"))
+    attn_mask = float64_mask(data.draw(ras.attention_masks(shape), label="attn_mask"))
     x = torch.randn(shape.batch, shape.tokens, shape.dim, dtype=torch.float64)
 
-    expected = _forward_backward(module, lambda x: reference(module, x, attn_mask, causal)[0], x)
-    actual = _forward_backward(module, lambda x: module(x, attn_mask, causal), x)
-    assert_same_forward_and_backward(actual, expected, atol=1e-10, rtol=1e-10)
+    expected = forward_backward(module, lambda x: reference(module, x, attn_mask, causal)[0], x)
+    actual = forward_backward(module, lambda x: module(x, attn_mask, causal), x)
+    assert_same_forward_and_backward(actual, expected)
 
 
 @given(shape=ras.attention_shapes(), causal=st.booleans(), data=st.data())
@@ -102,7 +82,7 @@ def test_sink_logit_minus_inf_is_no_sink(shape, causal, data):
     baseline.load_state_dict(sink.state_dict(), strict=False)
     with torch.no_grad():
         sink.mitigations["sink_logit"].logit.fill_(-math.inf)
-    attn_mask = _float64(data.draw(ras.attention_masks(shape, allow_empty_rows=False)))
+    attn_mask = float64_mask(data.draw(ras.attention_masks(shape, allow_empty_rows=False)))
     x = torch.randn(shape.batch, shape.tokens, shape.dim, dtype=torch.float64)
     torch.testing.assert_close(sink(x, attn_mask, causal), baseline(x, attn_mask, causal),
                                atol=1e-12, rtol=1e-12)
@@ -150,7 +130,7 @@ def _extended_problem(module, x, attn_mask=None, causal=False):
 @given(shape=ras.attention_shapes(), options=SINK_OPTIONS, causal=st.booleans(), data=st.data())
 def test_rows_sum_to_one_and_blocked_keys_get_zero_weight(shape, options, causal, data):
     module = _module(shape, **options)
-    attn_mask = _float64(data.draw(ras.attention_masks(shape)))
+    attn_mask = float64_mask(data.draw(ras.attention_masks(shape)))
     x = torch.randn(shape.batch, shape.tokens, shape.dim, dtype=torch.float64)
     with torch.no_grad():
         weights = attention_weights(_extended_problem(module, x, attn_mask, causal))

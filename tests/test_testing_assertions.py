@@ -56,8 +56,12 @@ def test_a_model_passes_exactly_when_its_measured_stack_is_healthy(setting):
     model, x = model_and_input(setting)
     for assertion, healthy in ((assert_no_entropy_collapse, health.worst_entropy >= ENTROPY_COLLAPSE),
                                (assert_no_rank_collapse, health.final_residual >= RANK_COLLAPSE)):
-        assertion(health) if healthy else pytest.raises(AssertionError, assertion, health)
-        assertion(model, x) if healthy else pytest.raises(AssertionError, assertion, model, x)
+        for subject in ((health,), (model, x)):
+            if healthy:
+                assertion(*subject)
+            else:
+                with pytest.raises(AssertionError):
+                    assertion(*subject)
 
 
 def test_entropy_collapse_message_names_the_worst_layer_its_entropy_and_the_bound():
@@ -83,6 +87,16 @@ def test_rank_collapse_message_names_the_output_and_the_first_collapsed_layer():
     with pytest.raises(AssertionError, match=r"output tokens of Tokens is .* < bound 0\.01; "
                                              r"first layer .*: stack\.layers\.\d+ "):
         assert_no_rank_collapse(model, x)
+
+
+def test_non_finite_values_fail():
+    model, x = model_and_input(SMALL)
+    with torch.no_grad():
+        model.stack.layers[2].qkv.weight.fill_(torch.nan)
+    with pytest.raises(AssertionError, match="stack.layers.2 has normalised attention entropy nan"):
+        assert_no_entropy_collapse(model, x, bound=0.0)
+    with pytest.raises(AssertionError, match="is nan < bound 0;"):
+        assert_no_rank_collapse(model, x, bound=0.0)
 
 
 def test_a_bound_method_such_as_forward_features_is_a_model():

@@ -19,10 +19,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..attention import RobustAttention
-from ..mitigations.rope import RopeLayout, RotaryEmbedding
+from ..mitigations.rope import RopeLayout
 
 
 class RobustAttentionRope(RobustAttention):
@@ -36,13 +36,8 @@ class RobustAttentionRope(RobustAttention):
 
     def __init__(self, dim: int, num_heads: int = 8, *, num_prefix_tokens: int = 1,
                  rotate_half: bool = False, key_bias: bool = True, **kwargs: Any) -> None:
-        super().__init__(dim, num_heads, **kwargs)
-        rope = RotaryEmbedding(RopeLayout(num_prefix_tokens, rotate_half))
-        for other, reason in RotaryEmbedding.conflicts.items():
-            if other in self.mitigations:
-                raise ValueError(f"options 'rope' and {other!r} conflict: {reason}")
-        # First, so that RoPE runs right after q_norm/k_norm, as in timm.
-        self.mitigations = nn.ModuleDict({"rope": rope, **self.mitigations})
+        # rope first among the options, so RoPE runs right after q_norm/k_norm, as in timm.
+        super().__init__(dim, num_heads, rope=RopeLayout(num_prefix_tokens, rotate_half), **kwargs)
         self.key_bias = key_bias
 
     def forward(self, x: Tensor, rope: Tensor | None = None, attn_mask: Tensor | None = None,

@@ -156,10 +156,7 @@ def to_robust(module: nn.Module, options: dict[str, Any]) -> RobustAttention:
     if not any(p.requires_grad for p in module.parameters()):  # a frozen module stays frozen
         robust.qkv.requires_grad_(False)
         robust.proj.requires_grad_(False)
-    for mitigation in robust.mitigations.values():
-        reset = getattr(mitigation, "reset_from_weights", None)  # sigma_reparam: u, v, gamma
-        if reset is not None:
-            reset()
+    robust.reset_from_weights()  # sigma_reparam: u, v and gamma from the copied weights
     robust.fused_attn = module.fused_attn
     robust.timm_origin = origin
     return robust.train(module.training)

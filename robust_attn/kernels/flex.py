@@ -99,11 +99,17 @@ def flex_attention(problem: AttentionProblem, dropout_p: float = 0.0) -> Tensor:
     )
 
 
+_CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _unsupported(problem: AttentionProblem, dropout_p: float) -> str | None:
     if not problem.is_softmax:
         return "FlexAttention computes softmax attention only: use kernel='eager'"
     if dropout_p > 0.0:
         return "FlexAttention has no attention dropout: use kernel='sdpa' or 'eager', or attn_drop=0"
+    if problem.q.device.type == "cpu" and problem.q.dtype not in _CPU_DTYPES:
+        return (f"FlexAttention on the CPU computes float32, float16 and bfloat16 only, "
+                f"not {problem.q.dtype}: use kernel='sdpa' or 'eager'")
     if problem.q.device.type == "cpu" and problem.needs_grad:
         return ("FlexAttention on the CPU runs forward only (its backward raises "
                 "NotImplementedError): use kernel='sdpa' or 'eager' to train on the CPU")

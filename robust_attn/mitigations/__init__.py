@@ -5,6 +5,7 @@ from __future__ import annotations
 from .base import Mitigation
 from .gated import Gated
 from .outlier_removal import OutlierRemoval
+from .rope import RotaryEmbedding
 from .sigma_reparam import SigmaReparam, SigmaReparamLinear, fold_sigma_reparam, sigma_reparametrize
 from .sigmoid import Sigmoid
 from .sinks import SinkLogit, SinkTokens
@@ -14,9 +15,9 @@ from .spectral_qk import SpectralQK
 
 MITIGATIONS: dict[str, type[Mitigation]] = {cls.option: cls for cls in (
     SoftCap, SinkTokens, SinkLogit, Gated, OutlierRemoval, Sigmoid, SigmaReparam, SpectralQK,
-    Sparsity,
+    Sparsity, RotaryEmbedding,
 )}
 
-__all__ = ["MITIGATIONS", "Gated", "Mitigation", "OutlierRemoval", "Sigmoid", "SinkLogit",
+__all__ = ["MITIGATIONS", "Gated", "Mitigation", "OutlierRemoval", "RotaryEmbedding", "Sigmoid", "SinkLogit",
            "SinkTokens", "SoftCap", "Sparsity", "SigmaReparam", "SigmaReparamLinear", "SpectralQK",
            "fold_sigma_reparam", "sigma_reparametrize"]

@@ -67,6 +67,11 @@ class Mitigation(nn.Module):
     def transform_output(self, out: Tensor, problem: AttentionProblem, x: Tensor) -> Tensor:
         return out
 
+    # After the host's weights were freshly drawn by a custom init: apply the mitigation's own
+    # initialisation of them (e.g. spectral_qk's concentrated QK spectrum). Not after a load.
+    def initialise_weights(self) -> None:
+        return None
+
     # After the host's weights were replaced in place (an init, a loaded timm state dict):
     # recompute whatever the mitigation derives from them (e.g. sigma_reparam's u, v, gamma).
     def reset_from_weights(self) -> None:

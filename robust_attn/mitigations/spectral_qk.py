@@ -144,6 +144,11 @@ class SpectralQK(Mitigation):
         self._layers["qkv"] = qkv
         return qkv
 
+
+    @torch.no_grad()
+    def initialise_weights(self) -> None:
+        """Concentrate the spectrum of freshly drawn weights, as at construction."""
+        concentrate_qk_spectrum_(self._layers["qkv"].weight, self.num_heads)
     def _products(self) -> Tensor:
         return qk_products(self._layers["qkv"].weight, self.num_heads)
 

@@ -97,7 +97,7 @@ class HealthMonitor:
         if self._sampled is not None:
             readings = self._sampled.collect()
             if self.keep_maps:
-                self._maps = {name: kept.weights[0] for name, kept in self._sampled.maps.items()}
+                self._maps = self._sampled.maps
             self._sampled.close()
             self._sampled = None
             for name, module in self.modules.items():
@@ -139,7 +139,7 @@ class HealthMonitor:
 
     def _sample_if_due(self) -> None:
         if self._steps_taken % self.every == 0:
-            self._sampled = SampledStep(self.modules)
+            self._sampled = SampledStep(self.modules, self.keep_maps)
 
     def _record(self, readings: dict[str, dict[str, Tensor]]) -> None:
         """Reduce over ranks if asked, bring everything to the host in one transfer, append."""

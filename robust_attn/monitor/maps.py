@@ -62,32 +62,6 @@ def attention_modules(model: nn.Module) -> dict[str, RobustAttention]:
             if isinstance(module, RobustAttention)}
 
 
-@contextmanager
-def recording_maps(modules: dict[str, RobustAttention]) -> Iterator[dict[str, AttentionMap]]:
-    """Within the block, the dict holds each module's map from its latest probed call.
-
-    The caller turns the modules' probes on; a forward hook files the map the
-    probe captured during that module's call under the module's name.
-    """
-    recorded: dict[str, AttentionMap] = {}
-    with capturing_maps() as captured:
-        hooks = [module.register_forward_hook(_keep_latest(name, captured, recorded))
-                 for name, module in modules.items()]
-        try:
-            yield recorded
-        finally:
-            for hook in hooks:
-                hook.remove()
-
-
-def _keep_latest(name: str, captured: list[AttentionMap], recorded: dict[str, AttentionMap]):
-    def hook(module, args, output):
-        if captured:  # modules do not nest, so the newest capture is this call's
-            recorded[name] = captured[-1]
-
-    return hook
-
-
 @torch.no_grad()
 def attention_maps(model: nn.Module, *args, **kwargs) -> dict[str, Tensor]:
     """Run ``model(*args, **kwargs)`` with every probe on; each attention module's map (H, Nq', Nk).
@@ -99,15 +73,28 @@ def attention_maps(model: nn.Module, *args, **kwargs) -> dict[str, Tensor]:
     """
     modules = attention_modules(model)
     switches = {name: module.probe for name, module in modules.items()}
-    try:
-        for module in modules.values():
-            module.probe = True
-        with recording_maps(modules) as recorded:
+    maps: dict[str, Tensor] = {}
+    with capturing_maps() as captured:
+        hooks = [module.register_forward_hook(_first_item_into(maps, name, captured))
+                 for name, module in modules.items()]
+        try:
+            for module in modules.values():
+                module.probe = True
             model(*args, **kwargs)
-    finally:
-        for name, module in modules.items():
-            module.probe = switches[name]
-    return {name: attention.weights[0] for name, attention in recorded.items()}
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for name, module in modules.items():
+                module.probe = switches[name]
+    return maps
+
+
+def _first_item_into(maps: dict[str, Tensor], name: str, captured: list[AttentionMap]):
+    def hook(module, args, output):
+        if captured:  # modules do not nest: the newest capture is this call's
+            maps[name] = captured.pop().weights[0]
+
+    return hook
 
 
 def map_similarity(previous: AttentionMap, current: AttentionMap) -> Tensor:
@@ -123,7 +110,9 @@ def map_similarity(previous: AttentionMap, current: AttentionMap) -> Tensor:
     are not called alike, and the max over g ignores the order of heads.
     1 means head h repeats a head of the previous layer. Cross-layer
     redundancy of attention maps: Bhojanapalli et al. (2021), "Leveraging
-    redundancy in attention with Reuse Transformers" (arXiv:2110.06821).
+    redundancy in attention with Reuse Transformers" (arXiv:2110.06821), who
+    find adjacent layers' maps most alike; they compare maps by total
+    variation distance, this uses the centred cosine above.
     Maps of different shapes (other sampled rows or keys) give nan.
     """
     if previous.weights.shape[0] != current.weights.shape[0] or \

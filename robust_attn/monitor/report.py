@@ -37,8 +37,7 @@ class LayerSeries:
         branch_gain: ||Attn(x)||_F / ||x||_F, how much the module's output weighs
             against its input.
         map_similarity: mean over heads of the best centred cosine with a head
-            of the attention module before it in the model's module order (nan
-            for the first).
+            of the attention call before it in the same forward (nan for the first).
         grad_norm: L2 norm of the gradients of the module's parameters.
         nonfinite: non-finite values in its q, k, v and output.
     """

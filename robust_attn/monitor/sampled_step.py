@@ -2,11 +2,13 @@
 
 While a SampledStep is open, each monitored module's probe is on and a forward
 hook records the module's input and output statistics (res and cosine of the
-tokens entering it, the branch gain) and the attention map the probe sampled
-(:func:`~robust_attn.monitor.maps.recording_maps`). ``collect`` turns the
-modules' :class:`~robust_attn.probe.AttentionHealth` and those statistics into
-one tensor per metric; ``close`` removes every hook and switches the probes
-off, so steps that are not sampled run the plain forward.
+tokens entering it, the branch gain) and compares the attention map the probe
+sampled (:func:`~robust_attn.monitor.maps.capturing_maps`) with the map of the
+attention call before it; only that one previous map is held (and, with
+``keep_maps``, each module's first batch item). ``collect`` turns the modules'
+:class:`~robust_attn.probe.AttentionHealth` and those statistics into one
+tensor per metric; ``close`` removes every hook and switches the probes off,
+so steps that are not sampled run the plain forward.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import Tensor
 
 from .. import metrics
 from ..attention import RobustAttention
-from .maps import map_similarity, recording_maps
+from .maps import AttentionMap, capturing_maps, map_similarity
 
 
 def branch_statistics(x: Tensor, output: Tensor) -> dict[str, Tensor]:
@@ -42,24 +44,38 @@ def branch_statistics(x: Tensor, output: Tensor) -> dict[str, Tensor]:
 class SampledStep:
     """Probes and hooks on ``modules`` from construction until :meth:`close`."""
 
-    def __init__(self, modules: dict[str, RobustAttention]):
+    def __init__(self, modules: dict[str, RobustAttention], keep_maps: bool = False):
         self.modules = modules
+        self.keep_maps = keep_maps
         self.inputs: dict[str, dict[str, Tensor]] = {}
+        self.maps: dict[str, Tensor] = {}
+        self._previous_map: AttentionMap | None = None
         self._hooks = ExitStack()
         for module in modules.values():
             module.probe = True
-        self.maps = self._hooks.enter_context(recording_maps(modules))
+        self._captured = self._hooks.enter_context(capturing_maps())
         for name, module in modules.items():
-            handle = module.register_forward_hook(self._input_hook(name), with_kwargs=True)
+            handle = module.register_forward_hook(self._hook(name), with_kwargs=True)
             self._hooks.callback(handle.remove)
 
-    def _input_hook(self, name: str):
+    def _hook(self, name: str):
         def hook(module, args, kwargs, output):
             x = args[0] if args else kwargs["x"]
+            current = self._captured.pop() if self._captured else None  # this call's map
+            if self.keep_maps and current is not None:
+                self.maps[name] = current.weights[0]
             with torch.no_grad():
-                self.inputs[name] = branch_statistics(x, output)
+                self.inputs[name] = {**branch_statistics(x, output),
+                                     "map_similarity": self._similarity(current)}
 
         return hook
+
+    def _similarity(self, current: AttentionMap | None) -> Tensor:
+        """Mean over heads of map_similarity with the previous call's map; keeps this one."""
+        previous, self._previous_map = self._previous_map, current
+        if previous is None or current is None:
+            return torch.tensor(torch.nan)
+        return map_similarity(previous, current).nanmean()
 
     def close(self) -> None:
         self._hooks.close()
@@ -68,18 +84,10 @@ class SampledStep:
 
     def collect(self) -> dict[str, dict[str, Tensor]]:
         """Per module and metric: an (H,) or () tensor; nan where the module did not run."""
-        readings, previous = {}, None
-        for name, module in self.modules.items():
-            ran = name in self.inputs  # the hook saw it run while sampled
-            readings[name] = {**_health_readings(module.health if ran else None,
-                                                 module.num_heads),
-                              **self.inputs.get(name, _no_inputs())}
-            current = self.maps.get(name)
-            similarity = map_similarity(previous, current) if previous is not None and \
-                current is not None else torch.full((module.num_heads,), torch.nan)
-            readings[name]["map_similarity"] = similarity.nanmean()
-            previous = current
-        return readings
+        return {name: {**_health_readings(module.health if name in self.inputs else None,
+                                          module.num_heads),
+                       **self.inputs.get(name, _no_inputs())}
+                for name, module in self.modules.items()}
 
 
 def _health_readings(health, heads: int) -> dict[str, Tensor]:
@@ -95,4 +103,4 @@ def _health_readings(health, heads: int) -> dict[str, Tensor]:
 
 def _no_inputs() -> dict[str, Tensor]:
     return {key: torch.tensor(torch.nan) for key in ("input_residual", "input_cosine",
-                                                     "branch_gain")}
+                                                     "branch_gain", "map_similarity")}

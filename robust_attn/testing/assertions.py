@@ -41,6 +41,7 @@ with its measured value and the bound.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -94,6 +95,10 @@ def _healths(layers: dict[str, RobustAttention]) -> dict[str, AttentionHealth]:
     return {name: layer.health for name, layer in layers.items()}
 
 
+def _finite_or_lowest(value: float) -> float:
+    return value if math.isfinite(value) else -math.inf
+
+
 def _check_inputs(subject: StackHealth | Model, inputs: tuple) -> None:
     if isinstance(subject, StackHealth) and inputs:
         raise TypeError("a StackHealth is already measured: pass no inputs with it")
@@ -107,7 +112,15 @@ def _layer_entropies(subject: StackHealth | Model, inputs: tuple) -> dict[str, f
         return {f"layer {layer.layer}": layer.entropy for layer in subject.layers}
     with _probed_inference(_owner(subject)) as layers:
         subject(*inputs)
-    return {name: health.entropy.mean().item() for name, health in _healths(layers).items()}
+    return {name: _mean_entropy(health) for name, health in _healths(layers).items()}
+
+
+def _mean_entropy(health: AttentionHealth) -> float:
+    """Mean over heads; nan when q, k, v or the output held a non-finite value (the probe
+    counts a nan logit as a blocked key, so such rows would read as healthy)."""
+    if any(count.item() for count in health.nonfinite.values()):
+        return math.nan
+    return health.entropy.mean().item()
 
 
 def assert_no_entropy_collapse(subject: StackHealth | Model, *inputs: Any,
@@ -115,13 +128,14 @@ def assert_no_entropy_collapse(subject: StackHealth | Model, *inputs: Any,
     """Every attention layer's mean normalised entropy is at least ``bound``.
 
     ``subject``: a StackHealth, or a model run on ``inputs`` (module docstring).
-    Raises AssertionError naming every layer below the bound and the worst one.
+    Raises AssertionError naming the worst layer and the first few below the bound (a
+    non-finite entropy counts as below).
     """
     _check_inputs(subject, inputs)
     entropies = _layer_entropies(subject, inputs)
-    collapsed = {name: value for name, value in entropies.items() if value < bound}
+    collapsed = {name: value for name, value in entropies.items() if not value >= bound}
     if collapsed:
-        worst = min(collapsed, key=collapsed.get)
+        worst = min(collapsed, key=lambda name: _finite_or_lowest(collapsed[name]))
         listing = ", ".join(f"{name} ({value:.3g})" for name, value in
                             list(collapsed.items())[:_LISTED])
         more = ", ..." if len(collapsed) > _LISTED else ""
@@ -168,13 +182,14 @@ def assert_no_rank_collapse(subject: StackHealth | Model, *inputs: Any,
 
     ``subject``: a StackHealth (its last layer's output), or a model run on
     ``inputs`` whose output is the (B, N, C) tokens (module docstring). The
-    message also names the first layer whose own output tokens fell below the bound.
+    message also names the first layer whose own output tokens fell below the bound. A
+    non-finite res(X) counts as below.
     """
     _check_inputs(subject, inputs)
     final, output, trace = _residual_trace(subject, inputs)
     if final >= bound:
         return
-    first = next((name for name, value in trace.items() if value < bound), None)
+    first = next((name for name, value in trace.items() if not value >= bound), None)
     where = f"; first layer whose output is below the bound: {first} ({trace[first]:.3g})" \
         if first is not None else ""
     raise AssertionError(f"rank collapse: res(X) of {output} is {final:.3g} < bound {bound:g}"

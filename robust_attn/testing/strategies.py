@@ -82,15 +82,18 @@ def attention_masks(draw, shape: AttentionShape, kinds=MASK_KINDS, allow_empty_r
 #     def test_qk_norm_keeps_entropy(setting):
 #         assert_no_entropy_collapse(measure_stack(setting))
 #
-# For a model of your own, draw its sizes and weight scale the same way and
-# check it with the assertions (robust_attn.testing.assertions):
+# A model of your own: draw its sizes and input from the same parts, and check
+# it with the assertions (robust_attn.testing.assertions), e.g. an encoder whose
+# forward returns its (B, N, C) tokens:
 #
-#     @given(ras.qk_scales(6, 32), ras.seeds)
-#     def test_my_model_keeps_entropy(qk_scale, seed):
+#     @given(ras.stack_heads, ras.stack_head_dims, ras.stack_tokens, ras.seeds)
+#     def test_my_encoder_has_not_collapsed_at_init(heads, head_dim, tokens, seed):
 #         torch.manual_seed(seed)
-#         model = MyModel(attn_layer=robust_attn.RobustAttention, qk_norm=True)
-#         scale_qk_weights(model, qk_scale)                # your own init
-#         assert_no_entropy_collapse(model, torch.randn(2, 32, model.dim))
+#         encoder = MyEncoder(depth=12, dim=heads * head_dim, num_heads=heads,
+#                             attn_layer=partial(robust_attn.create, "outlier_removal"))
+#         x = torch.randn(2, tokens, heads * head_dim)
+#         assert_no_entropy_collapse(encoder, x)
+#         assert_no_rank_collapse(encoder, x)
 
 QK_SCALES = (0.5, 32.0)
 

@@ -1,0 +1,42 @@
+"""Pieces shared by the tests that check a mitigation against its eager matrix form in float64."""
+
+import math
+
+import torch
+
+
+def float64_mask(mask):
+    """The mask in float64 if it is a float mask; a bool mask or None unchanged."""
+    return mask.double() if mask is not None and mask.is_floating_point() else mask
+
+
+def scores_and_allowed(scale, q, k, attn_mask, causal):
+    """scale q k^T (plus a float mask) and the bool allowed: the user's mask and the causal triangle."""
+    scores = scale * q @ k.transpose(-2, -1)
+    allowed = torch.ones_like(scores, dtype=torch.bool)
+    if attn_mask is not None:
+        allowed = allowed & (attn_mask if attn_mask.dtype == torch.bool else attn_mask > -math.inf)
+        scores = scores if attn_mask.dtype == torch.bool else scores + attn_mask
+    if causal:
+        allowed = allowed & torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+    return scores, allowed
+
+
+def forward_backward(module, forward, x):
+    """forward(x), then backward of <out, cos(out)>: (out, dx, {parameter name: grad})."""
+    module.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    out = forward(x)
+    out.backward(torch.cos(out.detach()))
+    return out, x.grad, {name: p.grad for name, p in module.named_parameters()}
+
+
+def assert_same_forward_and_backward(actual, expected):
+    """Two forward_backward results agree to 1e-10: output, dx and every parameter's grad."""
+    torch.testing.assert_close(actual[0], expected[0], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(actual[1], expected[1], atol=1e-10, rtol=1e-10,
+                               msg=lambda m: f"dx: {m}")
+    assert actual[2].keys() == expected[2].keys()
+    for name, grad in expected[2].items():
+        torch.testing.assert_close(actual[2][name], grad, atol=1e-10, rtol=1e-10,
+                                   msg=lambda m, name=name: f"grad of {name}: {m}")
