@@ -32,6 +32,7 @@ from .problem import AttentionProblem
 
 DEFAULT_MAX_QUERIES = 256
 _enabled_everywhere = False
+_kept_maps: list[list[tuple[Tensor, Tensor]]] = []
 
 
 def set_probe_enabled(enabled: bool) -> None:
@@ -53,6 +54,18 @@ def health_probe(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         set_probe_enabled(previous)
+
+
+@contextmanager
+def keeping_maps() -> Iterator[list[tuple[Tensor, Tensor]]]:
+    """Within the block, every measurement also appends the sampled attention weights it computed
+    and their allowed-key mask, ((B', H, Nq', Nk) each), in call order (not thread safe)."""
+    kept: list[tuple[Tensor, Tensor]] = []
+    _kept_maps.append(kept)
+    try:
+        yield kept
+    finally:
+        _kept_maps.remove(kept)
 
 
 @dataclass
@@ -148,6 +161,8 @@ def measure(problem: AttentionProblem, out: Tensor, extras: dict[str, Tensor],
     # Rows of sigmoid attention are not distributions: judge where each row puts its weight.
     shares = weights if sub.is_softmax else weights / weights.sum(dim=-1, keepdim=True)
     entropy = metrics.attention_entropy(shares, allowed)
+    for kept in _kept_maps:
+        kept.append((weights, allowed))
     return AttentionHealth(
         entropy=_per_head(entropy),
         min_entropy=entropy.transpose(0, 1).flatten(1).amin(dim=1),

@@ -3,18 +3,13 @@
 The probe (:mod:`robust_attn.probe`) recomputes, for a bounded subsample of
 query rows, the attention weights of the problem the kernel solved (q and k
 after every mitigation, masks, score modifiers), whichever kernel ran, but
-keeps only statistics. :func:`capturing_maps` keeps the weights too: while it
-is active every probe measurement also records the sampled (B', H, Nq', Nk)
-weights and the allowed-key mask, in call order. It wraps
-``robust_attn.probe.measure`` for the duration of the block, so it sees
-exactly what the probe measured (same rows, same batch items); it is not
-thread safe, and it costs a second evaluation of the sampled logits.
+keeps only statistics; within :func:`robust_attn.probe.keeping_maps` it also
+keeps the sampled (B', H, Nq', Nk) weights and the allowed-key mask it computed,
+in call order: exactly what the probe measured (same rows, same batch items).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +18,6 @@ from torch import Tensor, nn
 
 from .. import probe
 from ..attention import RobustAttention
-from ..kernels.eager import attention_logits
 
 
 @dataclass(frozen=True)
@@ -32,27 +26,6 @@ class AttentionMap:
 
     weights: Tensor
     allowed: Tensor
-
-
-@contextmanager
-def capturing_maps() -> Iterator[list[AttentionMap]]:
-    """Within the block, every probe measurement appends its sampled attention map to the list."""
-    captured: list[AttentionMap] = []
-    measure = probe.measure
-
-    def measure_and_keep(problem, out, extras, max_queries=probe.DEFAULT_MAX_QUERIES,
-                         spectral=False):
-        with torch.no_grad():
-            sub, query_index, _ = probe._sample(problem, out, max_queries)
-            logits = attention_logits(sub, query_index).float()
-            captured.append(AttentionMap(sub.normalizer(logits), logits > -torch.inf))
-        return measure(problem, out, extras, max_queries, spectral)
-
-    probe.measure = measure_and_keep
-    try:
-        yield captured
-    finally:
-        probe.measure = measure
 
 
 def attention_modules(model: nn.Module) -> dict[str, RobustAttention]:
@@ -74,7 +47,7 @@ def attention_maps(model: nn.Module, *args, **kwargs) -> dict[str, Tensor]:
     modules = attention_modules(model)
     switches = {name: module.probe for name, module in modules.items()}
     maps: dict[str, Tensor] = {}
-    with capturing_maps() as captured:
+    with probe.keeping_maps() as captured:
         hooks = [module.register_forward_hook(_first_item_into(maps, name, captured))
                  for name, module in modules.items()]
         try:
@@ -92,7 +65,7 @@ def attention_maps(model: nn.Module, *args, **kwargs) -> dict[str, Tensor]:
 def _first_item_into(maps: dict[str, Tensor], name: str, captured: list[AttentionMap]):
     def hook(module, args, output):
         if captured:  # modules do not nest: the newest capture is this call's
-            maps[name] = captured.pop().weights[0]
+            maps[name] = captured.pop()[0][0]  # (weights, allowed): weights of item 0
 
     return hook
 

@@ -3,7 +3,7 @@
 While a SampledStep is open, each monitored module's probe is on and a forward
 hook records the module's input and output statistics (res and cosine of the
 tokens entering it, the branch gain) and compares the attention map the probe
-sampled (:func:`~robust_attn.monitor.maps.capturing_maps`) with the map of the
+sampled (:func:`robust_attn.probe.keeping_maps`) with the map of the
 attention call before it; only that one previous map is held (and, with
 ``keep_maps``, each module's first batch item). ``collect`` turns the modules'
 :class:`~robust_attn.probe.AttentionHealth` and those statistics into one
@@ -18,9 +18,9 @@ from contextlib import ExitStack
 import torch
 from torch import Tensor
 
-from .. import metrics
+from .. import metrics, probe
 from ..attention import RobustAttention
-from .maps import AttentionMap, capturing_maps, map_similarity
+from .maps import AttentionMap, map_similarity
 
 
 def branch_statistics(x: Tensor, output: Tensor) -> dict[str, Tensor]:
@@ -53,7 +53,7 @@ class SampledStep:
         self._hooks = ExitStack()
         for module in modules.values():
             module.probe = True
-        self._captured = self._hooks.enter_context(capturing_maps())
+        self._captured = self._hooks.enter_context(probe.keeping_maps())
         for name, module in modules.items():
             handle = module.register_forward_hook(self._hook(name), with_kwargs=True)
             self._hooks.callback(handle.remove)
@@ -61,7 +61,7 @@ class SampledStep:
     def _hook(self, name: str):
         def hook(module, args, kwargs, output):
             x = args[0] if args else kwargs["x"]
-            current = self._captured.pop() if self._captured else None  # this call's map
+            current = AttentionMap(*self._captured.pop()) if self._captured else None  # this call's
             if self.keep_maps and current is not None:
                 self.maps[name] = current.weights[0]
             with torch.no_grad():
