@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -36,6 +36,10 @@ def _forward_backward(module, x, attn_mask, is_causal):
 @given(shape=ras.attention_shapes(), data=st.data(), qkv_bias=st.booleans(),
        qk_norm=st.booleans(), scale_norm=st.booleans(), fused=st.booleans())
 def test_equals_timm_attention(shape, data, qkv_bias, qk_norm, scale_norm, fused):
+    # LayerNorm over a head of width 1 normalises nothing (its output is its bias) and its
+    # gradient is float32 noise times 1 / sqrt(eps) = 316: no test of equivalence.
+    assume(not (qk_norm and shape.head_dim == 1))
+    torch.manual_seed(data.draw(ras.seeds, label="seed"))  # weights and x: one example, one draw
     reference, ours = _pair(shape, qkv_bias, qk_norm, scale_norm, fused)
     is_causal = data.draw(st.booleans(), label="is_causal")
     # timm takes a mask or is_causal, not both, and its unfused path gives nan for empty rows.
@@ -46,12 +50,25 @@ def test_equals_timm_attention(shape, data, qkv_bias, qk_norm, scale_norm, fused
     expected = _forward_backward(reference, x, attn_mask, is_causal)
     actual = _forward_backward(ours, x, attn_mask, is_causal)
 
-    torch.testing.assert_close(actual[0], expected[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(actual[1], expected[1], atol=1e-5, rtol=1e-5)
+    _assert_float32_close(actual[0], expected[0], "output", _scale(expected[0]))
+    _assert_float32_close(actual[1], expected[1], "grad of x", _scale(expected[1]))
     assert actual[2].keys() == expected[2].keys()
-    for name in expected[2]:
-        torch.testing.assert_close(actual[2][name], expected[2][name], atol=1e-5, rtol=1e-5,
-                                   msg=lambda m, name=name: f"grad of {name}: {m}")
+    # Parameter gradients are sums whose terms cancel (k_norm.bias's is exactly 0: a shift of
+    # every key leaves softmax unchanged), so their rounding follows the largest gradient.
+    parameter_scale = max(_scale(grad) for grad in expected[2].values())
+    for name, grad in expected[2].items():
+        _assert_float32_close(actual[2][name], grad, f"grad of {name}", parameter_scale)
+
+
+def _scale(tensor):
+    """The magnitude float32 rounding is relative to: the largest entry, at least 1."""
+    return tensor.abs().max().clamp(min=1.0).item()
+
+
+def _assert_float32_close(actual, expected, what, scale):
+    """Equal up to float32 rounding at ``scale`` (weights of std 0.5 give logits of tens)."""
+    torch.testing.assert_close(actual, expected, atol=1e-5 * scale, rtol=1e-5,
+                               msg=lambda m: f"{what}: {m}")
 
 
 def test_state_dict_round_trips_into_timm():
