@@ -63,6 +63,7 @@ from _distributed import Distributed, init_distributed, shutdown
 from _health import attention_health, summarize
 from _logging import MetricsLog, markdown_table, progress
 from _optim import adamw, warmup_cosine_schedule
+from _smoke import add_smoke_flag, parse_with_smoke
 from _synthetic_images import SyntheticGratings
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -131,12 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     output.add_argument("--save-every", type=int, default=100, help="checkpoint every k steps")
     output.add_argument("--resume", type=Path, help="a checkpoint.pt of this recipe")
     output.add_argument("--no-export", action="store_true", help="skip the stock-timm export")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"defaults for a tiny model and a few steps, for tests: {SMOKE}")
-    args = parser.parse_args(argv)
-    if args.smoke:  # its values become the defaults: options given explicitly still win
-        parser.set_defaults(**SMOKE)
-        args = parser.parse_args(argv)
+    add_smoke_flag(parser, SMOKE, "a tiny model and a few steps")
+    args = parse_with_smoke(parser, argv, SMOKE)
     args.model_kwargs = dict(args.model_kwargs)
     return args
 

@@ -57,6 +57,7 @@ from _health import attention_health, summarize
 from _logging import markdown_table, progress
 from _markov import MarkovChain
 from _optim import adamw, warmup_cosine_schedule
+from _smoke import add_smoke_flag, parse_with_smoke
 from torch import Tensor
 
 import robust_attn
@@ -96,12 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=Path("recipes/results/lr_sensitivity"))
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
-    parser.add_argument("--smoke", action="store_true",
-                        help=f"defaults for a few steps of a tiny sweep, for tests: {SMOKE}")
-    args = parser.parse_args(argv)
-    if args.smoke:  # its values become the defaults: options given explicitly still win
-        parser.set_defaults(**SMOKE)
-        args = parser.parse_args(argv)
+    add_smoke_flag(parser, SMOKE, "a few steps of a tiny sweep")
+    args = parse_with_smoke(parser, argv, SMOKE)
     args.variants = args.variants or robust_attn.list_variants()
     return args
 
