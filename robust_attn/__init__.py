@@ -1,8 +1,10 @@
 """robust-attn: drop-in attention modules that avoid rank collapse and entropy collapse."""
 
 from . import metrics, sparse
-from .attention import RobustAttention
+from .attention import RobustAttention, load_upgrading
+from .distributed import reduce_health
 from .early_warnings import HealthWarning, Thresholds
+from .guard import NonFiniteError, nonfinite_guard
 from .integrations import convert, layer, revert
 from .monitor import HealthMonitor, MonitorReport, attention_maps
 from .presets import create, list_variants, preset_options
@@ -15,6 +17,7 @@ __all__ = [
     "HealthMonitor",
     "HealthWarning",
     "MonitorReport",
+    "NonFiniteError",
     "RobustAttention",
     "Thresholds",
     "attention_maps",
@@ -23,8 +26,11 @@ __all__ = [
     "health_probe",
     "layer",
     "list_variants",
+    "load_upgrading",
     "metrics",
+    "nonfinite_guard",
     "preset_options",
+    "reduce_health",
     "revert",
     "set_probe_enabled",
     "sparse",

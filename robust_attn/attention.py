@@ -13,10 +13,17 @@ Masks: ``attn_mask`` is bool (True = may attend) or additive float,
 broadcastable to (B, H, N, N). ``is_causal`` and ``attn_mask`` together are
 combined (both apply); timm's own Attention raises (fused) or ignores the mask
 (unfused) in that case.
+
+Checkpoints: a state dict that holds a module's weights but none of a
+mitigation's state (saved before the mitigation was added, e.g. from timm or
+the baseline) fails a strict load with a message naming the mitigation;
+:func:`load_upgrading` loads it explicitly, keeping the mitigation's fresh state.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Mapping
 from typing import Any, Final
 
 import torch
@@ -203,6 +210,44 @@ class RobustAttention(nn.Module):
         for mitigation in self.mitigations.values():
             mitigation.reset_from_weights()
 
+    def mitigation_state_keys(self) -> dict[str, list[str]]:
+        """Per option, the state_dict keys (relative to this module) holding its mitigation's state.
+
+        A mitigation's own parameters and persistent buffers (``mitigations.<option>.*``),
+        the extra state of the qkv and proj layers it built (sigma_reparam's ``qkv.gamma``,
+        ``qkv.u``, ...; none once folded), and for ``qk_norm`` the q_norm and k_norm layers.
+        Options without state are left out.
+        """
+        keys = {"qk_norm": [f"{norm}.{key}" for norm in ("q_norm", "k_norm")
+                            for key in getattr(self, norm).state_dict()]}
+        for name, mitigation in self.mitigations.items():
+            keys[name] = [f"mitigations.{name}.{key}" for key in mitigation.state_dict()]
+            if type(mitigation).make_linear is not Mitigation.make_linear:
+                keys[name] += [f"{layer}.{key}" for layer in ("qkv", "proj")
+                               for key in getattr(self, layer).state_dict()
+                               if key not in ("weight", "bias")]
+        return {name: names for name, names in keys.items() if names}
+
+    def _absent_mitigations(self, state_dict: Mapping[str, Any], prefix: str) -> dict[str, list[str]]:
+        """The options none of whose state is in ``state_dict``, when it holds this module's weights."""
+        if prefix + "qkv.weight" not in state_dict:
+            return {}
+        return {name: keys for name, keys in self.mitigation_state_keys().items()
+                if not any(prefix + key in state_dict for key in keys)}
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        absent = self._absent_mitigations(state_dict, prefix)
+        if absent and _loading_strictly():
+            where = f"module {prefix[:-1]!r}" if prefix else type(self).__name__
+            keys = [prefix + key for names in absent.values() for key in names]
+            error_msgs.append(
+                f"{where} has mitigation(s) {sorted(absent)} whose state the state dict lacks "
+                f"({', '.join(keys)}): it was saved before they were added. To load it, keeping "
+                f"their fresh state, call robust_attn.load_upgrading(model, state_dict).")
+
     def _score_mods(self) -> tuple:
         return tuple(mod for m in self.mitigations.values() if (mod := m.score_mod()) is not None)
 
@@ -243,3 +288,62 @@ class RobustAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, kernel={self.kernel!r}"
+
+
+def _loading_strictly() -> bool:
+    """The ``strict`` argument of the nn.Module.load_state_dict call under way (False if none).
+
+    load_state_dict passes strict=True to every module's _load_from_state_dict and applies its
+    own ``strict`` to the collected keys afterwards, so the caller's argument is read from its
+    frame: RobustAttention explains missing mitigation state in strict loads only.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is nn.Module.load_state_dict.__code__:
+            return bool(frame.f_locals.get("strict", True))
+        frame = frame.f_back
+    return False
+
+
+def load_upgrading(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Load a checkpoint saved before mitigations were added to ``model``'s RobustAttention modules.
+
+    ``model`` is a RobustAttention or any module containing some (a converted timm
+    model, a stack). For each RobustAttention whose weights the state dict holds,
+    a mitigation none of whose state it holds (:meth:`RobustAttention.mitigation_state_keys`)
+    keeps its fresh state, and its ``reset_from_weights()`` recomputes whatever it
+    derives from the loaded weights. Every other key must match as in a strict
+    load: otherwise RuntimeError, raised before anything is loaded.
+
+    Whether the upgraded module computes what the checkpoint computed depends on
+    the fresh state: the same for ``sigma_reparam="preserve"`` (u, v from an SVD
+    of W and gamma = sigma(W), so W_hat = W) and ``sink_logit="preserve"`` (within
+    float32); different for ``sigma_reparam=True`` (gamma = 1: W_hat = W / sigma(W)
+    has unit spectral norm), ``sink_logit=True`` (softmax-off-by-one),
+    ``sink_tokens``, ``gated`` (gates near 0.5) and ``qk_norm`` (fresh LayerNorms).
+
+    Returns ``{module name: [options started fresh]}`` for the modules upgraded
+    ("" names ``model`` itself).
+    """
+    upgrades: dict[str, tuple[RobustAttention, dict[str, list[str]]]] = {}
+    fresh = set()  # the keys of the mitigation state that stays fresh
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, RobustAttention):
+            absent = module._absent_mitigations(state_dict, prefix)
+            if absent:
+                upgrades[name] = module, absent
+                fresh.update(prefix + key for keys in absent.values() for key in keys)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state_dict) - fresh)
+    unexpected = sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise RuntimeError(f"load_upgrading: the state dict does not match {type(model).__name__} "
+                           f"beyond absent mitigation state: missing keys {missing}, unexpected "
+                           f"keys {unexpected}")
+    model.load_state_dict(state_dict, strict=False)
+    for module, absent in upgrades.values():
+        for option in absent:
+            if option in module.mitigations:  # qk_norm has nothing derived from weights
+                module.mitigations[option].reset_from_weights()
+    return {name: sorted(absent) for name, (_, absent) in upgrades.items()}

@@ -3,16 +3,12 @@
 import csv
 import json
 import math
-import os
-import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
-from robust_attn import HealthMonitor, RobustAttention, attention_maps, create, metrics
+from robust_attn import HealthMonitor, RobustAttention, attention_maps, metrics
 from robust_attn.monitor import HEAD_METRICS, LAYER_METRICS, map_similarity
 from robust_attn.monitor.maps import AttentionMap
 from robust_attn.stack import AttentionStack, init_stack_weights
@@ -210,40 +206,3 @@ def test_health_curves_picture(tmp_path):
     with HealthMonitor(stack, every=1) as monitor:
         train(stack, monitor, torch.randn(2, 8, 32), 4)
     assert plot_health_curves(monitor.report(), tmp_path / "curves.png").stat().st_size > 10_000
-
-
-def _rank(rank, world, init_file, results):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    torch.manual_seed(0)
-    module = create("baseline", 16, num_heads=2)  # same weights on both ranks
-    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(rank))  # own data
-    readings = {}
-    for reduce in (False, True):
-        with HealthMonitor(module, every=1, reduce_across_ranks=reduce) as monitor:
-            loss = module(x).square().mean()
-            loss.backward()
-            monitor.step(loss)
-            module.zero_grad()
-        readings[reduce] = monitor.report()
-    results[rank] = (readings[False].to_dict(), readings[True].to_dict())
-    dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_reduction_across_ranks_averages_and_takes_extremes():
-    with tempfile.TemporaryDirectory() as folder:
-        results = mp.Manager().dict()
-        mp.spawn(_rank, args=(2, os.path.join(folder, "init"), results), nprocs=2)
-    (local0, reduced0), (local1, reduced1) = results[0], results[1]
-    a, b, r = local0["layers"][0], local1["layers"][0], reduced0["layers"][0]
-    assert a["entropy"] != b["entropy"]  # the ranks saw different data
-    assert all(r[metric] == reduced1["layers"][0][metric] for metric in ("entropy", "max_logit",
-                                                                          "grad_norm"))
-    def across(metric, reduce):
-        return [reduce(pair) for pair in zip(a[metric][0], b[metric][0], strict=True)]
-
-    assert r["entropy"][0] == pytest.approx(across("entropy", lambda pair: sum(pair) / 2))
-    assert r["max_logit"][0] == pytest.approx(across("max_logit", max))
-    assert r["min_entropy"][0] == pytest.approx(across("min_entropy", min))
-    assert reduced0["losses"] == pytest.approx([(local0["losses"][0] + local1["losses"][0]) / 2])

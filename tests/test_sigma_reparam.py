@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from robust_attn import RobustAttention, create, metrics
+from robust_attn.attention import load_upgrading
 from robust_attn.mitigations import SigmaReparamLinear, fold_sigma_reparam, sigma_reparametrize
 from robust_attn.mitigations.sigma_reparam import attention_entropy_lower_bound
 from robust_attn.testing import strategies as ras
@@ -46,10 +47,7 @@ def test_preserve_computes_what_the_baseline_computes(shape, qkv_bias):
     assert _close(preserved(x), baseline(x), atol=1e-5)
 
     loaded = RobustAttention(shape.dim, shape.heads, qkv_bias=qkv_bias, sigma_reparam="preserve")
-    missing, unexpected = loaded.load_state_dict(baseline.state_dict(), strict=False)
-    assert sorted(missing) == [f"{layer}.{name}" for layer in ("proj", "qkv")
-                               for name in ("gamma", "u", "v")] and not unexpected
-    loaded.mitigations["sigma_reparam"].reset_from_weights()
+    assert load_upgrading(loaded, baseline.state_dict()) == {"": ["sigma_reparam"]}
     assert _close(loaded(x), baseline(x), atol=1e-5)
 
 
@@ -305,3 +303,16 @@ def test_prevents_the_entropy_collapse_that_large_qk_weights_cause_in_the_baseli
         health[variant] = attention.health
     assert health["baseline"].min_entropy.max() < 0.1
     assert health["sigma_reparam"].min_entropy.min() > 0.9
+
+
+def test_a_checkpoint_with_the_former_0_dim_gamma_loads_strictly():
+    trained = create("sigma_reparam", 16, num_heads=2)
+    with torch.no_grad():
+        trained.qkv.gamma.fill_(1.5)
+    old = {key: value.reshape(()) if key.endswith("gamma") else value
+           for key, value in trained.state_dict().items()}
+    restored = create("sigma_reparam", 16, num_heads=2)
+    restored.load_state_dict(old)
+    assert restored.qkv.gamma.shape == (1,) and restored.qkv.gamma.item() == 1.5
+    x = torch.randn(2, 5, 16)
+    assert torch.equal(restored.eval()(x), trained.eval()(x))

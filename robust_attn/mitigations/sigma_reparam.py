@@ -42,7 +42,16 @@ Our choices, where the paper is silent:
   * u and v are cloned before sigma is computed: autograd saves the clones, so
     a later training forward may update the buffers in place before backward
     (the two-forwards-one-backward failure of torch.nn.utils.spectral_norm).
-  * gamma is a 0-dim parameter (timm's optimizer groups exclude it from weight decay).
+  * gamma is a one-element parameter of shape (1,), not 0-dim: FSDP2 (``fully_shard``)
+    shards parameters on dim 0 and refuses scalars. Optimizer groups that exclude
+    ndim <= 1 parameters from weight decay (timm's, the recipes') still exclude it.
+    A 0-dim gamma from an older checkpoint loads, reshaped.
+  * Distributed: DDP replicates the layer whole. Under FSDP2 the forward sees the
+    all-gathered weight, so sigma is the full weight's and u, v (buffers, never
+    sharded) take the same step on every rank. Outside the forward the parameters
+    are sharded DTensors: ``sigma()``, ``effective_weight()``, ``fold()``,
+    ``warm_start()`` and ``preserve_function()`` then gather the full weight first,
+    which is a collective: call them on every rank.
   * Health (keys prefixed ``sigma_reparam.`` in ``AttentionHealth.extras``):
     ``qkv.sigma``, ``proj.sigma``: the power-iteration estimate of sigma(W);
     ``qkv.gamma``, ``proj.gamma``; ``q.spectral_norm``, ``k.spectral_norm``: the
@@ -69,6 +78,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from ..config import AttentionConfig
 from ..problem import AttentionProblem
@@ -81,6 +91,16 @@ _LAYER_ROLES = ("qkv", "proj")
 def _autocast_off(tensor: Tensor):
     """A context in which matmuls on ``tensor``'s device run in the dtype they are given."""
     return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
+def _whole(tensor: Tensor) -> Tensor:
+    """``tensor`` whole: a DTensor (a parameter FSDP2 sharded, outside its forward) all-gathered."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """The part of ``tensor`` this rank holds (all of it, unless it is a DTensor)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 class SigmaReparamLinear(nn.Module):
@@ -118,7 +138,7 @@ class SigmaReparamLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.register_parameter("bias", linear.bias)
-        self.gamma = nn.Parameter(linear.weight.new_ones(()))
+        self.gamma = nn.Parameter(linear.weight.new_ones(1))
         factory = {"device": linear.weight.device, "dtype": torch.float32}
         self.register_buffer("u", torch.empty(self.out_features, **factory))
         self.register_buffer("v", torch.empty(self.in_features, **factory))
@@ -130,7 +150,7 @@ class SigmaReparamLinear(nn.Module):
     @torch.no_grad()
     def warm_start(self) -> None:
         """u, v <- the weight's top singular vectors (an SVD). Call after loading weights."""
-        left, _, right = torch.linalg.svd(self.weight.float(), full_matrices=False)
+        left, _, right = torch.linalg.svd(_whole(self.weight).float(), full_matrices=False)
         self.u.copy_(left[:, 0])
         self.v.copy_(right[0])
 
@@ -138,12 +158,12 @@ class SigmaReparamLinear(nn.Module):
     def preserve_function(self) -> None:
         """Warm-start u, v and set gamma = sigma(W): W_hat = W, the current weight's function."""
         self.warm_start()
-        self.gamma.copy_(self.sigma())
+        _local(self.gamma).fill_(self.sigma())  # gamma's one value, on whichever rank holds it
 
     @torch.no_grad()
     def _power_iteration_step(self) -> None:
         with _autocast_off(self.weight):
-            weight = self.weight.float()
+            weight = _whole(self.weight).float()
             u = F.normalize(weight @ self.v.float(), dim=0)
             v = F.normalize(weight.T @ u, dim=0)
         self.u.copy_(u)
@@ -151,14 +171,18 @@ class SigmaReparamLinear(nn.Module):
 
     def sigma(self) -> Tensor:
         """sigma(W) = u^T W v in float32; differentiable in W, with u and v constants."""
+        return self._sigma(_whole(self.weight))
+
+    def _sigma(self, weight: Tensor) -> Tensor:
         # Copies: autograd saves them, so the buffers may change in place before backward.
         u, v = (vector.to(torch.float32, copy=True) for vector in (self.u, self.v))
-        with _autocast_off(self.weight):
-            return torch.einsum("o,oi,i->", u, self.weight.float(), v)
+        with _autocast_off(weight):
+            return torch.einsum("o,oi,i->", u, weight.float(), v)
 
     def effective_weight(self) -> Tensor:
         """W_hat = (gamma / sigma(W)) W, in the weight's dtype."""
-        return self.weight * (self.gamma.float() / self.sigma()).to(self.weight.dtype)
+        weight = _whole(self.weight)
+        return weight * (_whole(self.gamma).float() / self._sigma(weight)).to(weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
@@ -174,6 +198,12 @@ class SigmaReparamLinear(nn.Module):
         if self.bias is not None:
             linear.bias = nn.Parameter(self.bias.clone())
         return linear
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        gamma = state_dict.get(prefix + "gamma")
+        if gamma is not None and gamma.dim() == 0:  # saved while gamma was 0-dim
+            state_dict = {**state_dict, prefix + "gamma": gamma.reshape(1)}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -252,12 +282,14 @@ class SigmaReparam(Mitigation):
     """Builds qkv and proj as SigmaReparamLinear; reports sigma, gamma and Theorem 3.1's bound.
 
     Option ``sigma_reparam``: True (gamma = 1, the paper) or "preserve"
-    (gamma = sigma(W), the function unchanged). After loading plain weights into
-    the module (e.g. a timm state dict, ``strict=False`` since gamma, u and v
-    are extra), call :meth:`reset_from_weights`.
+    (gamma = sigma(W), the function unchanged). Plain weights (a timm or baseline
+    state dict, without gamma, u and v) load with
+    :func:`robust_attn.attention.load_upgrading`, which calls :meth:`reset_from_weights`;
+    a strict ``load_state_dict`` refuses them, naming that function.
     """
 
     option = "sigma_reparam"
+    health_reductions = {"entropy_bound": "min"}  # the bound of the weakest sequence
 
     def __init__(self, config: AttentionConfig, preserve: bool) -> None:
         super().__init__()
@@ -301,7 +333,7 @@ class SigmaReparam(Mitigation):
         stats = {}
         for role, layer in self._layers.items():
             stats[f"{role}.sigma"] = layer.sigma()
-            stats[f"{role}.gamma"] = layer.gamma.detach().float().clone()
+            stats[f"{role}.gamma"] = layer.gamma.detach().float().reshape(()).clone()
         w_q, w_k, _ = self._layers["qkv"].effective_weight().float().split(self.attn_dim)
         stats["q.spectral_norm"] = torch.linalg.matrix_norm(self._with_bias_column(w_q), ord=2)
         stats["k.spectral_norm"] = torch.linalg.matrix_norm(w_k, ord=2)

@@ -20,9 +20,10 @@ does not reach them); ``close`` gives the previous switches back.
 
 With ``reduce_across_ranks=True`` and an initialised torch.distributed
 default group, each sampled step's readings (and the losses since the
-previous sample) are reduced over the ranks: means, except the largest
-logit, non-finite counts (max) and the lowest entropy (min). Every rank must
-then call ``step`` equally often.
+previous sample) are reduced over the ranks of ``process_group`` (None: the
+default group) with :func:`robust_attn.distributed.all_reduce`: means over the
+ranks, except the largest logit (max), the lowest entropy (min) and the
+non-finite counts (sum). Every rank must then call ``step`` equally often.
 """
 
 from __future__ import annotations
@@ -33,15 +34,14 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..distributed import all_reduce, pack, unpack
 from ..early_warnings import HealthWarning, Thresholds, check
 from ..mitigations import SinkLogit, SinkTokens
-from .distributed import all_reduce, pack, unpack
 from .maps import attention_modules
 from .report import HEAD_METRICS, LAYER_METRICS, LayerSeries, MonitorReport
 from .sampled_step import SampledStep
 
-_MAX_READINGS = ("max_logit", "nonfinite")
-_MIN_READINGS = ("min_entropy",)
+_READING_KINDS = {"max_logit": "max", "min_entropy": "min", "nonfinite": "sum"}  # else "mean"
 
 
 class HealthMonitor:
@@ -52,13 +52,15 @@ class HealthMonitor:
             converted with :func:`robust_attn.convert` included).
         every: sampling period in steps (default 10).
         reduce_across_ranks: all-reduce the readings over torch.distributed ranks.
+        process_group: the ranks to reduce over (None: the default group).
         thresholds: the early-warning thresholds (:class:`robust_attn.early_warnings.Thresholds`).
         keep_maps: keep the attention maps of the latest sampled step for
             :meth:`attention_maps` (memory: one sampled map per module).
     """
 
     def __init__(self, model: nn.Module, every: int = 10, reduce_across_ranks: bool = False,
-                 thresholds: Thresholds | None = None, keep_maps: bool = False):
+                 thresholds: Thresholds | None = None, keep_maps: bool = False,
+                 process_group=None):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every={every!r}: expected a positive integer")
         self.modules = attention_modules(model)
@@ -67,6 +69,7 @@ class HealthMonitor:
                              "convert timm models first with robust_attn.convert(model, variant)")
         self.every = every
         self.reduce_across_ranks = reduce_across_ranks
+        self.process_group = process_group
         self.thresholds = thresholds or Thresholds()
         self.keep_maps = keep_maps
         self._maps: dict[str, Tensor] = {}
@@ -148,7 +151,7 @@ class HealthMonitor:
         keyed["losses"] = pack([loss for loss in self._pending_losses if loss is not None],
                                self._device)
         if self.reduce_across_ranks:
-            keyed = all_reduce(keyed, _reduction_kind, self._device)
+            keyed = all_reduce(keyed, _reduction_kind, self._device, self.process_group)
         keys = list(keyed)
         values = unpack(pack([keyed[key] for key in keys], self._device).cpu(),
                         [keyed[key] for key in keys])
@@ -174,7 +177,7 @@ class HealthMonitor:
 
 def _reduction_kind(key) -> str:
     metric = key if isinstance(key, str) else key[1]
-    return "max" if metric in _MAX_READINGS else "min" if metric in _MIN_READINGS else "mean"
+    return _READING_KINDS.get(metric, "mean")
 
 
 def _loss_tensor(loss: Tensor | float | None) -> Tensor | None:
