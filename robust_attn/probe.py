@@ -142,7 +142,7 @@ def _spectral_gap(weights: Tensor) -> Tensor:
     return _per_head(metrics.attention_spectral_gap(weights))
 
 
-def _nonfinite(tensor: Tensor) -> Tensor:
+def count_nonfinite(tensor: Tensor) -> Tensor:
     """Exact count of non-finite values. nan and inf propagate through a sum, so a finite sum
     proves there are none: one reduction instead of an elementwise pass, in the common case."""
     if torch.isfinite(tensor.sum(dtype=torch.float32)):
@@ -173,7 +173,7 @@ def measure(problem: AttentionProblem, out: Tensor, extras: dict[str, Tensor],
         cosine=_per_head(metrics.token_cosine_similarity(sub_out.float())),
         spectral_gap=_spectral_gap(weights) if spectral and query_index is None else None,
         empty_queries=(~allowed.any(dim=-1)).sum(),
-        nonfinite={name: _nonfinite(t) for name, t in
+        nonfinite={name: count_nonfinite(t) for name, t in
                    (("q", problem.q), ("k", problem.k), ("v", problem.v), ("output", out))},
         sampled_queries=weights.shape[0] * weights.shape[2],
         extras=extras,

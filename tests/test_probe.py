@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from robust_attn import RobustAttention, create, health_probe, metrics, set_probe_enabled
+from robust_attn import RobustAttention, create, health_probe, list_variants, metrics, set_probe_enabled
 from robust_attn.testing import strategies as ras
 
 
@@ -127,3 +127,15 @@ def test_to_dict_gives_plain_numbers():
 def test_probe_queries_must_be_positive(bad):
     with pytest.raises(ValueError, match="probe_queries"):
         RobustAttention(16, num_heads=2, probe_queries=bad)
+
+
+@pytest.mark.parametrize("variant", list_variants())
+@pytest.mark.parametrize("bad", [torch.nan, torch.inf, -torch.inf])
+def test_every_preset_counts_a_non_finite_input_and_does_not_crash(variant, bad):
+    module = create(variant, 8, num_heads=2, probe=True)
+    x = torch.randn(2, 6, 8)
+    x[1, 3, 2] = bad
+    with torch.no_grad():
+        module(x)
+    counts = module.health.nonfinite
+    assert counts["q"] > 0 and counts["k"] > 0 and counts["v"] > 0 and counts["output"] > 0

@@ -37,39 +37,122 @@ class AttentionShape:
 
 @st.composite
 def attention_shapes(draw, max_batch: int = 3, max_tokens: int = 33, max_heads: int = 4,
-                     head_dims=(1, 3, 8, 12, 16)) -> AttentionShape:
-    """Small shapes, including N = 1, one head, and head widths that are not powers of two."""
+                     head_dims=(1, 3, 8, 12, 16), tokens=None) -> AttentionShape:
+    """Small shapes, including N = 1, one head, and head widths that are not powers of two.
+    ``tokens``: a strategy for N replacing the default, integers in [1, max_tokens]."""
     return AttentionShape(
         batch=draw(st.integers(1, max_batch)),
-        tokens=draw(st.integers(1, max_tokens)),
+        tokens=draw(st.integers(1, max_tokens) if tokens is None else tokens),
         heads=draw(st.integers(1, max_heads)),
         head_dim=draw(st.sampled_from(head_dims)),
     )
 
 
 MASK_KINDS = ("none", "bool", "float")
+# Where a float mask blocks a key: -inf, or the dtype's most negative finite value as Hugging Face
+# models build their masks (finfo.min), with which a fully masked row is uniform, not zero.
+MASK_FILLS = ("-inf", "finfo.min")
+
+
+def mask_shapes(shape: AttentionShape, num_keys: int | None = None):
+    """Every shape that broadcasts to (B, H, N, Nk): per query or per key only (key padding),
+    with or without batch and head dimensions, 2D to 4D."""
+    b, h, n, nk = shape.batch, shape.heads, shape.tokens, num_keys or shape.tokens
+    return st.sampled_from([(n, nk), (1, nk), (h, n, nk), (1, 1, n, nk), (b, 1, n, nk),
+                            (b, 1, 1, nk), (1, h, n, nk), (b, h, n, nk)])
 
 
 @st.composite
 def attention_masks(draw, shape: AttentionShape, kinds=MASK_KINDS, allow_empty_rows: bool = True,
-                    num_keys: int | None = None):
-    """None, a bool mask (True = may attend) or an additive float mask with -inf entries, in a
-    shape broadcastable to (B, H, N, Nk): (N, Nk), (1, 1, N, Nk), (B, 1, N, Nk) or (B, H, N, Nk).
-    Nk is ``num_keys`` (default N). With ``allow_empty_rows``, some query rows may have no
-    allowed key at all."""
+                    num_keys: int | None = None, fills=("-inf",), contiguous: bool | None = True):
+    """None, a bool mask (True = may attend) or an additive float mask, in a shape broadcastable
+    to (B, H, N, Nk) (:func:`mask_shapes`). Nk is ``num_keys`` (default N). A float mask blocks
+    a key with a value drawn from ``fills`` (:data:`MASK_FILLS`). With ``allow_empty_rows``,
+    some query rows may have no allowed key at all (sometimes forced: a whole row blocked);
+    else every row allows its first key. ``contiguous``: True, False (the same values in a
+    non-contiguous tensor, :func:`non_contiguous`) or None (drawn)."""
     kind = draw(st.sampled_from(kinds))
     if kind == "none":
         return None
-    b, h, n, nk = shape.batch, shape.heads, shape.tokens, num_keys or shape.tokens
-    mask_shape = draw(st.sampled_from([(n, nk), (1, 1, n, nk), (b, 1, n, nk), (b, h, n, nk)]))
+    mask_shape = draw(mask_shapes(shape, num_keys))
     generator = torch.Generator().manual_seed(draw(seeds))
     allowed = torch.rand(mask_shape, generator=generator) < draw(st.floats(0.3, 1.0))
     if not allow_empty_rows:
         allowed[..., 0] = True
+    elif draw(st.booleans()):
+        allowed[..., draw(st.integers(0, mask_shape[-2] - 1)), :] = False
     if kind == "bool":
-        return allowed
-    bias = torch.randn(mask_shape, generator=generator)
-    return bias.masked_fill(~allowed, -torch.inf)
+        mask = allowed
+    else:
+        fill = -math.inf if draw(st.sampled_from(fills)) == "-inf" else torch.finfo().min
+        mask = torch.randn(mask_shape, generator=generator).masked_fill(~allowed, fill)
+    if contiguous is None:
+        contiguous = draw(st.booleans())
+    return mask if contiguous else non_contiguous(mask)
+
+
+def non_contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    """The same values in a non-contiguous tensor: every other element of a tensor twice as long
+    in its last dim (a stride of 2)."""
+    return torch.stack((tensor, tensor), dim=-1)[..., 0]
+
+
+def input_scales(min_exponent: float = -30.0, max_exponent: float = 30.0):
+    """A scale 10^e, e uniform in [min_exponent, max_exponent] (log-uniform scales)."""
+    if not min_exponent <= max_exponent:
+        raise ValueError(f"input_scales({min_exponent}, {max_exponent}): "
+                         f"expected min_exponent <= max_exponent")
+    return st.floats(min_exponent, max_exponent).map(lambda exponent: 10.0 ** exponent)
+
+
+# Memory layouts of a (B, N, C) token tensor:
+#   contiguous        the usual layout
+#   transposed        stored as (B, C, N) and transposed: also what x.flatten(2).mT gives for a
+#                     (B, C, H, W) feature map in the default (NCHW) memory format
+#   channels_last     the (B, H*W, C) view x.flatten(2).mT of a (B, C, H, W) feature map in
+#                     channels_last memory
+#   strided           every other element of a (B, N, 2C) tensor: a stride of 2 in the last dim
+INPUT_LAYOUTS = ("contiguous", "transposed", "channels_last", "strided")
+
+
+def in_layout(values: torch.Tensor, layout: str, height: int = 1) -> torch.Tensor:
+    """(B, N, C) ``values`` copied into a tensor of the given layout (:data:`INPUT_LAYOUTS`);
+    ``height`` is the feature map's H (it must divide N)."""
+    b, n, c = values.shape
+    if layout == "contiguous":
+        return values.contiguous()
+    if layout == "transposed":
+        return values.mT.contiguous().mT
+    if layout == "channels_last":
+        if n % height:
+            raise ValueError(f"height={height} does not divide the {n} tokens")
+        feature_map = torch.empty(b, c, height, n // height, dtype=values.dtype,
+                                  device=values.device).to(memory_format=torch.channels_last)
+        tokens = feature_map.flatten(2).mT  # a view: (B, H*W, C)
+        tokens.copy_(values)
+        return tokens
+    if layout == "strided":
+        wide = values.new_zeros(b, n, 2 * c)
+        wide[..., ::2] = values
+        return wide[..., ::2]
+    raise ValueError(f"layout={layout!r} is not one of {INPUT_LAYOUTS}")
+
+
+unit_scale = st.just(1.0)
+input_layouts = st.sampled_from(INPUT_LAYOUTS)
+
+
+@st.composite
+def token_inputs(draw, shape: AttentionShape, scales=unit_scale, layouts=input_layouts,
+                 dtype: torch.dtype = torch.float32):
+    """(B, N, C) inputs with N(0, scale^2) entries, scale drawn from ``scales`` (e.g.
+    :func:`input_scales`), in a memory layout drawn from ``layouts`` (:data:`INPUT_LAYOUTS`)."""
+    generator = torch.Generator().manual_seed(draw(seeds))
+    values = torch.randn(shape.batch, shape.tokens, shape.dim, generator=generator,
+                         dtype=torch.float64) * draw(scales)
+    layout = draw(layouts)
+    divisors = [h for h in range(1, shape.tokens + 1) if shape.tokens % h == 0]
+    return in_layout(values.to(dtype), layout, draw(st.sampled_from(divisors)))
 
 
 # The collapse setting: deep stacks of attention at initialisation (robust_attn.stack).
