@@ -137,6 +137,10 @@ def _per_head(values: Tensor) -> Tensor:
 
 def _spectral_gap(weights: Tensor) -> Tensor:
     """Per-head gap; nan when the weights are not finite (the nonfinite counts say why)."""
+    if torch.compiler.is_compiling():  # no data-dependent branch in a graph
+        finite = torch.isfinite(weights).all()
+        gap = _per_head(metrics.attention_spectral_gap(weights.nan_to_num(0.0, 0.0, 0.0)))
+        return torch.where(finite, gap, torch.nan)
     if not torch.isfinite(weights).all():
         return torch.full((weights.shape[1],), torch.nan)
     return _per_head(metrics.attention_spectral_gap(weights))
@@ -145,6 +149,8 @@ def _spectral_gap(weights: Tensor) -> Tensor:
 def count_nonfinite(tensor: Tensor) -> Tensor:
     """Exact count of non-finite values. nan and inf propagate through a sum, so a finite sum
     proves there are none: one reduction instead of an elementwise pass, in the common case."""
+    if torch.compiler.is_compiling():  # no data-dependent branch in a graph (inductor fuses it)
+        return (~torch.isfinite(tensor)).sum()
     if torch.isfinite(tensor.sum(dtype=torch.float32)):
         return torch.zeros((), dtype=torch.long, device=tensor.device)
     return (~torch.isfinite(tensor)).sum()

@@ -216,6 +216,11 @@ def test_block_sparse_plan_is_cached_per_length_and_skips_blocked_work():
     # Query blocks 1..31 gather 3 key blocks of 16 and the 2 global keys; block 0 (the global
     # queries) attends all 512 keys: 12.6% of the dense scores.
     assert plan.share == (31 * 16 * (3 * 16 + 2) + 16 * 512) / 512**2
+    # The layout is Python ints, so torch.compile and torch.export take it as a constant.
+    layout = plan.layout
+    assert layout.global_keys == (0, 1) and layout.light_blocks == tuple(range(1, 32))
+    assert layout.heavy_blocks == (0,) and layout.num_key_blocks == 3
+    assert all(type(b) is int for b in layout.key_blocks)
 
 
 def test_flex_block_mask_is_cached_per_pattern_and_length_and_rebuilt_for_a_new_length():

@@ -70,7 +70,8 @@ class Gated(Mitigation):
 
     def transform_output(self, out: Tensor, problem: AttentionProblem, x: Tensor) -> Tensor:
         gate = rearrange(torch.sigmoid(self.gate(x)), "b n (h d) -> b h n d", h=self.num_heads)
-        self._mean = gate.detach().mean(dim=(0, 2, 3), dtype=torch.float32)  # for health()
+        if not torch.compiler.is_exporting():  # an exported program has no module state to set
+            self._mean = gate.detach().mean(dim=(0, 2, 3), dtype=torch.float32)  # for health()
         return out * gate
 
     def health(self) -> dict[str, Tensor]:

@@ -57,6 +57,13 @@ def evaluate(mask_mod: MaskMod, rows: Tensor, keys: Tensor) -> Tensor:
     return torch.cat(list(evaluate_chunks(mask_mod, rows, keys)))
 
 
+@torch.compiler.assume_constant_result
+def describe(pattern: Pattern) -> str:
+    """``repr(pattern)``, for messages; a constant under torch.compile (dynamo would otherwise
+    trace the dataclass repr, which calls _thread.get_ident, and warn that it cannot)."""
+    return repr(pattern)
+
+
 def check_positive(name: str, value: object) -> int:
     """``value`` as an int >= 1, else ValueError naming the argument."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
