@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench bench-speed bench-sparse lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +20,21 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/robust-attn doctor --builtin --out demo-output
 
+# Every benchmark, under 15 minutes on 2 CPU cores; results in benchmarks/results/. The probe's
+# figure comes first: the speed table reads it. The sparse one stops at N = 4096 here.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/probe_overhead.py
 	$(BIN)/python benchmarks/monitor_overhead.py
 	$(BIN)/python benchmarks/claims_table.py
+	$(BIN)/python benchmarks/sparse.py --max-tokens 4096
+	$(BIN)/python -m benchmarks.speed
+
+# The speed and memory suite alone (speed-<device>.json/.md).
+bench-speed: $(STAMP)
+	$(BIN)/python -m benchmarks.speed
+
+# The full sparse benchmark, N = 1024..16384 (about 12 minutes on 2 cores; sparse-cpu.json/.md).
+bench-sparse: $(STAMP)
 	$(BIN)/python benchmarks/sparse.py
 
 lint: $(STAMP)

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 from machine import machine
+from output import write
 
 from robust_attn import HealthMonitor
 
@@ -151,11 +151,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args.quick, args.batch, 2 if args.quick else args.cycles, args.every)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "monitor-overhead.json").write_text(json.dumps(result, indent=1))
-    (out / "monitor-overhead.md").write_text(markdown(result))
-    print(markdown(result))
+    write(Path(args.out), "monitor-overhead", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -9,13 +9,13 @@ Writes probe-overhead.json and probe-overhead.md (median step times, their ratio
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 from machine import machine
+from output import write
 
 from robust_attn import set_probe_enabled
 from robust_attn.stack import AttentionStack
@@ -72,11 +72,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     result = run(args.quick)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "probe-overhead.json").write_text(json.dumps(result, indent=1))
-    (out / "probe-overhead.md").write_text(markdown(result))
-    print(markdown(result))
+    write(Path(args.out), "probe-overhead", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,105 @@
+"""benchmarks/speed.py --quick: the JSON and markdown it writes, and ratios taken from its own medians
+(tiny shapes, no compile, no flex; no timing asserted)."""
+
+import json
+import statistics
+
+import pytest
+
+import robust_attn
+from benchmarks import speed
+from benchmarks.speed_report import DENSE_LIMIT, LOOSE_LIMIT
+
+MEASURED = ("forward_s", "forward_backward_s")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("speed")
+    report = speed.main(["--quick", "--threads", "1", "--out", str(out)])
+    return report, json.loads((out / "speed-cpu-quick.json").read_text()), \
+        (out / "speed-cpu-quick.md").read_text()
+
+
+def test_json_is_what_main_returned_and_names_the_machine(quick):
+    report, written, _ = quick
+    assert written == json.loads(json.dumps(report))
+    assert {"machine", "device", "plan", "results", "peak_memory", "memory_check", "targets",
+            "phases_s"} <= set(written)
+    assert written["machine"]["torch"] and written["machine"]["threads"] == 1
+
+
+def test_every_preset_and_the_reference_at_every_shape(quick):
+    _, report, _ = quick
+    cases = {(row["shape"], row["case"]) for row in report["results"] if row["error"] is None}
+    for shape in report["plan"]["shapes"]:
+        for name in ["timm", *robust_attn.list_variants()]:
+            assert (shape["key"], name) in cases
+    extras = {row["case"] for row in report["results"] if row["shape"] == "vit_s"}
+    assert {"timm qk_norm", "timm gated", "timm unfused", "timm eval", "sigma_reparam folded"} <= extras
+
+
+def test_medians_and_ratios_come_from_the_recorded_runs(quick):
+    _, report, _ = quick
+    rows = {(row["dtype"], row["shape"], row["case"]): row for row in report["results"]}
+    for (dtype, shape, name), row in rows.items():
+        if row["error"] is not None:
+            continue
+        assert row["repeats"] == len(row["runs"]) == (1 if row["slow"] else report["plan"]["repeats"][shape])
+        for key in MEASURED:
+            values = [run[key] for run in row["runs"] if run.get(key) is not None]
+            assert row[key] == (statistics.median(values) if values else None)
+        for field, other in (("ratio", row["reference"]), ("ratio_to_equivalent", row["equivalent"])):
+            base = rows.get((dtype, shape, other))
+            if base is None:  # no equivalent, or one run at the first shape only
+                assert row[field] is None and (other is None or shape != "vit_s")
+                continue
+            for key, ratio in row[field].items():
+                assert ratio == pytest.approx(row[key] / base[key])
+        assert row["ratio"]["forward_s"] > 0
+        if row["mode"] == "train":
+            assert row["forward_backward_s"] >= row["forward_s"]
+        if name == row["reference"]:
+            assert row["ratio"]["forward_s"] == 1.0
+
+
+@pytest.mark.parametrize("key", ["peak_memory", "memory_check"])
+def test_peaks_each_case_in_a_fresh_process_against_timm(quick, key):
+    _, report, _ = quick
+    checked = {result["case"]: result for result in report[key]}
+    assert set(checked) == set(speed.PLANS["quick"].memory_cases)
+    tokens = {result["shape"]["tokens"] for result in checked.values()}
+    assert tokens == {(report["plan"]["shapes"][0] if key == "peak_memory"
+                       else report["plan"]["memory_shape"])["tokens"]}
+    assert checked["timm"]["peak_ratio"] == 1.0
+    for result in checked.values():
+        assert result["error"] is None and result["step_peak_mib"] > 0
+        assert result["peak_ratio"] == pytest.approx(result["step_peak_mib"]
+                                                     / checked["timm"]["step_peak_mib"])
+
+
+def test_targets_follow_the_issue_and_the_measured_ratios(quick):
+    _, report, _ = quick
+    by = {(t["case"], t["what"], t["against"]): t for t in report["targets"]}
+    vit_s = {row["case"]: row for row in report["results"] if row["shape"] == "vit_s"}
+    softcap = by[("softcap", "fwd+bwd", "timm")]
+    assert softcap["limit"] == LOOSE_LIMIT["softcap"]
+    assert softcap["value"] == vit_s["softcap"]["ratio"]["forward_backward_s"]
+    assert softcap["met"] == (softcap["value"] <= softcap["limit"])
+    assert by[("baseline", "fwd+bwd", "timm")]["limit"] == DENSE_LIMIT["cpu"]
+    assert ("gated", "fwd+bwd", "timm gated") in by and ("qk_norm", "fwd+bwd", "timm qk_norm") in by
+    assert not any(t["case"] in ("block_sparse", "strided") and t["what"] == "fwd+bwd"
+                   for t in report["targets"])
+    assert ("sigma_reparam folded", "eval fwd", "timm eval") in by
+    memory = by[("softcap", "peak memory", "timm")]
+    assert memory["met"] == (memory["value"] <= 1.2)
+
+
+def test_markdown_has_a_row_per_preset_and_the_verdicts(quick):
+    _, report, table = quick
+    assert "| variant | kernel | ViT-S fwd | ViT-S fwd+bwd | ViT-B fwd+bwd | LM fwd+bwd |" in table
+    for name in robust_attn.list_variants():
+        assert f"\n| {name} |" in table
+    assert report["machine"]["cpu"] in table
+    met = sum(t["met"] for t in report["targets"])
+    assert f"Targets: {met} of {len(report['targets'])} met." in table
