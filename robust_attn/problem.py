@@ -67,8 +67,9 @@ class AttentionProblem:
         to (B, H, Nq, Nk).
     causal: lower-right aligned causal mask (see the module docstring).
     score_mods: applied in order to ``scale * q k^T`` before the mask.
-    normalizer: maps masked scores (B, H, Nq, Nk) to weights; softmax unless a
-        mitigation replaces it (sigmoid attention).
+    normalizer: maps masked scores (B, H, Nq, Nk) to weights, each query row on its
+        own (the chunked kernel relies on it); softmax unless a mitigation replaces it
+        (sigmoid attention).
     pattern: a sparsity pattern (robust_attn.sparse), applied like a mask
         (aligned as described in the module docstring); None allows every pair.
     """

@@ -159,3 +159,20 @@ def test_the_probe_compiles_and_measures_what_eager_measures():
     torch.compile(module, fullgraph=True, backend="aot_eager")(x)
     for field in ("entropy", "sink_mass", "max_logit", "spectral_gap", "nonfinite"):
         torch.testing.assert_close(getattr(module.health, field), getattr(expected, field))
+
+
+@pytest.mark.parametrize("variant", ["softcap", "sigmoid"])
+def test_a_chunked_preset_compiles_at_a_length_with_several_blocks(variant):
+    """More keys than 4 head widths: uncompiled, the chunked kernel runs several recomputed blocks;
+    compiled, one block (robust_attn/kernels/chunked.py). Both compute the same thing."""
+    torch.manual_seed(0)
+    module = create(variant, dim=DIM, num_heads=HEADS)  # head width 8: 64 tokens are 2 blocks+
+    x = torch.randn(1, 64, DIM, requires_grad=True)
+    compiled_x = x.detach().clone().requires_grad_()
+    module(x).square().sum().backward()
+    expected = {name: p.grad.clone() for name, p in module.named_parameters()}
+    module.zero_grad()
+    torch.compile(module, fullgraph=True, backend="aot_eager")(compiled_x).square().sum().backward()
+    torch.testing.assert_close(compiled_x.grad, x.grad)
+    for name, parameter in module.named_parameters():
+        torch.testing.assert_close(parameter.grad, expected[name], msg=name)

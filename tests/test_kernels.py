@@ -1,5 +1,8 @@
 """Every kernel that runs here equals the eager reference; auto picks a kernel that can run."""
 
+import dataclasses
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given
@@ -14,22 +17,29 @@ from robust_attn.testing import strategies as ras
 
 from .conftest import requires_cuda
 
+PREPENDED_KEYS = st.integers(0, 2)
+SAME_WIDTH = st.just(0)
+
 
 @st.composite
-def problems(draw, max_tokens=33):
-    """Problems with masks of every kind, causal or not, and 0-2 prepended keys (Nk > Nq)."""
+def problems(draw, max_tokens=33, extra_keys=PREPENDED_KEYS, value_widths=SAME_WIDTH,
+             dtype=torch.float32):
+    """Problems with masks of every kind, causal or not, and ``extra_keys`` prepended keys
+    (Nk = Nq + extra, at least 1; negative: fewer keys than queries); v is ``value_widths``
+    channels wider than q and k (negative: narrower, at least 1)."""
     shape = draw(ras.attention_shapes(max_tokens=max_tokens))
-    extra_keys = draw(st.integers(0, 2))
-    num_keys = shape.tokens + extra_keys
+    num_keys = max(1, shape.tokens + draw(extra_keys))
+    value_width = max(1, shape.head_dim + draw(value_widths))
     generator = torch.Generator().manual_seed(draw(ras.seeds))
 
-    def heads(n):
-        return torch.randn(shape.batch, shape.heads, n, shape.head_dim, generator=generator)
+    def heads(n, width=shape.head_dim):
+        return torch.randn(shape.batch, shape.heads, n, width, generator=generator, dtype=dtype)
 
+    mask = draw(ras.attention_masks(shape, num_keys=num_keys))
     return AttentionProblem(
-        heads(shape.tokens), heads(num_keys), heads(num_keys), scale=shape.head_dim ** -0.5,
-        attn_mask=draw(ras.attention_masks(shape, num_keys=num_keys)),
-        causal=draw(st.booleans()),
+        heads(shape.tokens), heads(num_keys), heads(num_keys, value_width),
+        scale=shape.head_dim ** -0.5, attn_mask=mask.to(dtype) if mask is not None and
+        mask.is_floating_point() else mask, causal=draw(st.booleans()),
     )
 
 
@@ -45,8 +55,10 @@ def _forward_backward(kernel, problem):
     return out, problem.q.grad, problem.k.grad, problem.v.grad
 
 
-@given(problems())
+@given(problems(value_widths=st.integers(-2, 2)))
 def test_sdpa_equals_eager_forward_and_backward(problem):
+    """Also with prepended keys under causal attention (zero query rows in front) and v of
+    another width than q and k (zero channels)."""
     expected = _forward_backward(eager_attention, problem)
     actual = _forward_backward(KERNELS["sdpa"].run, problem)
     for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected, strict=True):
@@ -100,21 +112,29 @@ def _problem(requires_grad=False, **options):
     return AttentionProblem(q, q, q, 8 ** -0.5, **options)
 
 
-def test_auto_prefers_sdpa_then_flex_then_eager_on_cpu():
+def test_auto_prefers_sdpa_then_chunked_on_cpu():
+    """Never flex on the CPU (forward only, a compile per length), never eager (materialises)."""
     softcap = (TanhSoftCap(5.0),)
     assert select_kernel("auto", _problem(), 0.0).name == "sdpa"
-    with torch.no_grad():
-        assert select_kernel("auto", _problem(requires_grad=True, score_mods=softcap), 0.0).name \
-            == "flex"
-    assert select_kernel("auto", _problem(requires_grad=True, score_mods=softcap), 0.0).name \
-        == "eager"
-    assert select_kernel("auto", _problem(score_mods=softcap), 0.1).name == "eager"
+    assert select_kernel("auto", _problem(requires_grad=True), 0.1).name == "sdpa"
+    for requires_grad, dropout_p in ((True, 0.0), (False, 0.0), (False, 0.1)):
+        problem = _problem(requires_grad=requires_grad, score_mods=softcap)
+        with torch.set_grad_enabled(requires_grad):
+            assert select_kernel("auto", problem, dropout_p).name == "chunked"
+    float64 = _problem(score_mods=softcap)
+    float64 = float64.with_(q=float64.q.double(), k=float64.k.double(), v=float64.v.double())
+    assert select_kernel("auto", float64, 0.0).name == "chunked"
 
 
-def test_auto_never_sends_float64_to_flex_on_cpu():
-    problem = _problem(score_mods=(TanhSoftCap(5.0),))
-    problem = problem.with_(q=problem.q.double(), k=problem.k.double(), v=problem.v.double())
-    assert select_kernel("auto", problem, 0.0).name == "eager"
+def test_eager_runs_only_when_chosen():
+    problem = _problem(requires_grad=True, score_mods=(TanhSoftCap(5.0),))
+    assert select_kernel("eager", problem, 0.0).name == "eager"
+    module = RobustAttention(32, num_heads=4, softcap=5.0)
+    module.fused_attn = False
+    run = mock.Mock(wraps=eager_attention)
+    with mock.patch.dict(KERNELS, eager=dataclasses.replace(KERNELS["eager"], run=run)):
+        module(torch.randn(1, 5, 32))
+    run.assert_called_once()
 
 
 @pytest.mark.parametrize("kernel, needs", [("flex", "forward only"), ("xformers", "xformers"),

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from robust_attn import RobustAttention, create
+from robust_attn.kernels import select_kernel
 from robust_attn.kernels.eager import attention_weights
 from robust_attn.mitigations.sinks import PRESERVING_SINK_LOGIT
 from robust_attn.problem import AttentionProblem
@@ -20,10 +21,12 @@ from .float64_reference import (
     forward_backward,
     scores_and_allowed,
 )
+from .test_chunked_kernel import LargestNewTensor
 
 SINK_OPTIONS = st.sampled_from([
     {"sink_tokens": 1}, {"sink_tokens": 3}, {"sink_logit": True}, {"sink_logit": "off_by_one"},
-    {"sink_tokens": 2, "sink_logit": True},
+    {"sink_tokens": 2, "sink_logit": True}, {"sink_logit": True, "qk_norm": True},
+    {"sink_logit": True, "softcap": 3.0}, {"sink_tokens": 2, "sink_logit": True, "softcap": 3.0},
 ])
 
 
@@ -36,27 +39,43 @@ def _module(shape, kernel="auto", **options):
     return module
 
 
+def _capped(module, scores):
+    """cap * tanh(scores / cap) with the module's softcap, if it has one."""
+    if "softcap" not in module.mitigations:
+        return scores
+    cap = module.mitigations["softcap"].cap
+    return cap * torch.tanh(scores / cap)
+
+
 def _masked_scores(module, q, k, attn_mask, causal):
-    """scale * q k^T with the user's mask and the causal triangle; -inf where blocked."""
-    scores, allowed = scores_and_allowed(module.scale, q, k, attn_mask, causal)
+    """softcap(scale * q k^T), the user's mask and the causal triangle; -inf where blocked."""
+    scores, allowed = scores_and_allowed(module.scale, q, k, None, causal)
+    scores = _capped(module, scores)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        allowed = allowed & attn_mask
+    elif attn_mask is not None:
+        scores = scores + attn_mask
     return scores.masked_fill(~allowed, -math.inf)
 
 
 def _heads(module, x):
-    return rearrange(module.qkv(x), "b n (t h d) -> t b h n d", t=3, h=module.num_heads)
+    """q, k (after the module's q_norm, k_norm) and v, (B, H, N, D) each."""
+    q, k, v = rearrange(module.qkv(x), "b n (t h d) -> t b h n d", t=3, h=module.num_heads)
+    return module.q_norm(q), module.k_norm(k), v
 
 
 def reference(module, x, attn_mask=None, causal=False):
-    """Output and (B, H, N, extra + N) weights: softmax over [sink columns, masked token scores]."""
+    """Output and (B, H, N, extra + N) weights: softmax over [sink columns, masked token scores],
+    every column soft-capped when the module has softcap (the sink logit too)."""
     q, k, v = _heads(module, x)
     columns, values = [_masked_scores(module, q, k, attn_mask, causal)], [v]
     sinks = module.mitigations
     if "sink_tokens" in sinks:
-        columns.insert(0, module.scale * q @ sinks["sink_tokens"].key.transpose(-2, -1))
+        columns.insert(0, _capped(module, module.scale * q @ sinks["sink_tokens"].key.mT))
         values.insert(0, sinks["sink_tokens"].value.expand(v.shape[0], -1, -1, -1))
     if "sink_logit" in sinks:
         logit = sinks["sink_logit"].logit.view(1, -1, 1, 1).expand(*q.shape[:-1], 1)
-        columns.insert(0, logit)
+        columns.insert(0, _capped(module, logit))
         values.insert(0, torch.zeros_like(v[:, :, :1]))
     weights = torch.softmax(torch.cat(columns, dim=-1), dim=-1)
     out = weights @ torch.cat(values, dim=-2)
@@ -121,7 +140,9 @@ def test_every_kernel_gives_the_same_output():
 
 def _extended_problem(module, x, attn_mask=None, causal=False):
     q, k, v = _heads(module, x)
-    problem = AttentionProblem(q, k, v, module.scale, attn_mask, causal)
+    problem = AttentionProblem(q, k, v, module.scale, attn_mask, causal,
+                               score_mods=tuple(filter(None, (m.score_mod()
+                                                              for m in module.mitigations.values()))))
     for mitigation in module.mitigations.values():
         problem = mitigation.extend_keys(problem)
     return problem
@@ -189,13 +210,44 @@ def test_sink_tokens_health_reports_key_and_value_norms():
     assert module.health.extras["sink_tokens.key_norm"].shape == (4,)
 
 
-def test_the_sink_logit_column_broadcasts_instead_of_materialising_the_mask():
+def test_the_sink_logit_adds_a_channel_and_a_key_but_no_mask():
     module = RobustAttention(32, num_heads=4, sink_logit=True)
     x = torch.randn(3, 6, 32)
-    assert _extended_problem(module, x).attn_mask.shape == (1, 4, 1, 7)
-    assert _extended_problem(module, x, torch.rand(6, 6) < 0.5).attn_mask.shape == (1, 4, 6, 7)
-    assert _extended_problem(module, x, torch.rand(3, 4, 6, 6) < 0.5).attn_mask.shape \
-        == (3, 4, 6, 7)
+    problem = _extended_problem(module, x)
+    assert problem.attn_mask is None
+    assert problem.q.shape == (3, 4, 6, 9) and problem.k.shape == (3, 4, 7, 9)
+    assert problem.v.shape == (3, 4, 7, 8)
+    user_mask = torch.rand(6, 6) < 0.5
+    assert torch.equal(_extended_problem(module, x, user_mask).attn_mask[:, 1:], user_mask)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_training_a_sink_on_sdpa_never_allocates_the_attention_matrix(causal):
+    """2048 tokens: the (1, 2, 2048, 2049) matrix has 8.4 M elements; SDPA's math fallback (taken
+    with a mask that needs gradients, as a sink logit in a mask column once was) creates it."""
+    module = create("sink", dim=64, num_heads=2)
+    x = torch.randn(1, 2048, 64, requires_grad=True)
+    assert select_kernel("auto", _extended_problem(module, x, causal=causal), 0.0).name == "sdpa"
+    with LargestNewTensor() as largest:
+        module(x, is_causal=causal).square().sum().backward()
+    assert largest.numel < 2048 * 2048 / 4, largest.operation
+    assert (module.mitigations["sink_logit"].logit.grad != 0).all()
+
+
+@given(shape=ras.attention_shapes(), causal=st.booleans(),
+       options=st.sampled_from([{"gated": "headwise"}, {"outlier_removal": True},
+                                {"sink_tokens": 2, "outlier_removal": True}]), data=st.data())
+def test_with_output_transforms_every_kernel_equals_eager(shape, causal, options, data):
+    """Gates and outlier removal after the sink (outlier removal spreads U over the sink key too)."""
+    eager = _module(shape, kernel="eager", sink_logit=True, **options)
+    attn_mask = float64_mask(data.draw(ras.attention_masks(shape), label="attn_mask"))
+    x = torch.randn(shape.batch, shape.tokens, shape.dim, dtype=torch.float64)
+    expected = forward_backward(eager, lambda x: eager(x, attn_mask, causal), x)
+    for kernel in ("auto", "sdpa"):
+        fused = _module(shape, kernel=kernel, sink_logit=True, **options)
+        fused.load_state_dict(eager.state_dict())
+        actual = forward_backward(fused, lambda x, fused=fused: fused(x, attn_mask, causal), x)
+        assert_same_forward_and_backward(actual, expected)
 
 
 def test_the_sink_logit_learns_through_sdpa():

@@ -1,19 +1,29 @@
 """Attention kernels and the rule that picks one.
 
-``auto`` takes the first kernel, in the order sdpa, flex, xformers, eager, that
-can compute the problem exactly on its device: fused SDPA when nothing needs
-more, FlexAttention for score modifiers (on CUDA, or on the CPU without
-gradients), xformers on CUDA where installed, and the eager reference last.
+``auto`` takes the first kernel that can compute the problem exactly on its
+device:
+
+- on CUDA: sdpa, flex, xformers, chunked: fused SDPA when nothing needs more,
+  FlexAttention for score modifiers, xformers where installed;
+- elsewhere: sdpa, chunked. FlexAttention is not tried on the CPU: it runs
+  forward only there and compiles once per sequence length (tens of seconds);
+  pass kernel='flex' to choose it.
+
+The chunked kernel (:mod:`robust_attn.kernels.chunked`) computes what SDPA
+cannot (score modifiers, sigmoid attention) in blocks of query rows, so the
+attention matrix is never materialised whole on a long sequence. The eager
+kernel, which materialises it, is the reference every kernel is tested
+against, and runs only when chosen (kernel='eager', or timm's
+``fused_attn = False``).
 
 With a sparsity pattern (robust_attn.sparse) the order is:
 
 - on CUDA: flex (a BlockMask cached per pattern and length), then the
-  structured kernels, sdpa, eager;
+  structured kernels, sdpa, chunked;
 - elsewhere: the structured kernels block_diagonal (BlockLocal), strided
   (Strided), block_sparse (any pattern sparse at its block size), then sdpa
-  (the pattern as a dense mask), flex (forward only on the CPU; after sdpa so
-  that auto never stalls on a compile per sequence length: pass kernel='flex'
-  to choose it), eager.
+  (the pattern as a dense mask), chunked (the pattern as a dense mask per
+  block of query rows). As without a pattern, flex is not tried on the CPU.
 
 A fallback past the structured kernels (and past flex on CUDA) warns with
 :class:`SparseFallbackWarning`, naming what it costs.
@@ -23,10 +33,14 @@ from __future__ import annotations
 
 import warnings
 
+import torch
+
 from ..problem import AttentionProblem
+from ..sparse.pattern import describe
 from .base import Kernel
 from .block_diagonal import BLOCK_DIAGONAL
 from .block_sparse import BLOCK_SPARSE
+from .chunked import CHUNKED
 from .eager import EAGER
 from .flex import FLEX
 from .sdpa import SDPA
@@ -34,7 +48,7 @@ from .strided import STRIDED
 from .xformers import XFORMERS
 
 KERNELS: dict[str, Kernel] = {kernel.name: kernel for kernel in (
-    SDPA, FLEX, XFORMERS, EAGER, BLOCK_DIAGONAL, STRIDED, BLOCK_SPARSE)}
+    SDPA, FLEX, XFORMERS, CHUNKED, EAGER, BLOCK_DIAGONAL, STRIDED, BLOCK_SPARSE)}
 KERNEL_CHOICES = ("auto", *KERNELS)
 STRUCTURED = (BLOCK_DIAGONAL, STRIDED, BLOCK_SPARSE)
 
@@ -43,12 +57,25 @@ _FALLBACK_COST = {
             "CPU) and runs forward only",
     "sdpa": "the pattern as a dense (Nq, Nk) mask: every score is computed, no saving over "
             "dense attention, and the mask takes Nq * Nk bytes",
-    "eager": "the eager reference: the whole (B, H, Nq, Nk) attention matrix is materialised",
+    "chunked": "the chunked kernel: every score is computed, block of query rows by block, "
+               "with the pattern as a dense mask",
 }
 
 
 class SparseFallbackWarning(UserWarning):
     """A sparsity pattern runs on a kernel that does not skip its blocked work."""
+
+
+def _warn_fallback(message: str) -> None:
+    """Warn with SparseFallbackWarning, attributed (as before) to select_kernel's caller.
+
+    Registered with dynamo as a reorderable logging function: a compiled module
+    (fullgraph=True included) emits it after its graph runs, at every call, as eager
+    mode does, instead of breaking the graph (dynamo cannot trace warnings.warn)."""
+    warnings.warn(message, SparseFallbackWarning, stacklevel=3)
+
+
+torch._dynamo.config.reorderable_logging_functions.add(_warn_fallback)
 
 
 def check_kernel_name(kernel: str) -> str:
@@ -59,10 +86,10 @@ def check_kernel_name(kernel: str) -> str:
 
 def _auto_order(problem: AttentionProblem) -> tuple[Kernel, ...]:
     if problem.pattern is None:
-        return SDPA, FLEX, XFORMERS, EAGER
+        return (SDPA, FLEX, XFORMERS, CHUNKED) if problem.q.device.type == "cuda" else (SDPA, CHUNKED)
     if problem.q.device.type == "cuda":
-        return FLEX, *STRUCTURED, SDPA, EAGER
-    return *STRUCTURED, SDPA, FLEX, EAGER
+        return FLEX, *STRUCTURED, SDPA, CHUNKED
+    return *STRUCTURED, SDPA, CHUNKED
 
 
 def select_kernel(kernel: str, problem: AttentionProblem, dropout_p: float) -> Kernel:
@@ -82,9 +109,8 @@ def select_kernel(kernel: str, problem: AttentionProblem, dropout_p: float) -> K
             candidate is FLEX and problem.q.device.type == "cuda"):
         skipped = "; ".join(f"{name}: {reasons[name]}" for name in reasons
                             if name not in (BLOCK_DIAGONAL.name, STRIDED.name))
-        warnings.warn(f"sparsity pattern {problem.pattern} falls back to kernel "
-                      f"{candidate.name!r}: {_FALLBACK_COST[candidate.name]} ({skipped})",
-                      SparseFallbackWarning, stacklevel=2)
+        _warn_fallback(f"sparsity pattern {describe(problem.pattern)} falls back to kernel "
+                       f"{candidate.name!r}: {_FALLBACK_COST[candidate.name]} ({skipped})")
     return candidate
 
 

@@ -32,10 +32,16 @@ def _index_grid(batch: int, heads: int, rows: Tensor, keys: int) -> tuple[Tensor
     )
 
 
-def attention_logits(problem: AttentionProblem, query_index: Tensor | None = None) -> Tensor:
-    """Masked logits (B, H, Nq', Nk) for the given query rows (all when None); -inf = blocked."""
+def scaled_scores(problem: AttentionProblem, query_index: Tensor | None = None) -> Tensor:
+    """scale * q k^T (B, H, Nq', Nk) for the given query rows (all when None)."""
     q = problem.q if query_index is None else problem.q[:, :, query_index]
-    scores = (q * problem.scale) @ problem.k.transpose(-2, -1)
+    return (q * problem.scale) @ problem.k.transpose(-2, -1)
+
+
+def masked_logits(problem: AttentionProblem, scores: Tensor,
+                  query_index: Tensor | None = None) -> Tensor:
+    """The score modifiers, the mask, causal and the pattern applied to ``scores`` = scale q k^T of
+    the given query rows (all when None): the logits, -inf where blocked."""
     if problem.score_mods:
         grid = _index_grid(scores.shape[0], scores.shape[1], problem.query_index(query_index),
                            problem.num_keys)
@@ -50,6 +56,11 @@ def attention_logits(problem: AttentionProblem, query_index: Tensor | None = Non
         if allowed is not None:
             scores = scores.masked_fill(~allowed, -math.inf)
     return scores
+
+
+def attention_logits(problem: AttentionProblem, query_index: Tensor | None = None) -> Tensor:
+    """Masked logits (B, H, Nq', Nk) for the given query rows (all when None); -inf = blocked."""
+    return masked_logits(problem, scaled_scores(problem, query_index), query_index)
 
 
 def attention_weights(problem: AttentionProblem, query_index: Tensor | None = None) -> Tensor:

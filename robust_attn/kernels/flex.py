@@ -10,7 +10,10 @@ cached, so a new length builds a new one and never reuses a stale one; with a
 dense bool mask it is rebuilt on each call since the mask's content can change.
 
 On the CPU, FlexAttention runs forward only (its backward raises
-NotImplementedError), so it is never chosen there when gradients are needed.
+NotImplementedError) and compiles once per sequence length, so ``auto`` does
+not choose it there without a sparsity pattern (robust_attn.kernels); it
+refuses problems that need gradients. Head widths are rounded up to a power of
+two inside FlexAttention (a sink logit's extra channel makes 64 + 1 cost 128).
 """
 
 from __future__ import annotations
@@ -104,15 +107,15 @@ _CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _unsupported(problem: AttentionProblem, dropout_p: float) -> str | None:
     if not problem.is_softmax:
-        return "FlexAttention computes softmax attention only: use kernel='eager'"
+        return "FlexAttention computes softmax attention only: use kernel='chunked'"
     if dropout_p > 0.0:
-        return "FlexAttention has no attention dropout: use kernel='sdpa' or 'eager', or attn_drop=0"
+        return "FlexAttention has no attention dropout: use kernel='sdpa' or 'chunked', or attn_drop=0"
     if problem.q.device.type == "cpu" and problem.q.dtype not in _CPU_DTYPES:
         return (f"FlexAttention on the CPU computes float32, float16 and bfloat16 only, "
-                f"not {problem.q.dtype}: use kernel='sdpa' or 'eager'")
+                f"not {problem.q.dtype}: use kernel='sdpa' or 'chunked'")
     if problem.q.device.type == "cpu" and problem.needs_grad:
         return ("FlexAttention on the CPU runs forward only (its backward raises "
-                "NotImplementedError): use kernel='sdpa' or 'eager' to train on the CPU")
+                "NotImplementedError): use kernel='sdpa' or 'chunked' to train on the CPU")
     return None
 
 

@@ -1,5 +1,18 @@
 """PyTorch's fused scaled_dot_product_attention: timm's fused path, softmax attention only.
 
+Two problem shapes are reshaped so that SDPA keeps its fused (flash) kernel
+instead of falling back to its math path, which materialises the attention
+matrix (measured on the CPU, torch 2.14):
+
+- causal with prepended keys (Nk > Nq: sinks) and no mask: SDPA's ``is_causal``
+  is aligned top-left, ours lower-right. Prepending Nk - Nq zero query rows makes
+  the two agree (row Nk - Nq + i sees keys j <= Nk - Nq + i); their outputs are
+  dropped. Without this the causal mask would be built densely, (Nq, Nk).
+- q and k of a different width than v (a sink logit's extra channel): the
+  CPU flash kernel needs one width, and CUDA's fused kernels a multiple of 8
+  (``CUDA_WIDTH_MULTIPLE``), so the narrower tensors get zero channels, which
+  change no score, and the output keeps v's channels.
+
 A sparsity pattern is applied as a dense bool (Nq, Nk) mask: exact, but it
 computes every score, so auto uses it for a pattern only where no structured
 sparse kernel applies, and warns (robust_attn.kernels).
@@ -16,6 +29,8 @@ from torch import Tensor
 from ..problem import AttentionProblem
 from .base import Kernel
 
+CUDA_WIDTH_MULTIPLE = 8
+
 
 def _restricted(mask: Tensor | None, allowed: Tensor) -> Tensor:
     """One SDPA mask from a user mask and a bool mask of allowed pairs (causal, pattern)."""
@@ -26,24 +41,39 @@ def _restricted(mask: Tensor | None, allowed: Tensor) -> Tensor:
     return mask.masked_fill(~allowed, -math.inf)
 
 
+def _fused_widths(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k and v padded with zero channels to one width, on CUDA a multiple of 8 (see the module
+    docstring); unchanged when they already have it."""
+    width = max(q.shape[-1], v.shape[-1])
+    if q.device.type == "cuda":
+        width = -(-width // CUDA_WIDTH_MULTIPLE) * CUDA_WIDTH_MULTIPLE
+    if q.shape[-1] == v.shape[-1] == width:
+        return q, k, v
+    return tuple(F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
+
+
 def sdpa_attention(problem: AttentionProblem, dropout_p: float = 0.0) -> Tensor:
-    mask, is_causal = problem.attn_mask, problem.causal
+    q, mask, is_causal = problem.q, problem.attn_mask, problem.causal
     if problem.pattern is not None:
         mask = _restricted(mask, problem.pattern_allowed())
-    if is_causal and (mask is not None or problem.num_queries != problem.num_keys):
+    prepended = problem.num_keys - problem.num_queries
+    if is_causal and mask is None and prepended > 0:
+        q = F.pad(q, (0, 0, prepended, 0))  # lower-right causal as SDPA's top-left is_causal
+    elif is_causal and (mask is not None or prepended != 0):
         # SDPA's is_causal is aligned top-left and excludes attn_mask: build the mask instead.
         mask, is_causal = _restricted(mask, problem.causal_allowed()), False
-    return F.scaled_dot_product_attention(
-        problem.q, problem.k, problem.v,
+    out = F.scaled_dot_product_attention(
+        *_fused_widths(q, problem.k, problem.v),
         attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=problem.scale,
     )
+    return out[..., out.shape[-2] - problem.num_queries:, :problem.v.shape[-1]]
 
 
 def _unsupported(problem: AttentionProblem, dropout_p: float) -> str | None:
     if problem.score_mods:
-        return "SDPA cannot apply score modifiers (softcap, ...): use kernel='flex' or 'eager'"
+        return "SDPA cannot apply score modifiers (softcap, ...): use kernel='flex' or 'chunked'"
     if not problem.is_softmax:
-        return "SDPA computes softmax attention only: use kernel='eager'"
+        return "SDPA computes softmax attention only: use kernel='chunked'"
     return None
 
 

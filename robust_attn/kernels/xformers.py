@@ -47,7 +47,7 @@ def _unsupported(problem: AttentionProblem, dropout_p: float) -> str | None:
     if problem.q.device.type != "cuda":
         return "xformers has no CPU kernels: it runs on CUDA tensors only"
     if problem.score_mods or not problem.is_softmax:
-        return "xformers computes plain softmax attention: use kernel='flex' or 'eager'"
+        return "xformers computes plain softmax attention: use kernel='flex' or 'chunked'"
     if problem.pattern is not None:
         return ("xformers does not apply sparsity patterns here: use kernel='flex' or a "
                 "structured sparse kernel")

@@ -21,11 +21,13 @@ constant ``attn_bias`` after masking.
 Score modifiers still apply to scale * q k^T; blocked keys (-inf) get weight
 sigmoid(-inf) = 0, so a row with no allowed key outputs zero. b lives in the
 normalizer, not in a score modifier, because score modifiers (FlexAttention's
-signature) do not see the number of keys. Only the eager kernel computes
-sigmoid attention: ``kernel='auto'`` picks it, and forcing 'sdpa', 'flex' or
-'xformers' raises ValueError. The ``sigmoid`` preset turns ``qk_norm`` on, as
-the paper recommends. Options that assume softmax (sink tokens, sink logit,
-softcap, outlier removal) refuse to combine with it.
+signature) do not see the number of keys. The chunked and eager kernels
+compute sigmoid attention (:mod:`robust_attn.kernels`): ``kernel='auto'``
+picks the chunked one, which never materialises the whole matrix of a long
+sequence, and forcing 'sdpa', 'flex' or 'xformers' raises ValueError. The
+``sigmoid`` preset turns ``qk_norm`` on, as the paper recommends. Options that
+assume softmax (sink tokens, sink logit, softcap, outlier removal) refuse to
+combine with it.
 """
 
 from __future__ import annotations

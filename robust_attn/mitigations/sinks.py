@@ -21,9 +21,16 @@ the sink column dropped before multiplying by V)::
 
     out_i = sum_j exp(s_ij) v_j / (exp(s_h) + sum_j exp(s_ij))       (h: the head)
 
-computed without materialising the attention matrix: a zero key (score 0), a
-zero value and an additive mask column holding s_h, so SDPA and FlexAttention
-run it as ordinary masked attention. Values:
+computed without materialising the attention matrix, as one more key whose
+score is s_h: q and k gain a channel (1 for every query, 0 for every key) and
+the sink key is zero except in that channel, where it holds s_h / scale, so
+
+    scale * [q_i, 1] . [0, s_h / scale] = s_h,    scale * [q_i, 1] . [k_j, 0] = scale q_i . k_j
+
+with a zero value. It is an ordinary key to every kernel: no mask is needed
+(SDPA keeps its fused kernel), and each kernel's own backward pass gives the
+gradient of s_h exactly, -sum_i p_i,sink <dL/dout_i, out_i> (the softmax
+derivative with a zero value). Values:
 
     True          learned s_h, initialised at 0: a fresh module starts as
                   softmax-off-by-one and learns from there. (gpt-oss's reference
@@ -37,26 +44,24 @@ run it as ordinary masked attention. Values:
                   the output is unchanged within float32. Its gradient is as small,
                   so it starts learning only where a row's scores fall near it; for
                   a sink that learns at once, set ``logit`` to a value nearer the
-                  scores (e.g. -8) after conversion.
+                  scores (e.g. -8) after conversion. Under softcap the sink's score
+                  is cap * tanh(-40 / cap) (-33 for cap = 50): still below float32
+                  resolution relative to any row whose log-sum-exp exceeds -16.
 
 Masks and causality: the prepended keys are visible to every query, whatever the
 user's mask (its rows get allowed columns in front; a float mask keeps its
 values) and under causal attention (the problem aligns causality lower-right).
 So a query whose own keys are all blocked attends only to the sinks: it outputs
 their values (sink tokens) or zero (sink logit). Score modifiers see each sink as
-a key at the front (kv_idx 0 .. k-1) with the score above (0 for the sink logit's
-zero key, where softcap leaves it unchanged). With several extra keys, the
-latest prepended is key 0, the one the probe's ``sink_mass`` measures: for
-``sink_logit`` alone, sink_mass is exactly the mass on the sink.
-
-Mask cost of the sink logit: without a user mask the column is a (1, H, 1, Nk)
-float mask; with one, the mask gains a head dimension, (B', H, Nq', Nk) for a
-user mask of shape (B', 1 or H, Nq', Nk - 1), since the column differs per head.
+a key at the front (kv_idx 0 .. k-1) with the score above: s_h for the sink
+logit, so softcap bounds it like every other logit, cap * tanh(s_h / cap). With
+several extra keys, the latest prepended is key 0, the one the probe's
+``sink_mass`` measures: for ``sink_logit`` alone, sink_mass is exactly the mass
+on the sink. A user mask only gains allowed columns in front (None stays None).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -75,12 +80,15 @@ SIGMOID_CONFLICT = ("an attention sink absorbs softmax mass; sigmoid attention w
 
 def prepend_keys(problem: AttentionProblem, keys: Tensor, values: Tensor,
                  mask: Tensor | None) -> AttentionProblem:
-    """The problem with keys (H, c, D) and values (H, c, Dv) in front of its own, and ``mask``."""
+    """The problem with keys (H, c, D') and values (H, c, Dv) in front of its own, and ``mask``.
+
+    Keys narrower than the problem's (D' < D: a sink logit's channel is there) get zero channels.
+    """
     batch = problem.k.shape[0]
 
     def in_front(extra: Tensor, tokens: Tensor) -> Tensor:
-        extra = extra.to(tokens.dtype).expand(batch, -1, -1, -1)
-        return torch.cat([extra, tokens], dim=-2)
+        extra = F.pad(extra.to(tokens.dtype), (0, tokens.shape[-1] - extra.shape[-1]))
+        return torch.cat([extra.expand(batch, -1, -1, -1), tokens], dim=-2)
 
     return problem.with_(k=in_front(keys, problem.k), v=in_front(values, problem.v),
                          attn_mask=mask)
@@ -91,23 +99,6 @@ def allowed_in_front(mask: Tensor | None, count: int) -> Tensor | None:
     if mask is None:
         return None
     return F.pad(mask, (count, 0), value=True if mask.dtype == torch.bool else 0.0)
-
-
-def bias_column_in_front(mask: Tensor | None, bias: Tensor, num_keys: int,
-                         dtype: torch.dtype) -> Tensor:
-    """An additive mask: ``bias`` (1, H, 1, 1) in a front column, then the user's mask (or 0).
-
-    A float user mask keeps its dtype; otherwise the mask is made in ``dtype``.
-    """
-    if mask is None:
-        return F.pad(bias.to(dtype), (0, num_keys))
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-            ~mask, -math.inf)
-    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    leading = torch.broadcast_shapes(mask.shape[:-1], bias.shape[:-1])
-    return torch.cat([bias.to(mask.dtype).expand(*leading, 1), mask.expand(*leading, num_keys)],
-                     dim=-1)
 
 
 class SinkTokens(Mitigation):
@@ -194,12 +185,15 @@ class SinkLogit(Mitigation):
         return isinstance(self.logit, nn.Parameter)
 
     def extend_keys(self, problem: AttentionProblem) -> AttentionProblem:
-        heads = problem.k.shape[1]
-        zero_key = problem.k.new_zeros(heads, 1, problem.k.shape[-1])
+        """The sink as a key: a channel of ones on q, of zeros on k, and a key (0, s_h / scale)
+        with a zero value in front (module docstring)."""
+        heads, width = problem.k.shape[1], problem.k.shape[-1]
+        sink_key = F.pad((self.logit / problem.scale).view(heads, 1, 1), (width, 0))
         zero_value = problem.v.new_zeros(heads, 1, problem.v.shape[-1])
-        mask = bias_column_in_front(problem.attn_mask, self.logit.view(1, heads, 1, 1),
-                                    problem.num_keys, problem.q.dtype)
-        return prepend_keys(problem, zero_key, zero_value, mask)
+        with_channel = problem.with_(q=F.pad(problem.q, (0, 1), value=1.0),
+                                     k=F.pad(problem.k, (0, 1)))
+        return prepend_keys(with_channel, sink_key, zero_value,
+                            allowed_in_front(problem.attn_mask, 1))
 
     def health(self) -> dict[str, Tensor]:
         return {"logit": self.logit.float()}
