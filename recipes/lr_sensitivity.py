@@ -169,8 +169,14 @@ def train_run(variant: str, lr: float, args: argparse.Namespace, chain: MarkovCh
     start = time.perf_counter()
     for _ in range(args.steps):
         tokens = chain.sample(args.batch_size, args.seq_len, batches)[local].to(distributed.device)
-        with _autocast(args, distributed.device):
-            loss = next_token_loss(trained(tokens), tokens, args.order)
+        try:
+            with _autocast(args, distributed.device):
+                loss = next_token_loss(trained(tokens), tokens, args.order)
+        except RuntimeError as error:  # RobustAttention refuses logits that overflow: diverged
+            if not str(error).startswith("x: "):
+                raise
+            run.curve.append(math.nan)
+            break
         (loss + model.auxiliary_loss()).backward()
         if args.clip_grad:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)

@@ -9,10 +9,20 @@ its own class in :mod:`robust_attn.mitigations` and run at its stage:
       -> scores (score_mod, normalizer) -> kernel -> output transforms
       -> merge heads -> norm -> proj
 
-Masks: ``attn_mask`` is bool (True = may attend) or additive float,
-broadcastable to (B, H, N, N). ``is_causal`` and ``attn_mask`` together are
-combined (both apply); timm's own Attention raises (fused) or ignores the mask
-(unfused) in that case.
+Masks: ``attn_mask`` is bool (True = may attend) or additive float, of any
+shape that broadcasts to (B, H, N, N), 0-D to 4-D (a key padding mask (N,) or
+(B, 1, 1, N), a per-head (H, N, N), ...); forward views it as 4-D once, so
+kernels and mitigations always see (B or 1, H or 1, N or 1, N), and casts a float
+mask to q's dtype (a float32 mask works with a float16 or bfloat16 module). ``is_causal``
+and ``attn_mask`` together are combined (both apply); timm's own Attention
+raises (fused) or ignores the mask (unfused) in that case.
+
+Overflow: before the kernel runs, forward refuses a finite x whose logits overflow
+(:mod:`robust_attn.logit_limit`): where scale * max ||q_i|| * max ||k_j|| exceeds
+1e8 (2**15 for float16 logits), or a row of q or k before qk_norm has a norm above
+2**60, a RuntimeError whose message starts with "x:" says so and what to do. The
+check is ``torch._assert_async`` (no host synchronisation, compiles with
+fullgraph=True); an x holding nan or inf passes, for the probe and the guard to report.
 
 Checkpoints: a state dict that holds a module's weights but none of a
 mitigation's state (saved before the mitigation was added, e.g. from timm or
@@ -33,6 +43,7 @@ from torch import Tensor, nn
 from . import probe as health_probe
 from .config import AttentionConfig
 from .kernels import check_kernel_name, select_kernel
+from .logit_limit import all_finite, refuse_overflowing_logits, refuse_overflowing_norm_input
 from .mitigations import MITIGATIONS, Mitigation
 from .mitigations.qk_norm import qk_norm_layers
 from .problem import SOFTMAX, AttentionProblem
@@ -166,13 +177,18 @@ class RobustAttention(nn.Module):
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         self._check_input(x, attn_mask)
         q, k, v = rearrange(self.qkv(x), "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.num_heads)
+        x_finite = all_finite(x)
+        if self.normalises_qk:
+            refuse_overflowing_norm_input(q, k, x_finite)
         q, k = self.q_norm(q), self.k_norm(k)
         for mitigation in self.mitigations.values():
             q, k = mitigation.transform_qk(q, k)
-        problem = AttentionProblem(q, k, v, self.scale, attn_mask, bool(is_causal),
-                                   self._score_mods(), self._normalizer())
+        problem = AttentionProblem(q, k, v, self.scale, _kernel_mask(attn_mask, q.dtype),
+                                   bool(is_causal), self._score_mods(), self._normalizer())
+        del q, k, v  # the problem holds them: extend_keys' copies may free the originals
         for mitigation in self.mitigations.values():
             problem = mitigation.extend_keys(problem)
+        refuse_overflowing_logits(problem.q, problem.k, problem.scale, x_finite)
 
         dropout_p = self.attn_drop.p if self.training else 0.0
         kernel = select_kernel(self.kernel if self.fused_attn else "eager", problem, dropout_p)
@@ -187,6 +203,11 @@ class RobustAttention(nn.Module):
         x = self.norm(x)
         x = self.proj(x)
         return self.proj_drop(x)
+
+    @property
+    def normalises_qk(self) -> bool:
+        """Whether q and k pass through a normalisation layer (qk_norm)."""
+        return not (isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity))
 
     @property
     def probe_active(self) -> bool:
@@ -288,6 +309,17 @@ class RobustAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, kernel={self.kernel!r}"
+
+
+def _kernel_mask(attn_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A mask broadcastable to (B, H, N, N) as every kernel takes it: viewed as 4-D (leading
+    dimensions of size 1), and an additive float mask in the dtype of q (``dtype``), so that
+    adding it keeps the logits in q's dtype (a float32 mask on a float16 module, say)."""
+    if attn_mask is None:
+        return None
+    if attn_mask.is_floating_point() and attn_mask.dtype != dtype:
+        attn_mask = attn_mask.to(dtype)
+    return attn_mask[(None,) * (4 - attn_mask.dim())]
 
 
 def _loading_strictly() -> bool:

@@ -53,6 +53,39 @@ def test_bad_mask_names_the_argument(mask, error, match):
         RobustAttention(16, num_heads=2)(torch.randn(2, 5, 16), attn_mask=mask)
 
 
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+@pytest.mark.parametrize("mask_shape", [(1,), (5,), (1, 5), (5, 5), (2, 5, 5), (1, 1, 5),
+                                        (3, 1, 1, 5), (3, 2, 5, 5)])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_a_mask_of_any_rank_is_the_4d_mask_it_broadcasts_to(kernel, mask_shape, dtype):
+    torch.manual_seed(0)
+    module = RobustAttention(16, num_heads=2, kernel=kernel)
+    x = torch.randn(3, 5, 16)
+    allowed = torch.rand(mask_shape) < 0.7
+    allowed[..., 0] = True
+    mask = allowed if dtype == torch.bool else torch.randn(mask_shape).masked_fill(~allowed, -torch.inf)
+    torch.testing.assert_close(module(x, attn_mask=mask),
+                               module(x, attn_mask=mask.expand(3, 2, 5, 5)))
+
+
+def test_a_0d_mask_applies_to_every_pair():
+    module = RobustAttention(16, num_heads=2)
+    x = torch.randn(3, 5, 16)
+    torch.testing.assert_close(module(x, attn_mask=torch.tensor(True)), module(x))
+    torch.testing.assert_close(module(x, attn_mask=torch.tensor(-1.5)), module(x))
+
+
+@pytest.mark.parametrize("variant", ["baseline", "softcap", "sink"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_float32_mask_on_a_low_precision_module_is_cast_to_its_dtype(variant, dtype):
+    module = create(variant, 16, num_heads=2).to(dtype)
+    x = torch.randn(2, 5, 16, dtype=dtype)
+    mask = torch.randn(5, 5).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), -torch.inf)
+    out = module(x, attn_mask=mask)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, module(x, attn_mask=mask.to(dtype)), rtol=0, atol=0)
+
+
 def test_fully_masked_rows_give_zeros_not_nan_on_every_cpu_kernel():
     mask = torch.ones(6, 6, dtype=torch.bool)
     mask[2] = False

@@ -65,7 +65,9 @@ Our choices, where the paper is silent:
     the bound holds, looser than the theorem's own s. It assumes the logits are
     scale (x W_q^T + b_q)(x W_k^T + b_k)^T over all N tokens: it does not hold
     with masks (causal included), qk_norm, other q/k transforms, score modifiers,
-    extra keys or a normalizer other than softmax.
+    extra keys or a normalizer other than softmax. Where a matrix is not finite (a nan
+    input or weight) its spectral norm, and so the bound, is nan (:func:`spectral_norm`):
+    the health probe reports non-finite values, it does not fail on them.
 """
 
 from __future__ import annotations
@@ -108,8 +110,10 @@ class SigmaReparamLinear(nn.Module):
 
     Keeps nn.Linear's ``weight`` and ``bias`` (so timm weights load onto it) and
     adds the parameter ``gamma`` and the float32 buffers ``u`` (out_features) and
-    ``v`` (in_features). It is not an nn.Linear subclass on purpose: code that
-    finds nn.Linear modules and reads ``.weight`` directly would skip W_hat.
+    ``v`` (in_features), which stay float32 when the module is cast (``.half()``,
+    ``.to(torch.bfloat16)``): the power iteration runs in float32 whatever the weights' dtype.
+    It is not an nn.Linear subclass on purpose: code that finds nn.Linear modules and reads
+    ``.weight`` directly would skip W_hat.
 
     Args:
         in_features, out_features, bias, device, dtype: as nn.Linear, whose
@@ -199,6 +203,16 @@ class SigmaReparamLinear(nn.Module):
             linear.bias = nn.Parameter(self.bias.clone())
         return linear
 
+    def _apply(self, fn, recurse: bool = True):
+        """nn.Module._apply (behind .to(), .half(), .bfloat16(), .cuda(), ...), keeping u and v in
+        float32: a conversion of the module's dtype moves them to its device, their dtype stays."""
+        vectors = {name: self._buffers[name] for name in ("u", "v")}
+        super()._apply(fn, recurse)
+        for name, before in vectors.items():
+            if self._buffers[name].dtype != torch.float32:
+                self._buffers[name] = before.to(self._buffers[name].device)
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         gamma = state_dict.get(prefix + "gamma")
         if gamma is not None and gamma.dim() == 0:  # saved while gamma was 0-dim
@@ -256,6 +270,15 @@ def sigma_reparametrize(model: nn.Module, preserve: bool = True) -> nn.Module:
         return SigmaReparamLinear.from_linear(module, preserve)
 
     return _replace_modules(model, reparametrized)
+
+
+def spectral_norm(matrices: Tensor) -> Tensor:
+    """||M||_2, the largest singular value, of each matrix in the last two dimensions; nan for a
+    matrix holding a nan or an inf (whose SVD LAPACK refuses: the entries are zeroed for the SVD,
+    then its result replaced by nan). No host synchronisation."""
+    finite = torch.isfinite(matrices).all(dim=-1).all(dim=-1)
+    norms = torch.linalg.matrix_norm(matrices.nan_to_num(0.0, 0.0, 0.0), ord=2)
+    return torch.where(finite, norms, torch.nan)
 
 
 def attention_entropy_lower_bound(logit_scale: Tensor, num_keys: int) -> Tensor:
@@ -335,8 +358,8 @@ class SigmaReparam(Mitigation):
             stats[f"{role}.sigma"] = layer.sigma()
             stats[f"{role}.gamma"] = layer.gamma.detach().float().reshape(()).clone()
         w_q, w_k, _ = self._layers["qkv"].effective_weight().float().split(self.attn_dim)
-        stats["q.spectral_norm"] = torch.linalg.matrix_norm(self._with_bias_column(w_q), ord=2)
-        stats["k.spectral_norm"] = torch.linalg.matrix_norm(w_k, ord=2)
+        stats["q.spectral_norm"] = spectral_norm(self._with_bias_column(w_q))
+        stats["k.spectral_norm"] = spectral_norm(w_k)
         x = self._input() if self._input is not None else None
         if x is not None:
             stats["entropy_bound"] = self._entropy_bound(
@@ -353,7 +376,7 @@ class SigmaReparam(Mitigation):
     def _entropy_bound(self, x: Tensor, qk_norm_product: Tensor) -> Tensor:
         """Theorem 3.1's normalised bound for the batch's sequence with the weakest one."""
         queries = x if self._layers["qkv"].bias is None else F.pad(x, (0, 1), value=1.0)
-        input_norms = torch.linalg.matrix_norm(queries, ord=2) * torch.linalg.matrix_norm(x, ord=2)
+        input_norms = spectral_norm(queries) * spectral_norm(x)
         logit_scale = self.scale * qk_norm_product * input_norms
         return attention_entropy_lower_bound(logit_scale, x.shape[-2]).amin()
 

@@ -1,0 +1,123 @@
+"""Refuse attention logits that overflow, before any kernel runs: sync-free and compile friendly.
+
+Every kernel computes the logits s_ij = scale q_i . k_j (robust_attn.problem). By
+Cauchy-Schwarz (|a . b| <= ||a|| ||b||), for every query i and key j of the batch::
+
+    |s_ij|  <=  bound  =  scale * max_i ||q_i|| * max_j ||k_j||
+
+computed here in float32 (float64 for float64 q, k) on the detached q and k (after qk_norm,
+every q/k transform and the keys a mitigation prepends; before score modifiers and the mask).
+RobustAttention.forward asserts ``not (bound > limit) or not all_finite(x)`` with
+``torch._assert_async``: no host synchronisation (on CUDA the error surfaces at the next
+synchronisation), traced by ``torch.compile(fullgraph=True)``. It raises RuntimeError with a
+message that starts with "x:".
+
+Only a finite x is refused: an x holding a nan or an inf passes (its non-finite values reach the
+output, where the health probe's ``health.nonfinite`` and :func:`robust_attn.nonfinite_guard`
+report them), and so does a nan bound (nan weights: ``nan > limit`` is False). The bound alone
+cannot tell an inf input from finite values whose squares overflow (float32's ``vector_norm``
+is inf from a row norm of 1.8e19), hence the test of x: one ``aminmax`` pass, nan propagating.
+
+The limit, ``logit_limit(dtype)``, is the bound's largest allowed value:
+
+- ``FLOAT16_LOGIT_LIMIT = 2**15`` where the logits are float16 (a float16 module, or float16
+  autocast): the eager and chunked kernels compute float16 logits, which overflow at 65504,
+  giving nan attention (measured: max |logit| 1e5). Half of 65504 leaves room for the rounding
+  of scale * q . k in float16 (relative D * 2^-11, below 2 for D <= 2048).
+- ``LOGIT_LIMIT = 1e8`` otherwise (float32, bfloat16, float64). Measured on the CPU (torch
+  2.14): SDPA's backward first returns inf where eager is finite at max |logit| ~ 2e30 (inputs
+  ~ 1e15 of a module with unit-scale weights), and eager's logits overflow at 3.4e38. Far below
+  that, from 2^24 ~ 1.7e7, adjacent float32 values are 2 apart (bfloat16's from 256), so a
+  logit's rounding error exceeds 1: the attention weights are set by rounding and kernels
+  disagree by O(1) (eps (1 + L) > 1 in robust_attn.testing.tolerances' error model), and
+  nothing is lost by refusing. 1e8 is 6x that horizon (the bound overestimates the largest
+  logit, typically by ~sqrt(D) for unaligned q and k) and far above the logits of any trained
+  model. float64 has the same limit (and the same NORM_INPUT_LIMIT), so that a float64
+  reference refuses what its float32 twin refuses; no softmax needs such logits (its weights
+  are one-hot from logit differences of ~100).
+
+A normalisation of q and k (qk_norm: LayerNorm, or any ``norm_layer`` that squares its input)
+returns nan from a finite q once squares overflow float32, from a row norm of about 1.9e19
+(measured for LayerNorm). Where q and k are normalised, the raw rows' largest norm must also
+stay below ``NORM_INPUT_LIMIT = 2**60`` (1.2e18, squares 250x below float32's largest).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import torch
+from torch import Tensor
+
+LOGIT_LIMIT: Final = 1e8
+FLOAT16_LOGIT_LIMIT: Final = 2.0 ** 15
+NORM_INPUT_LIMIT: Final = 2.0 ** 60
+
+_NORMALISE = "normalise x (e.g. a LayerNorm before attention)"
+_IF_DIVERGED = "if training diverged, lower the learning rate or clip gradients"
+
+
+def logits_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype the kernels compute logits in: q's ``dtype``, or the autocast dtype where autocast
+    is enabled on ``device_type`` (it casts float32, float16 and bfloat16 matmuls, not float64)."""
+    if dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
+def logit_limit(dtype: torch.dtype) -> float:
+    """The largest allowed logit bound for logits computed in ``dtype`` (module docstring)."""
+    return FLOAT16_LOGIT_LIMIT if dtype == torch.float16 else LOGIT_LIMIT
+
+
+def all_finite(tensor: Tensor) -> Tensor:
+    """0-dim bool: every entry of ``tensor`` is finite (True when it is empty); one aminmax pass,
+    which propagates nan, no host synchronisation."""
+    if tensor.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=tensor.device)
+    low, high = torch.aminmax(tensor.detach())
+    return torch.isfinite(low) & torch.isfinite(high)
+
+
+def largest_row_norm(tensor: Tensor) -> Tensor:
+    """max over rows of ||row||_2 (the last dimension), detached, in float32 (float64 for a
+    float64 tensor), 0 when there is no row: a 0-dim tensor."""
+    dtype = torch.promote_types(tensor.dtype, torch.float32)
+    if tensor.numel() == 0:
+        return torch.zeros((), dtype=dtype, device=tensor.device)
+    return torch.linalg.vector_norm(tensor.detach(), dim=-1, dtype=dtype).amax()
+
+
+def logit_bound(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """scale * max_i ||q_i|| * max_j ||k_j|| (:func:`largest_row_norm`): bounds every
+    |scale q_i . k_j| (0-dim)."""
+    return scale * largest_row_norm(q) * largest_row_norm(k)
+
+
+# Formatted once: under torch.compile(dynamic=True) a float limit may be symbolic, and a symbolic
+# float cannot be formatted inside the graph.
+_LIMIT_TEXT = {True: f"{FLOAT16_LOGIT_LIMIT:.3g}", False: f"{LOGIT_LIMIT:.3g}"}
+_NORM_INPUT_LIMIT_TEXT = f"{NORM_INPUT_LIMIT:.3g}"
+
+
+def refuse_overflowing_logits(q: Tensor, k: Tensor, scale: float, x_finite: Tensor) -> None:
+    """RuntimeError (asynchronously) naming x when x is finite (``x_finite``, :func:`all_finite`)
+    and :func:`logit_bound` exceeds :func:`logit_limit` for the dtype the logits are computed in."""
+    dtype = logits_dtype(q.dtype, q.device.type)
+    torch._assert_async(
+        ~(logit_bound(q, k, scale) > logit_limit(dtype)) | ~x_finite,
+        f"x: the attention logits are too large: their bound scale * max ||q_i|| * max ||k_j|| "
+        f"exceeds {_LIMIT_TEXT[dtype == torch.float16]} (or is inf) for {dtype} logits, beyond "
+        f"which logits overflow or hold no correct digit; x or the q/k weights are too large. To "
+        f"fix it, {_NORMALISE}, use qk_norm=True, or, {_IF_DIVERGED}.")
+
+
+def refuse_overflowing_norm_input(q: Tensor, k: Tensor, x_finite: Tensor) -> None:
+    """RuntimeError (asynchronously) naming x when x is finite and a row of q or k, before its
+    normalisation, has a norm above NORM_INPUT_LIMIT (the normalisation's squares would overflow)."""
+    largest = torch.maximum(largest_row_norm(q), largest_row_norm(k))
+    torch._assert_async(
+        ~(largest > NORM_INPUT_LIMIT) | ~x_finite,
+        f"x: q or k is too large for qk_norm: a row's norm exceeds {_NORM_INPUT_LIMIT_TEXT} (or is "
+        f"inf), whose squares overflow float32, so the normalised q, k would be nan; x or the qkv "
+        f"weights are too large. To fix it, {_NORMALISE} or, {_IF_DIVERGED}.")
