@@ -20,7 +20,9 @@ raises (fused) or ignores the mask (unfused) in that case.
 Overflow: before the kernel runs, forward refuses a finite x whose logits overflow
 (:mod:`robust_attn.logit_limit`): where scale * max ||q_i|| * max ||k_j|| exceeds
 1e8 (2**15 for float16 logits), or a row of q or k before qk_norm has a norm above
-2**60, a RuntimeError whose message starts with "x:" says so and what to do. The
+2**60, a RuntimeError whose message starts with "x:" says so and what to do. It
+bounds the tokens' own q and k, before mitigations add keys (sink keys and logits are
+weights, not inputs: a sink logit of -inf, no sink, is allowed). The
 check is ``torch._assert_async`` (no host synchronisation, compiles with
 fullgraph=True); an x holding nan or inf passes, for the probe and the guard to report.
 
@@ -183,12 +185,12 @@ class RobustAttention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         for mitigation in self.mitigations.values():
             q, k = mitigation.transform_qk(q, k)
+        refuse_overflowing_logits(q, k, self.scale, x_finite)  # the tokens' own (sinks are weights)
         problem = AttentionProblem(q, k, v, self.scale, _kernel_mask(attn_mask, q.dtype),
                                    bool(is_causal), self._score_mods(), self._normalizer())
         del q, k, v  # the problem holds them: extend_keys' copies may free the originals
         for mitigation in self.mitigations.values():
             problem = mitigation.extend_keys(problem)
-        refuse_overflowing_logits(problem.q, problem.k, problem.scale, x_finite)
 
         dropout_p = self.attn_drop.p if self.training else 0.0
         kernel = select_kernel(self.kernel if self.fused_attn else "eager", problem, dropout_p)
