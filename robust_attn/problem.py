@@ -97,6 +97,12 @@ class AttentionProblem:
         return self.normalizer is SOFTMAX
 
     @property
+    def may_block_keys(self) -> bool:
+        """A mask, causality or a pattern may block keys, so a row may have none allowed.
+        (Score modifiers change scores; they do not block.)"""
+        return self.attn_mask is not None or self.causal or self.pattern is not None
+
+    @property
     def needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(
             t.requires_grad for t in (self.q, self.k, self.v, self.attn_mask) if t is not None

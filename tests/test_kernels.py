@@ -164,3 +164,20 @@ def test_cuda_kernels_equal_eager(kernel):
         problem = AttentionProblem(q, k, v, 64 ** -0.5, **options)
         torch.testing.assert_close(KERNELS[kernel].run(problem, 0.0), eager_attention(problem),
                                    atol=2e-3, rtol=2e-3)
+
+
+def test_weights_without_blocked_keys_take_the_fused_softmax_and_equal_the_guarded_one():
+    """eager's attention_weights skips Softmax's empty-row guard when nothing can block a key;
+    both give the same weights, and a mask brings the guard back (an empty row gives zeros)."""
+    from robust_attn.kernels.eager import attention_logits, attention_weights
+    from robust_attn.problem import SOFTMAX
+
+    q, k, v = (torch.randn(2, 3, 7, 5, dtype=torch.float64) * 4 for _ in range(3))
+    problem = AttentionProblem(q, k, v, 5 ** -0.5, score_mods=(TanhSoftCap(3.0),))
+    assert not problem.may_block_keys
+    torch.testing.assert_close(attention_weights(problem), SOFTMAX(attention_logits(problem)))
+    mask = torch.ones(7, 7, dtype=torch.bool)
+    mask[2] = False
+    masked = problem.with_(attn_mask=mask)
+    assert masked.may_block_keys
+    assert attention_weights(masked)[:, :, 2].abs().sum() == 0
