@@ -193,8 +193,11 @@ class RobustAttention(nn.Module):
             problem = mitigation.extend_keys(problem)
 
         dropout_p = self.attn_drop.p if self.training else 0.0
-        kernel = select_kernel(self.kernel if self.fused_attn else "eager", problem, dropout_p)
-        out = kernel.run(problem, dropout_p)
+        if problem.num_queries == 0:  # no tokens: an empty output (the kernels need a query row)
+            out = problem.v[..., :0, :]
+        else:
+            kernel = select_kernel(self.kernel if self.fused_attn else "eager", problem, dropout_p)
+            out = kernel.run(problem, dropout_p)
         for mitigation in self.mitigations.values():  # sorted by output_order at construction
             out = mitigation.transform_output(out, problem, x)
         if self.probe_active:

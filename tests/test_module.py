@@ -161,3 +161,16 @@ def test_create_rejects_unknown_variant_and_applies_overrides():
         create("nope", 16)
     assert create("softcap", 16, num_heads=2, softcap=7.0).mitigations["softcap"].cap == 7.0
     assert set(robust_attn.list_variants()) >= {"baseline", "qk_norm", "softcap"}
+
+
+@pytest.mark.parametrize("variant", list_variants())
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_an_empty_sequence_gives_an_empty_output_for_every_preset(variant, is_causal):
+    """N = 0 tokens: (B, 0, C) out and a backward pass, whatever the kernel would have been
+    (sigmoid's bias -log N, block_sparse's block size and the guarded softmax need a row)."""
+    module = create(variant, dim=8, num_heads=2)
+    x = torch.randn(2, 0, 8, requires_grad=True)
+    y = module(x, is_causal=is_causal)
+    assert y.shape == (2, 0, 8)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
