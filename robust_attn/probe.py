@@ -163,7 +163,7 @@ def measure(problem: AttentionProblem, out: Tensor, extras: dict[str, Tensor],
     sub, query_index, sub_out = _sample(problem, out, max_queries)
     logits = attention_logits(sub, query_index).float()
     allowed = ~torch.isneginf(logits)  # nan logits stay 'allowed', so their nan shows
-    weights = sub.normalizer(logits)
+    weights = sub.normalize(logits)
     # Rows of sigmoid attention are not distributions: judge where each row puts its weight.
     shares = weights if sub.is_softmax else weights / weights.sum(dim=-1, keepdim=True)
     entropy = metrics.attention_entropy(shares, allowed)

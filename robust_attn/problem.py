@@ -102,6 +102,14 @@ class AttentionProblem:
         (Score modifiers change scores; they do not block.)"""
         return self.attn_mask is not None or self.causal or self.pattern is not None
 
+    def normalize(self, logits: Tensor) -> Tensor:
+        """The weights of masked ``logits``: the normalizer, or torch.softmax for softmax when
+        nothing can block a key (every row has an allowed key, so :class:`Softmax`'s guard
+        against empty rows, four more passes over the scores, has nothing to do)."""
+        if self.is_softmax and not self.may_block_keys:
+            return torch.softmax(logits, dim=-1)
+        return self.normalizer(logits)
+
     @property
     def needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(

@@ -81,7 +81,7 @@ def rows_per_block(problem: AttentionProblem) -> int:
 def _block_weights(problem: AttentionProblem, scores: Tensor, rows: Tensor,
                    dropout_p: float) -> Tensor:
     """dropout(normalizer(masked logits)) of the rows' scores scale Q_R K^T."""
-    weights = problem.normalizer(masked_logits(problem, scores, rows))
+    weights = problem.normalize(masked_logits(problem, scores, rows))
     return F.dropout(weights, p=dropout_p) if dropout_p > 0.0 else weights
 
 

@@ -64,15 +64,8 @@ def attention_logits(problem: AttentionProblem, query_index: Tensor | None = Non
 
 
 def attention_weights(problem: AttentionProblem, query_index: Tensor | None = None) -> Tensor:
-    """Attention weights (B, H, Nq', Nk): the normalizer applied to :func:`attention_logits`.
-
-    Softmax with nothing that blocks keys runs torch.softmax: every row has an allowed key, so
-    the guard of :class:`robust_attn.problem.Softmax` against empty rows (four more passes over
-    the scores) has nothing to do."""
-    logits = attention_logits(problem, query_index)
-    if problem.is_softmax and not problem.may_block_keys:
-        return torch.softmax(logits, dim=-1)
-    return problem.normalizer(logits)
+    """Attention weights (B, H, Nq', Nk): :meth:`AttentionProblem.normalize` of :func:`attention_logits`."""
+    return problem.normalize(attention_logits(problem, query_index))
 
 
 def eager_attention(problem: AttentionProblem, dropout_p: float = 0.0) -> Tensor:
