@@ -6,6 +6,7 @@ from .distributed import reduce_health
 from .early_warnings import HealthWarning, Thresholds
 from .guard import NonFiniteError, nonfinite_guard
 from .integrations import convert, layer, revert
+from .mitigations import DefeatedMitigationWarning
 from .monitor import HealthMonitor, MonitorReport, attention_maps
 from .presets import create, list_variants, preset_options
 from .probe import AttentionHealth, health_probe, set_probe_enabled
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionHealth",
+    "DefeatedMitigationWarning",
     "HealthMonitor",
     "HealthWarning",
     "MonitorReport",

@@ -40,7 +40,6 @@ from .diagnostics import (
     DEFAULT_BETAS,
     NORM_POSITIONS,
     Architecture,
-    layer_health,
     trainability_diagram,
 )
 from .early_warnings import HealthWarning
@@ -51,10 +50,10 @@ from .presets import list_variants
 from .stack import (
     ENTROPY_COLLAPSE,
     RANK_COLLAPSE,
-    AttentionStack,
     StackHealth,
     StackSetting,
-    init_stack_weights,
+    build_stack,
+    layer_health,
 )
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -135,13 +134,11 @@ def _training_step(model: torch.nn.Module, inputs: torch.Tensor):
 
 
 def _builtin_step(setting: StackSetting, kernel: str):
-    """The stack of ``setting``, drawn as robust_attn.stack.measure_stack draws it, after one
-    monitored training step on the loss mean(X_L^2): its StackHealth (measure_stack's numbers,
-    from the same forward), warnings and attention maps."""
+    """The stack of ``setting``, built as robust_attn.stack.measure_stack builds it (each preset as
+    users build it), after one monitored training step on the loss mean(X_L^2): its StackHealth
+    (measure_stack's numbers, from the same forward), warnings and attention maps."""
     generator = torch.Generator().manual_seed(setting.seed)
-    stack = AttentionStack(setting.depth, setting.dim, setting.num_heads, setting.residual,
-                           setting.variant, kernel=kernel)
-    init_stack_weights(stack, setting.qk_scale, generator)
+    stack = build_stack(setting, generator, kernel=kernel)
     x = torch.randn(setting.batch, setting.tokens, setting.dim, generator=generator)
     hidden, _, warnings, maps = _training_step(stack, x)
     layers = [layer_health(index, attention, state.detach()) for index, (attention, state)

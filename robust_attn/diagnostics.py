@@ -58,13 +58,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from .metrics import token_cosine_similarity, token_residual
+from .metrics import token_cosine_similarity
 from .stack import (
     AttentionStack,
     LayerHealth,
     StackHealth,
     StackSetting,
     init_stack_weights,
+    layer_health,
 )
 
 NORM_POSITIONS = ("pre", "post")
@@ -74,7 +75,7 @@ DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 @dataclass(frozen=True)
 class Architecture:
-    """The stack a diagram is drawn for (the defaults are DESIGN.md's table's)."""
+    """The stack a diagram is drawn for (the defaults are the claims table's: docs/collapse-setting.md)."""
 
     depth: int = 24
     dim: int = 128
@@ -245,17 +246,6 @@ def propagate(stack: AttentionStack, x: Tensor, alpha: float, norm: str) -> list
             x = layer_norm(alpha * x + attention(x))
         hidden.append(x)
     return hidden
-
-
-def layer_health(index: int, attention, state: Tensor) -> LayerHealth:
-    """Layer ``index`` (0-based)'s LayerHealth from its probe and the hidden state (B, N, C) it
-    output, as robust_attn.stack.measure_stack reports it."""
-    health = attention.health
-    return LayerHealth(layer=index + 1, entropy=health.entropy.mean().item(),
-                       min_entropy=health.min_entropy.min().item(),
-                       residual=token_residual(state).mean().item(),
-                       sink_mass=health.sink_mass.mean().item(),
-                       max_logit=health.max_logit.max().item())
 
 
 @torch.no_grad()

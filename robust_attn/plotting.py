@@ -31,33 +31,42 @@ def pyplot():
 
 
 def plot_stack_health(reports, path: Path) -> Path:
-    """Per-layer entropy (top) and res(X) (bottom), attention-only and residual stacks side by side;
-    colour = variant, line style = query/key weight scale."""
+    """Two heatmaps, one row per variant and one column per (stack kind, sqk): the worst layer's
+    entropy (left) and the output's res(X) on a log scale (right), each cell labelled with its
+    value and each map with its colourbar. Collapse shows as the dark end of either map."""
     plt = pyplot()
+    from matplotlib.colors import LogNorm
+
     variants = list(dict.fromkeys(r.setting.variant for r in reports))
-    scales = sorted({r.setting.qk_scale for r in reports})
-    palette = plt.get_cmap("tab20").colors
-    # distinct shades first
-    colours = dict(zip(variants, palette[0::2] + palette[1::2], strict=False))
-    styles = dict(zip(scales, ["-", "--", ":", "-."] * len(scales), strict=False))
-    figure, axes = plt.subplots(2, 2, figsize=(13, 8), sharex=True)
-    for column, residual in enumerate((False, True)):
-        entropy_axis, residual_axis = axes[0, column], axes[1, column]
-        for report in (r for r in reports if r.setting.residual == residual):
-            setting, layers = report.setting, report.layers
-            style = dict(color=colours[setting.variant], linestyle=styles[setting.qk_scale])
-            depth = [layer.layer for layer in layers]
-            entropy_axis.plot(depth, [layer.entropy for layer in layers], **style)
-            residual_axis.plot(depth, [max(layer.residual, 1e-12) for layer in layers], **style)
-        stack = "with residual" if residual else "attention only"
-        entropy_axis.set(title=f"{stack}: entropy (collapse -> 0)", ylim=(-0.02, 1.02),
-                         ylabel="normalised attention entropy")
-        residual_axis.set(title=f"{stack}: res(X) (rank collapse -> 0)", yscale="log",
-                          xlabel="layer", ylabel="res(X)")
-    handles = [plt.Line2D([], [], color=colours[v], label=v) for v in variants] + \
-        [plt.Line2D([], [], color="black", linestyle=styles[s], label=f"sqk={s:g}") for s in scales]
-    figure.legend(handles=handles, loc="center right", fontsize=8)
-    figure.tight_layout(rect=(0, 0, 0.87, 1))
+    columns = sorted({(r.setting.residual, r.setting.qk_scale) for r in reports})
+    by_cell = {(r.setting.variant, r.setting.residual, r.setting.qk_scale): r for r in reports}
+
+    def grid(value):
+        return [[value(by_cell[(variant, *column)]) if (variant, *column) in by_cell else math.nan
+                 for column in columns] for variant in variants]
+
+    entropy = grid(lambda report: report.worst_entropy)
+    residual = grid(lambda report: max(report.final_residual, 1e-12))
+    labels = [f"{'residual' if residual_stack else 'attn only'}\nsqk {scale:g}"
+              for residual_stack, scale in columns]
+    figure, axes = plt.subplots(1, 2, figsize=(4 + 1.6 * len(columns), 1.2 + 0.42 * len(variants)))
+    panels = ((axes[0], entropy, dict(vmin=0.0, vmax=1.0), "{:.2f}",
+               "worst-layer entropy H (entropy collapse -> 0)"),
+              (axes[1], residual, dict(norm=LogNorm(vmin=1e-8, vmax=1.0)), "{:.0e}",
+               "final res(X) (rank collapse -> 0)"))
+    for axis, values, scale, label, title in panels:
+        image = axis.imshow(values, cmap="viridis", aspect="auto", **scale)
+        axis.set_xticks(range(len(columns)), labels, fontsize=8)
+        axis.set_yticks(range(len(variants)), variants, fontsize=8)
+        axis.set_title(title, fontsize=9)
+        for row, line in enumerate(values):
+            for column, value in enumerate(line):
+                if math.isfinite(value):
+                    axis.text(column, row, label.format(value), ha="center", va="center",
+                              fontsize=7, color="white" if value < (0.5 if label == "{:.2f}"
+                                                                    else 1e-4) else "black")
+        figure.colorbar(image, ax=axis, fraction=0.05)
+    figure.tight_layout()
     return _save(plt, figure, path)
 
 
@@ -82,7 +91,7 @@ def plot_attention_maps(maps: dict[str, torch.Tensor], path: Path, title: str = 
 
     ``maps`` as :func:`robust_attn.monitor.attention_maps` returns them; each
     panel is one head's weights, queries down, keys across, on a colour scale
-    from 0 to that panel's largest weight (shown under it).
+    from 0 to that panel's largest weight (its colourbar beside it).
     """
     plt = pyplot()
     layers = _evenly(list(maps), max_layers)
@@ -99,9 +108,9 @@ def plot_attention_maps(maps: dict[str, torch.Tensor], path: Path, title: str = 
                 continue
             panel = weights[head]
             largest = panel.max().item()
-            axis.imshow(panel.numpy(), cmap="viridis", vmin=0.0, vmax=max(largest, 1e-12),
-                        interpolation="nearest")
-            axis.set_xlabel(f"max {largest:.2f}", fontsize=7)
+            image = axis.imshow(panel.numpy(), cmap="viridis", vmin=0.0,
+                                vmax=max(largest, 1e-12), interpolation="nearest")
+            figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
             if row == 0:
                 axis.set_title(f"head {head}", fontsize=9)
         axes[row, 0].set_ylabel(name, fontsize=8)

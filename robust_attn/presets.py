@@ -18,12 +18,18 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     # Bao et al. 2024: concentrated QK-eigenspectrum init plus its regulariser (weight 0.01).
     "spectral_qk": {"spectral_qk": True},
     # gpt-oss's learned per-head sink logit (zero value: it can only take mass away), starting
-    # at 0 = softmax-off-by-one; H parameters. sink_tokens=k is the StreamingLLM alternative.
+    # at 0 = softmax-off-by-one; H parameters. sink_tokens=k adds k learned key/value
+    # slots per layer instead (not StreamingLLM's prepended input token).
     "sink": {"sink_logit": True},
     # Qiu et al. 2025's best gate (G1, elementwise), as in Qwen3-Next and timm's gated=True.
     "gated": {"gated": "elementwise"},
-    # Nait Saada, Naderi & Tanner 2025: A - uniform, against rank collapse; no option to tune.
-    "outlier_removal": {"outlier_removal": True},
+    # Nait Saada, Naderi & Tanner 2025: A - uniform, against rank collapse. No proj bias, as in
+    # the authors' bias-free projections: (A - U) V is small at initialisation, and a bias
+    # added to every token would dominate it and make the tokens alike (rank collapse).
+    "outlier_removal": {"outlier_removal": True, "proj_bias": False},
+    # Both failures at once, chosen by measurement (docs/collapse-setting.md): qk_norm bounds
+    # the logits (no entropy collapse), outlier removal keeps the tokens apart (no rank collapse).
+    "robust": {"qk_norm": True, "outlier_removal": True, "proj_bias": False},
     # Ramapuram et al. 2024: b = -log(Nk), with qk_norm as the paper recommends for stability.
     "sigmoid": {"sigmoid": True, "qk_norm": True},
     # Blocks of 64 tokens (Parmar et al. 2018; Qiu et al. 2020) plus the first token (a ViT's

@@ -1,14 +1,28 @@
 """A deep stack of attention layers at initialisation: the setting in which collapse is studied.
 
-    attention only:  X_{l+1} = Attn_l(LN(X_l))
-    with residual:   X_{l+1} = X_l + Attn_l(LN(X_l))
+    pre-LN,  attention only:  X_{l+1} = Attn_l(LN(X_l))
+    pre-LN,  with residual:   X_{l+1} = X_l + Attn_l(LN(X_l))
+    post-LN, attention only:  X_{l+1} = LN(Attn_l(X_l))
+    post-LN, with residual:   X_{l+1} = LN(X_l + Attn_l(X_l))
 
-(pre-LayerNorm, no MLP), as in DESIGN.md's table and in Dong et al. 2021 and
-Noci et al. 2022. Weights are drawn so that the query/key scale is one knob:
-W_q, W_k ~ N(0, qk_scale^2 / C) and W_v, W_o ~ N(0, 1 / C), biases zero, so
-qk_scale = 1 gives attention logits of order 1 and larger scales sharpen them
-(the beta of Giorlandino & Goldt 2025, "Two failure modes of deep
-transformers and how to avoid them").
+(no MLP), as in Dong et al. 2021 and Noci et al. 2022; docs/collapse-setting.md
+describes the setting and the thresholds.
+
+The claims harness (:func:`measure_stack`) measures each preset exactly as a user
+builds it: every layer is ``create(variant, dim=C, num_heads=H)``, with its own
+initialisation, biases and mitigation parameters left as they are. One knob is
+turned: W_q and W_k (and their biases, if any) are multiplied by the QK scale
+``sqk``, so sqk = 1 is the module as built and larger values sharpen the logits.
+nn.Linear's default init draws weights of standard deviation 1 / sqrt(3 C), so
+the logits of LayerNormed tokens have standard deviation about sqk^2 / 3.
+Every random draw comes from the setting's seed: the input from a
+``torch.Generator``, and the modules' own initialisation from torch's global
+generator seeded from it inside ``torch.random.fork_rng`` (the caller's global
+random state is left as it was). The same setting always measures the same.
+
+:func:`init_stack_weights` is another init, used by the trainability diagrams
+(:mod:`robust_attn.diagnostics`) only: the Gaussian draw of Giorlandino & Goldt's
+theory, W_q, W_k ~ N(0, sqk^2 / C), W_v, W_o ~ N(0, 1 / C), biases zero.
 
 Verdicts use the thresholds below: entropy collapse when some layer's mean
 normalised entropy falls under ENTROPY_COLLAPSE, rank collapse when the output's
@@ -27,30 +41,52 @@ from .presets import create
 
 ENTROPY_COLLAPSE = 0.1
 RANK_COLLAPSE = 0.01
+NORM_POSITIONS = ("pre", "post")
 
 
 class AttentionStack(nn.Module):
-    """``depth`` pre-LN attention layers of one variant, with or without residual connections."""
+    """``depth`` attention layers of one variant, pre- or post-LN, with or without residual
+    connections (module docstring)."""
 
     def __init__(self, depth: int, dim: int, num_heads: int, residual: bool = False,
-                 variant: str = "baseline", **options):
+                 variant: str = "baseline", norm: str = "pre", **options):
         super().__init__()
+        if norm not in NORM_POSITIONS:
+            raise ValueError(f"norm={norm!r}: expected one of {NORM_POSITIONS}")
         self.residual = residual
+        self.norm = norm
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
         self.layers = nn.ModuleList(create(variant, dim, num_heads, **options) for _ in range(depth))
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """The hidden states after each layer, (B, N, C) each."""
         hidden = []
-        for norm, attention in zip(self.norms, self.layers, strict=True):
-            update = attention(norm(x))
-            x = x + update if self.residual else update
+        for layer_norm, attention in zip(self.norms, self.layers, strict=True):
+            if self.norm == "pre":
+                update = attention(layer_norm(x))
+                x = x + update if self.residual else update
+            else:
+                update = attention(x)
+                x = layer_norm(x + update if self.residual else update)
             hidden.append(x)
         return hidden
 
 
+@torch.no_grad()
+def scale_qk_weights_(stack: AttentionStack, qk_scale: float) -> None:
+    """Multiply every layer's W_q and W_k (and their biases) by ``qk_scale``, in place, then let
+    mitigations that derive state from the weights catch up (sigma_reparam's u, v)."""
+    for attention in stack.layers:
+        queries_and_keys = slice(0, 2 * attention.attn_dim)
+        attention.qkv.weight[queries_and_keys] *= qk_scale
+        if attention.qkv.bias is not None:
+            attention.qkv.bias[queries_and_keys] *= qk_scale
+        attention.reset_from_weights()
+
+
 def init_stack_weights(stack: AttentionStack, qk_scale: float, generator: torch.Generator) -> None:
-    """W_q, W_k ~ N(0, qk_scale^2 / C); W_v, W_o ~ N(0, 1 / C); biases zero (see module docstring)."""
+    """The theory's init, for the trainability diagrams only (module docstring):
+    W_q, W_k ~ N(0, qk_scale^2 / C); W_v, W_o ~ N(0, 1 / C); biases zero."""
     with torch.no_grad():
         for attention in stack.layers:
             dim, attn_dim = attention.dim, attention.attn_dim
@@ -79,6 +115,7 @@ class StackSetting:
     batch: int = 2
     qk_scale: float = 1.0
     residual: bool = False
+    norm: str = "pre"
     seed: int = 0
 
 
@@ -121,24 +158,36 @@ class StackHealth:
                 "layers": [asdict(layer) for layer in self.layers]}
 
 
+def build_stack(setting: StackSetting, generator: torch.Generator, **options) -> AttentionStack:
+    """The stack of ``setting``, each layer built as ``create(variant, ...)`` builds it, its
+    initialisation drawn from ``generator`` (module docstring), W_q and W_k scaled by sqk."""
+    construction_seed = int(torch.randint(2 ** 62, (), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(construction_seed)
+        stack = AttentionStack(setting.depth, setting.dim, setting.num_heads, setting.residual,
+                               setting.variant, setting.norm, **options)
+    scale_qk_weights_(stack, setting.qk_scale)
+    return stack
+
+
+def layer_health(index: int, attention, state: Tensor) -> LayerHealth:
+    """Layer ``index`` (0-based)'s LayerHealth from its probe and the hidden state (B, N, C) it
+    output."""
+    health = attention.health
+    return LayerHealth(layer=index + 1, entropy=health.entropy.mean().item(),
+                       min_entropy=health.min_entropy.min().item(),
+                       residual=token_residual(state).mean().item(),
+                       sink_mass=health.sink_mass.mean().item(),
+                       max_logit=health.max_logit.max().item())
+
+
 @torch.no_grad()
 def measure_stack(setting: StackSetting, **options) -> StackHealth:
-    """Build the stack of ``setting``, initialise it, run one batch with the probe on, report."""
+    """Build the stack of ``setting`` (:func:`build_stack`), run one batch with the probe on,
+    report each layer's health."""
     generator = torch.Generator().manual_seed(setting.seed)
-    stack = AttentionStack(setting.depth, setting.dim, setting.num_heads, setting.residual,
-                           setting.variant, probe=True, **options)
-    init_stack_weights(stack, setting.qk_scale, generator)
+    stack = build_stack(setting, generator, probe=True, **options)
     x = torch.randn(setting.batch, setting.tokens, setting.dim, generator=generator)
     hidden = stack(x)
-    layers = []
-    for index, (attention, state) in enumerate(zip(stack.layers, hidden, strict=True)):
-        health = attention.health
-        layers.append(LayerHealth(
-            layer=index + 1,
-            entropy=health.entropy.mean().item(),
-            min_entropy=health.min_entropy.min().item(),
-            residual=token_residual(state).mean().item(),
-            sink_mass=health.sink_mass.mean().item(),
-            max_logit=health.max_logit.max().item(),
-        ))
-    return StackHealth(setting, layers)
+    return StackHealth(setting, [layer_health(i, attention, state) for i, (attention, state)
+                                 in enumerate(zip(stack.layers, hidden, strict=True))])

@@ -29,8 +29,9 @@ def test_doctor_rejects_unknown_variant(capsys):
 
 
 @pytest.mark.parametrize("qk_scale, residual, verdict", [
-    (1.0, False, "rank collapse"),      # DESIGN.md: plain softmax, attention only, sqk = 1
-    (16.0, False, "entropy collapse"),  # sqk = 16: logits of order 100s, one-hot attention
+    (1.0, False, "rank collapse"),      # plain softmax, attention only, sqk = 1 (near uniform)
+    (16.0, True, "entropy collapse"),   # sqk = 16: logits of std ~ 85, one-hot attention
+    (16.0, False, "both"),              # ... and without residual connections, alike tokens too
     (1.0, True, "healthy"),             # residual connections keep the tokens apart
 ])
 def test_baseline_stack_shows_the_two_failure_modes(qk_scale, residual, verdict):

@@ -19,7 +19,7 @@ def test_doctor_builtin_adds_warnings_and_attention_maps(tmp_path, capsys):
     report = {(r["setting"]["variant"], r["setting"]["qk_scale"], r["setting"]["residual"]):
               {w["code"] for w in r["warnings"]}
               for r in json.loads((tmp_path / "doctor.json").read_text())}
-    assert "rank_collapse" in report[("baseline", 1.0, False)]  # DESIGN.md's failure modes
+    assert "rank_collapse" in report[("baseline", 1.0, False)]  # the two failure modes
     assert "entropy_collapse" in report[("baseline", 16.0, True)]
     assert "entropy_collapse" not in report[("qk_norm", 16.0, True)]
     assert report[("baseline", 1.0, True)] == set()

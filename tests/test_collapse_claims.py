@@ -9,7 +9,6 @@ test fails saying so) and the preset must stay at or above it.
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import replace
 from operator import attrgetter
@@ -17,11 +16,10 @@ from unittest import mock
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 import robust_attn.attention
-from benchmarks import claims_table
 from benchmarks.claims_table import measure
 from robust_attn import create, list_variants
 from robust_attn.claims import (
@@ -30,11 +28,12 @@ from robust_attn.claims import (
     CLAIMS,
     ENTROPY,
     RANK,
+    ROBUST_HOLDS,
     Setting,
 )
 from robust_attn.kernels import KERNELS, select_kernel
 from robust_attn.kernels.eager import attention_logits, attention_weights
-from robust_attn.stack import ENTROPY_COLLAPSE, RANK_COLLAPSE, StackSetting
+from robust_attn.stack import ENTROPY_COLLAPSE, RANK_COLLAPSE, StackSetting, measure_stack
 from robust_attn.testing import assert_no_entropy_collapse, assert_no_rank_collapse
 from robust_attn.testing import strategies as ras
 
@@ -54,7 +53,8 @@ def claim_settings(variant: str, setting: Setting):
                               heads=st.integers(*setting.heads),
                               head_dims=st.sampled_from(setting.head_dims),
                               qk_scales=ras.qk_scales(*setting.qk_scales),
-                              residual=st.sampled_from(setting.residual))
+                              residual=st.sampled_from(setting.residual),
+                              norms=st.sampled_from(setting.norms))
 
 
 def test_every_preset_states_a_claim():
@@ -83,7 +83,7 @@ def unaddressed(variant: str) -> list[str]:
 
 
 def within(stack: StackSetting, setting: Setting) -> bool:
-    return (stack.residual in setting.residual
+    return (stack.residual in setting.residual and stack.norm in setting.norms
             and setting.qk_scales[0] <= stack.qk_scale <= setting.qk_scales[1]
             and setting.depths[0] <= stack.depth <= setting.depths[1]
             and setting.tokens[0] <= stack.tokens <= setting.tokens[1]
@@ -113,14 +113,40 @@ def test_preset_still_fails_where_it_claims_nothing(variant, failure):
         f"it holds and record it as a guarantee in robust_attn/claims.py")
 
 
-def test_claims_table_quick_run_writes_every_preset(tmp_path):
-    assert claims_table.main(["--quick", "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "claims.json").read_text())
-    assert [row["variant"] for row in report["rows"]][0] == "baseline"
-    assert sorted(row["variant"] for row in report["rows"]) == list_variants()
-    assert report["setting"]["depth"] == 8
-    table = (tmp_path / "claims.md").read_text()
-    assert all(f"| {variant} |" in table for variant in list_variants())
+@pytest.mark.parametrize("setting", ROBUST_HOLDS, ids=["with-residual", "attention-only"])
+@given(data=st.data())
+def test_robust_avoids_both_collapses_where_it_claims_to(setting, data):
+    """The both-collapse preset keeps H >= 0.1 and res >= 0.01 on every draw of ROBUST_HOLDS, with
+    the baseline measured on the same draw beside it (its verdict is a hypothesis event)."""
+    drawn = data.draw(claim_settings("robust", setting), label="setting")
+    baseline = measure(replace(drawn, variant="baseline"))
+    event(f"baseline: {baseline.verdict}")
+    health = measure(drawn)
+    context = f"(baseline on the same draw: {baseline.verdict})"
+    assert health.worst_entropy >= ENTROPY_COLLAPSE, context
+    assert health.final_residual >= RANK_COLLAPSE, context
+
+
+def test_robust_range_includes_baseline_failures_of_both_kinds():
+    """ROBUST_HOLDS is not a range where nothing fails: it contains the baseline's entropy collapse
+    (with residual, large sqk) and its rank collapse (attention only, sqk 1), and robust is healthy
+    at both points."""
+    for failure, point in ((ENTROPY, {"qk_scale": 16.0, "residual": True, "depth": 24}),
+                           (RANK, {"qk_scale": 1.0, "residual": False, "depth": 16})):
+        setting = StackSetting(variant="robust", dim=64, num_heads=4, tokens=32, batch=1, **point)
+        assert any(within(setting, holds) for holds in ROBUST_HOLDS)
+        assert measure(replace(setting, variant="baseline")).verdict in (failure, "both")
+        assert measure(setting).verdict == "healthy"
+
+
+def test_sigma_reparam_preserving_init_collapses_like_the_baseline():
+    """The guarantee comes from gamma = 1: with gamma = sigma(W) ("preserve"), W_hat = W and the
+    stack collapses in entropy where the baseline does."""
+    witness = replace(CLAIMS["baseline"].witnesses[ENTROPY], variant="sigma_reparam")
+    assert measure(witness).worst_entropy >= ENTROPY_COLLAPSE
+    preserving = measure_stack(witness, kernel="eager", sigma_reparam="preserve")
+    assert preserving.worst_entropy < ENTROPY_COLLAPSE
+    assert measure(replace(witness, variant="baseline")).worst_entropy < ENTROPY_COLLAPSE
 
 
 # Invariants of every preset, on the module as users build it.

@@ -4,12 +4,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from robust_attn import RobustAttention, create
+from robust_attn import DefeatedMitigationWarning, RobustAttention, create
 from robust_attn.kernels import select_kernel
 from robust_attn.mitigations.outlier_removal import uniform_attention_output
 from robust_attn.problem import AttentionProblem
@@ -153,9 +154,9 @@ def _token_residual(x):
 
 
 def test_outlier_removal_prevents_the_rank_collapse_the_baseline_shows():
-    """DESIGN.md's table: 24 attention-only layers (LayerNorm before each), width 128, 4 heads,
-    64 tokens, no biases, at initialisation. The baseline collapses (res ~ 1e-7); outlier
-    removal does not. (With proj's bias, the small (A - U) V at initialisation lets the bias
+    """The claims table's stack (docs/collapse-setting.md): 24 attention-only layers (LayerNorm
+    before each), width 128, 4 heads, 64 tokens, no proj bias, at initialisation. The baseline
+    collapses (res ~ 1e-7); outlier removal does not. (With proj's bias, the small (A - U) V at initialisation lets the bias
     dominate and every token collapses onto it instead.)"""
     torch.manual_seed(0)
     depth, width = 24, 128
@@ -177,8 +178,26 @@ def test_outlier_removal_prevents_the_rank_collapse_the_baseline_shows():
     assert (residuals["outlier_removal"] > 0.5).all(), residuals
 
 
+def test_the_preset_as_users_build_it_keeps_its_claim_and_a_proj_bias_defeats_it():
+    """create("outlier_removal", dim=96, num_heads=4), nothing else: 24 attention-only pre-LN
+    layers keep res > 0.3 at initialisation; with nn.Linear's default proj bias the same stack
+    collapses in rank (the bias, the same for every token, dominates), and building it warns."""
+    def final_residual(**options):
+        torch.manual_seed(0)
+        layers = [create("outlier_removal", dim=96, num_heads=4, **options) for _ in range(24)]
+        tokens = torch.randn(2, 48, 96)
+        with torch.no_grad():
+            for layer in layers:
+                tokens = layer(F.layer_norm(tokens, (96,)))
+        return _token_residual(tokens)
+
+    assert (final_residual() > 0.3).all()
+    with pytest.warns(DefeatedMitigationWarning, match="proj_bias"):
+        assert (final_residual(proj_bias=True) < 0.01).all()
+
+
 def test_outlier_removal_preset_has_no_parameters_and_loads_a_plain_state_dict():
-    plain = RobustAttention(32, num_heads=4, qkv_bias=True)
+    plain = RobustAttention(32, num_heads=4, qkv_bias=True, proj_bias=False)
     module = create("outlier_removal", dim=32, num_heads=4, qkv_bias=True)
     module.load_state_dict(plain.state_dict(), strict=True)
     assert set(module.state_dict()) == set(plain.state_dict())

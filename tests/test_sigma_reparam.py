@@ -289,7 +289,8 @@ def test_entropy_bound_is_informative_for_small_inputs():
 
 
 def test_prevents_the_entropy_collapse_that_large_qk_weights_cause_in_the_baseline():
-    """DESIGN.md's table: W_q, W_k scaled by 16 collapse the baseline's entropy."""
+    """The claims table's point (docs/collapse-setting.md): W_q, W_k scaled by 16 collapse the
+    baseline's entropy."""
     x = F.layer_norm(torch.randn(2, 64, 128), (128,))
     health = {}
     for variant in ("baseline", "sigma_reparam"):

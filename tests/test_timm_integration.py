@@ -38,7 +38,7 @@ ARCHITECTURES = {
                                                  "qkv_fused": False}, 28, "EvaAttention"),
 }
 ATTENTION_NAMES = ["blocks.0.attn", "blocks.1.attn"]
-# Variants with a function-preserving conversion, per DESIGN.md and robust_attn.integrations.timm.
+# Variants with a function-preserving conversion, per robust_attn.integrations.timm.
 PRESERVING = ["baseline", "sigma_reparam", "sink", "spectral_qk"]
 ROPE = ("vit_rope", "vit_rope_unfused", "eva02", "eva02_unfused")
 

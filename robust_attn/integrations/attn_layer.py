@@ -12,7 +12,9 @@ its instances pickle by (variant, options) and unpickle in any process.
 
 The class applies the preset's options, then ``options``, then timm's
 arguments; ``qk_norm`` is on when either the preset or timm asks for it (timm
-always passes ``qk_norm=False`` unless the model config sets it). Options are
+always passes ``qk_norm=False`` unless the model config sets it), and the proj
+bias is off when either turns it off (timm passes ``proj_bias=True`` by default,
+which would defeat outlier removal's claim at initialisation). Options are
 used as given: the layer builds fresh modules, so ``sigma_reparam=True`` starts
 gamma = 1 as in the paper. To keep pretrained weights use
 :func:`robust_attn.convert`, which uses function-preserving initialisations.
@@ -42,7 +44,9 @@ class PresetAttention(RobustAttention):
     def __init__(self, dim: int, num_heads: int = 8, **kwargs: Any) -> None:
         options = dict(self.layer_options)
         qk_norm = bool(kwargs.pop("qk_norm", False) or options.pop("qk_norm", False))
-        super().__init__(dim, num_heads, qk_norm=qk_norm, **{**options, **kwargs})
+        proj_bias = bool(kwargs.pop("proj_bias", True) and options.pop("proj_bias", True))
+        super().__init__(dim, num_heads, qk_norm=qk_norm, proj_bias=proj_bias,
+                         **{**options, **kwargs})
 
 
 class _LayerClass(type):

@@ -138,10 +138,12 @@ def to_robust(module: nn.Module, options: dict[str, Any]) -> RobustAttention:
     if source_gate is not None:
         options = _with_source_gate(options)
     weight, bias = qkv_parameters(module)
+    # The source's structure wins over a preset's (outlier_removal's proj_bias=False): its
+    # weights and biases are copied over, so dropping a bias would change the function.
     kwargs = {"attn_head_dim": module.head_dim, "dim_out": module.proj.out_features,
-              "qkv_bias": bias is not None, "proj_bias": module.proj.bias is not None,
               "attn_drop": module.attn_drop.p, "proj_drop": module.proj_drop.p,
               "device": weight.device, "dtype": weight.dtype, **extra, **options,
+              "qkv_bias": bias is not None, "proj_bias": module.proj.bias is not None,
               "qk_norm": _has(module.q_norm) or bool(options.get("qk_norm", False)),
               "scale_norm": _has(module.norm)}
     robust = cls(weight.shape[1], module.num_heads, **kwargs)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Mitigation
+from .base import DefeatedMitigationWarning, Mitigation
 from .gated import Gated
 from .outlier_removal import OutlierRemoval
 from .rope import RotaryEmbedding
@@ -18,6 +18,7 @@ MITIGATIONS: dict[str, type[Mitigation]] = {cls.option: cls for cls in (
     Sparsity, RotaryEmbedding,
 )}
 
-__all__ = ["MITIGATIONS", "Gated", "Mitigation", "OutlierRemoval", "RotaryEmbedding", "Sigmoid", "SinkLogit",
-           "SinkTokens", "SoftCap", "Sparsity", "SigmaReparam", "SigmaReparamLinear", "SpectralQK",
-           "fold_sigma_reparam", "sigma_reparametrize"]
+__all__ = ["MITIGATIONS", "DefeatedMitigationWarning", "Gated", "Mitigation", "OutlierRemoval",
+           "RotaryEmbedding", "Sigmoid", "SinkLogit", "SinkTokens", "SoftCap", "Sparsity",
+           "SigmaReparam", "SigmaReparamLinear", "SpectralQK", "fold_sigma_reparam",
+           "sigma_reparametrize"]

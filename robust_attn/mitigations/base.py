@@ -1,6 +1,6 @@
 """The mitigation pipeline's extension points.
 
-RobustAttention runs (DESIGN.md):
+RobustAttention runs (the README's pipeline):
 
     x -> projections -> split heads -> q/k transforms -> key/value extras
       -> scores (score_mod, normalizer) -> kernel -> output transforms -> merge heads -> proj
@@ -23,6 +23,10 @@ from torch import Tensor, nn
 
 from ..config import AttentionConfig
 from ..problem import AttentionProblem, ScoreMod
+
+
+class DefeatedMitigationWarning(UserWarning):
+    """A mitigation was combined with an option that defeats it (the message says why)."""
 
 
 class Mitigation(nn.Module):

@@ -24,13 +24,22 @@ U V is computed without materialising U:
     pattern        equal scores is uniform over the allowed keys (SDPA never
                    materialises it; a pattern keeps its structured kernel)
 
-``outlier_removal=True``. It addresses rank collapse, not entropy collapse (see
-DESIGN.md: with W_q, W_k scaled up, A still concentrates).
+``outlier_removal=True``. It addresses rank collapse, not entropy collapse (with W_q, W_k
+scaled up, A still concentrates: docs/collapse-setting.md).
+
+A proj bias defeats it at initialisation: (A - U) V is small there (A is close
+to U), so the bias, the same vector added to every token, dominates the output
+and the tokens converge to it over depth (measured: a 24-layer attention-only
+pre-LN stack ends at res(X) ~ 3e-7 with nn.Linear's default bias, 0.95 without
+it). The authors' code uses bias-free projections; the ``outlier_removal`` preset
+sets ``proj_bias=False``, and building it with a proj bias warns
+(:class:`DefeatedMitigationWarning`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -38,7 +47,7 @@ from torch import Tensor
 from ..config import AttentionConfig
 from ..kernels import select_kernel
 from ..problem import SOFTMAX, AttentionProblem
-from .base import Mitigation
+from .base import DefeatedMitigationWarning, Mitigation
 
 
 def mean_over_all_keys(v: Tensor) -> Tensor:
@@ -80,8 +89,14 @@ class OutlierRemoval(Mitigation):
     conflicts = {"sigmoid": "outlier removal subtracts the uniform row from a row-stochastic "
                             "attention matrix; sigmoid attention rows do not sum to one"}
 
-    def __init__(self, config: AttentionConfig):  # no parameters: nothing to build from config
+    def __init__(self, config: AttentionConfig):  # no parameters
         super().__init__()
+        if config.proj_bias:
+            warnings.warn(
+                "outlier_removal with proj_bias=True: at initialisation (A - U) V is small and "
+                "the proj bias, added to every token, dominates it, so deep stacks still "
+                "collapse in rank; pass proj_bias=False (the outlier_removal preset does)",
+                DefeatedMitigationWarning, stacklevel=4)
 
     def transform_output(self, out: Tensor, problem: AttentionProblem, x: Tensor) -> Tensor:
         return out - uniform_attention_output(problem)

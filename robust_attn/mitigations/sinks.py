@@ -5,10 +5,14 @@ mass somewhere; trained models pick a token (usually the first) as a sink. These
 mitigations give them an explicit one, prepended before the tokens' keys. Two
 options, which may be combined:
 
-``sink_tokens=k`` (:class:`SinkTokens`): k learned key/value vectors per head,
-the trainable sink token of Xiao et al. (2024), "Efficient Streaming Language
-Models with Attention Sinks" (ICLR 2024), placed directly in each head's key and
-value space::
+``sink_tokens=k`` (:class:`SinkTokens`): k learned key/value slots per head and
+per layer, placed directly in each head's key and value space. They are not
+StreamingLLM's attention sink (Xiao et al. 2024, "Efficient Streaming Language
+Models with Attention Sinks", ICLR 2024), which keeps the first input tokens'
+keys and values in the cache, nor its learnable sink token, which is one token
+prepended to the input sequence and passed through every layer: our slots are
+parameters of each attention layer (a learned key and value where the sink logit
+below has a learned score and a zero value)::
 
     p_i   = softmax([scale q_i . k_sink_1, .., scale q_i . k_sink_k, s_i1, .., s_iN])
     out_i = sum_c p_ic v_sink_c + sum_j p_i(k+j) v_j

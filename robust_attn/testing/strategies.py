@@ -202,16 +202,18 @@ stack_tokens = st.integers(4, 32)
 stack_batches = st.integers(1, 2)
 stack_qk_scales = qk_scales()
 stack_residual = st.booleans()
+stack_norms = st.just("pre")
 
 
 @st.composite
 def stack_settings(draw, variant: str = "baseline", *, depths=stack_depths, heads=stack_heads,
                    head_dims=stack_head_dims, tokens=stack_tokens, batches=stack_batches,
-                   qk_scales=stack_qk_scales, residual=stack_residual,
+                   qk_scales=stack_qk_scales, residual=stack_residual, norms=stack_norms,
                    seeds=seeds) -> StackSetting:
     """A :class:`robust_attn.stack.StackSetting` of ``variant``: depth in [8, 48], width
     heads x head_dim <= 64, 4 to 32 tokens, batch 1 or 2, an initial QK scale in [0.5, 32],
-    with or without residual connections. Each keyword is a strategy that replaces a part.
+    with or without residual connections, pre-LN (``norms``: "pre" or "post"). Each keyword
+    is a strategy that replaces a part.
 
     The defaults keep a depth-48 stack under a second on a CPU; measure a
     setting with :func:`robust_attn.stack.measure_stack`.
@@ -219,4 +221,5 @@ def stack_settings(draw, variant: str = "baseline", *, depths=stack_depths, head
     num_heads = draw(heads)
     return StackSetting(variant=variant, depth=draw(depths), dim=num_heads * draw(head_dims),
                         num_heads=num_heads, tokens=draw(tokens), batch=draw(batches),
-                        qk_scale=draw(qk_scales), residual=draw(residual), seed=draw(seeds))
+                        qk_scale=draw(qk_scales), residual=draw(residual), norm=draw(norms),
+                        seed=draw(seeds))
