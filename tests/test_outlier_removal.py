@@ -156,8 +156,8 @@ def _token_residual(x):
 def test_outlier_removal_prevents_the_rank_collapse_the_baseline_shows():
     """The claims table's stack (docs/collapse-setting.md): 24 attention-only layers (LayerNorm
     before each), width 128, 4 heads, 64 tokens, no proj bias, at initialisation. The baseline
-    collapses (res ~ 1e-7); outlier removal does not. (With proj's bias, the small (A - U) V at initialisation lets the bias
-    dominate and every token collapses onto it instead.)"""
+    collapses (res ~ 1e-7); outlier removal does not. (With proj's bias, the small (A - U) V
+    at initialisation lets the bias dominate and every token collapses onto it instead.)"""
     torch.manual_seed(0)
     depth, width = 24, 128
     baseline = [RobustAttention(width, num_heads=4, proj_bias=False) for _ in range(depth)]
