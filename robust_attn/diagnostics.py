@@ -64,6 +64,7 @@ from .stack import (
     LayerHealth,
     StackHealth,
     StackSetting,
+    construct_stack,
     init_stack_weights,
     layer_health,
 )
@@ -255,7 +256,7 @@ def measure_cell(variant: str, architecture: Architecture, beta: float, alpha: f
     a = architecture
     setting = _setting(variant, a, beta, alpha)
     generator = torch.Generator().manual_seed(a.seed)
-    stack = AttentionStack(a.depth, a.dim, a.num_heads, variant=variant, probe=True, **options)
+    stack = construct_stack(setting, generator, probe=True, **options)  # propagate() runs it
     init_stack_weights(stack, setting.qk_scale, generator)
     x = torch.randn(a.batch, a.tokens, a.dim, generator=generator)
     hidden = propagate(stack, x, alpha, a.norm)

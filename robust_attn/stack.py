@@ -158,14 +158,19 @@ class StackHealth:
                 "layers": [asdict(layer) for layer in self.layers]}
 
 
-def build_stack(setting: StackSetting, generator: torch.Generator, **options) -> AttentionStack:
-    """The stack of ``setting``, each layer built as ``create(variant, ...)`` builds it, its
-    initialisation drawn from ``generator`` (module docstring), W_q and W_k scaled by sqk."""
+def construct_stack(setting: StackSetting, generator: torch.Generator, **options) -> AttentionStack:
+    """The stack of ``setting``, each layer built as ``create(variant, ...)`` builds it, with
+    torch's global generator seeded from ``generator`` inside ``fork_rng`` (module docstring)."""
     construction_seed = int(torch.randint(2 ** 62, (), generator=generator))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(construction_seed)
-        stack = AttentionStack(setting.depth, setting.dim, setting.num_heads, setting.residual,
-                               setting.variant, setting.norm, **options)
+        return AttentionStack(setting.depth, setting.dim, setting.num_heads, setting.residual,
+                              setting.variant, setting.norm, **options)
+
+
+def build_stack(setting: StackSetting, generator: torch.Generator, **options) -> AttentionStack:
+    """:func:`construct_stack`, then W_q and W_k scaled by sqk: the claims harness's stack."""
+    stack = construct_stack(setting, generator, **options)
     scale_qk_weights_(stack, setting.qk_scale)
     return stack
 

@@ -223,3 +223,15 @@ def test_a_sparsity_pattern_restricts_the_uniform_attention_too():
     for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected, strict=True):
         torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-10,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("variant", ["outlier_removal", "robust"])
+def test_presets_without_proj_bias_exchange_state_dicts_with_timm(variant):
+    """The presets build no proj bias; their state dicts are a timm Attention's built the same way
+    (proj_bias=False, and qk_norm for robust), both ways, strictly."""
+    layers = pytest.importorskip("timm.layers")
+    ours = create(variant, dim=32, num_heads=4)
+    theirs = layers.Attention(32, num_heads=4, proj_bias=False, qk_norm=variant == "robust",
+                              norm_layer=nn.LayerNorm)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
