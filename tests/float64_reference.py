@@ -1,5 +1,6 @@
 """Pieces shared by the tests that check a mitigation against its eager matrix form in float64."""
 
+import copy
 import math
 
 import torch
@@ -40,3 +41,19 @@ def assert_same_forward_and_backward(actual, expected):
     for name, grad in expected[2].items():
         torch.testing.assert_close(actual[2][name], grad, atol=1e-10, rtol=1e-10,
                                    msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def outlier_removal_terms(module, forward, x) -> tuple[float, dict[str, float]]:
+    """The output's scale and each gradient's ({"x": .., parameter name: ..}) for ``module``
+    without its outlier removal; (0, {}) without one. Outlier removal computes (A - U) V as the
+    difference of two terms of A V's size, so its rounding is set by their scale, not by the
+    difference's (exactly 0 with one key): the error model's floor for the output and each
+    gradient (robust_attn.testing.tolerances). ``forward(module, inputs)`` runs the module."""
+    if "outlier_removal" not in module.mitigations:
+        return 0.0, {}
+    plain = copy.deepcopy(module)
+    del plain.mitigations["outlier_removal"]
+    out, dx, grads = forward_backward(plain, lambda inputs: forward(plain, inputs), x)
+    scales = {name: g.abs().max().item() for name, g in {"x": dx, **grads}.items()
+              if g is not None and g.numel()}
+    return out.detach().abs().max().item(), scales

@@ -132,7 +132,7 @@ def test_robust_range_includes_baseline_failures_of_both_kinds():
     (with residual, large sqk) and its rank collapse (attention only, sqk 1), and robust is healthy
     at both points."""
     for failure, point in ((ENTROPY, {"qk_scale": 16.0, "residual": True, "depth": 24}),
-                           (RANK, {"qk_scale": 1.0, "residual": False, "depth": 16})):
+                           (RANK, {"qk_scale": 1.0, "residual": False, "depth": 12})):
         setting = StackSetting(variant="robust", dim=64, num_heads=4, tokens=32, batch=1, **point)
         assert any(within(setting, holds) for holds in ROBUST_HOLDS)
         assert measure(replace(setting, variant="baseline")).verdict in (failure, "both")

@@ -18,7 +18,13 @@ from robust_attn.diagnostics import (
     theory_layers,
     trainability_diagram,
 )
-from robust_attn.stack import AttentionStack, StackSetting, init_stack_weights, measure_stack
+from robust_attn.stack import (
+    AttentionStack,
+    StackSetting,
+    construct_stack,
+    init_stack_weights,
+    layer_health,
+)
 
 SMALL = Architecture(depth=6, dim=32, num_heads=2, tokens=16)
 
@@ -62,11 +68,21 @@ def test_theory_overlap_never_decreases_and_stays_in_range(beta, alpha, overlap,
 
 
 def test_pre_ln_alpha_one_is_the_residual_stack_bit_for_bit():
+    """A diagram's pre-LN cell at alpha = 1 runs AttentionStack(residual=True) itself, drawn the
+    same way (construct_stack, then the theory's init_stack_weights)."""
     beta = 0.7
     health, _, _ = measure_cell("baseline", SMALL, beta, 1.0)
-    reference = measure_stack(StackSetting(depth=6, dim=32, num_heads=2, tokens=16,
-                                           qk_scale=qk_scale_for_beta(beta, 16), residual=True))
-    assert health.layers == reference.layers and health.setting == reference.setting
+    setting = StackSetting(depth=6, dim=32, num_heads=2, tokens=16,
+                           qk_scale=qk_scale_for_beta(beta, 16), residual=True)
+    generator = torch.Generator().manual_seed(setting.seed)
+    stack = construct_stack(setting, generator, probe=True)
+    init_stack_weights(stack, setting.qk_scale, generator)
+    x = torch.randn(setting.batch, setting.tokens, setting.dim, generator=generator)
+    with torch.no_grad():
+        hidden = stack(x)
+    layers = [layer_health(i, attention, state)
+              for i, (attention, state) in enumerate(zip(stack.layers, hidden, strict=True))]
+    assert health.layers == layers and health.setting == setting
 
 
 @pytest.mark.parametrize("norm", ["pre", "post"])

@@ -24,7 +24,7 @@ from robust_attn.testing.tolerances import (
     relative_tolerance,
 )
 
-from .float64_reference import forward_backward
+from .float64_reference import forward_backward, outlier_removal_terms
 
 VARIANTS = list_variants()
 # The error model's constant (tolerances.py) for float32 kernels against eager. Measured worst
@@ -58,32 +58,38 @@ def _run_twins(variant, shape, x, mask, is_causal, seed):
     reference = deepcopy(module)
     reference.kernel, reference.probe = "eager", True
 
+    def forward(m, inputs):
+        return m(inputs, attn_mask=mask, is_causal=is_causal)
+
     def run(m):
-        return forward_backward(m, lambda inputs: m(inputs, attn_mask=mask, is_causal=is_causal), x)
+        return forward_backward(m, lambda inputs: forward(m, inputs), x)
 
-    return run(module), run(reference), reference.health
+    return (run(module), run(reference), reference.health,
+            outlier_removal_terms(reference, forward, x))
 
 
-def _assert_equal_to_eager(actual, expected, health, mask):
+def _assert_equal_to_eager(actual, expected, health, mask, terms):
     """Output at its scale, with L the largest allowed row maximum (what the weights depend on);
     each gradient at its scale (or at GRADIENT_RESOLUTION times the largest gradient's), with L
-    bounding every allowed logit, mask values included."""
+    bounding every allowed logit, mask values included. ``terms``: the scales outlier removal's
+    cancelling terms set (float64_reference.outlier_removal_terms)."""
     (out, dx, grads), (out_ref, dx_ref, grads_ref) = actual, expected
     max_logit = max_abs_logit(health)
     assert_close_at_scale(out, out_ref, relative_tolerance(torch.float32, max_logit,
-                                                           TOLERANCE_FACTOR), "output")
+                                                           TOLERANCE_FACTOR), "output",
+                          min_scale=terms[0])
     tolerance = relative_tolerance(torch.float32, max_logit + largest_mask_value(mask),
                                    TOLERANCE_FACTOR)
     assert_gradients_close({"x": dx, **grads}, {"x": dx_ref, **grads_ref}, tolerance,
-                           GRADIENT_RESOLUTION)
+                           GRADIENT_RESOLUTION, terms=terms[1])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @given(case=cases(scales=ras.input_scales(-1, 1)))
 def test_every_case_is_finite_and_equals_eager(variant, case):
-    actual, expected, health = _run_twins(variant, *case)
+    actual, expected, health, terms = _run_twins(variant, *case)
     assert torch.isfinite(expected[0]).all(), "the eager reference's output is not finite"
-    _assert_equal_to_eager(actual, expected, health, case[2])
+    _assert_equal_to_eager(actual, expected, health, case[2], terms)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -96,7 +102,7 @@ def test_any_input_scale_is_finite_and_equals_eager_or_raises_naming_x(variant, 
     moderate scales above: here LayerNorm's conditioning |q| / std(q) joins the error model, e.g.
     6e-5 relative for qk_norm at x ~ 1e3). Tiny inputs give uniform attention."""
     try:
-        actual, expected, health = _run_twins(variant, *case)
+        actual, expected, health, terms = _run_twins(variant, *case)
     except RuntimeError as error:
         if not str(error).startswith("x: "):
             raise
@@ -105,7 +111,7 @@ def test_any_input_scale_is_finite_and_equals_eager_or_raises_naming_x(variant, 
     assert all(torch.isfinite(g).all() for g in (actual[1], *actual[2].values()) if g is not None), \
         "non-finite gradient returned without an error"
     assert_close_at_scale(actual[0], expected[0], relative_tolerance(
-        torch.float32, max_abs_logit(health), TOLERANCE_FACTOR), "output")
+        torch.float32, max_abs_logit(health), TOLERANCE_FACTOR), "output", min_scale=terms[0])
 
 
 @st.composite

@@ -16,7 +16,7 @@ from robust_attn.stack import (
     RANK_COLLAPSE,
     AttentionStack,
     StackSetting,
-    init_stack_weights,
+    build_stack,
     measure_stack,
 )
 from robust_attn.testing import assert_no_entropy_collapse, assert_no_rank_collapse
@@ -37,9 +37,7 @@ class Tokens(nn.Module):
 def model_and_input(setting: StackSetting):
     """The stack, weights and input that measure_stack(setting) measures, as a user's model."""
     generator = torch.Generator().manual_seed(setting.seed)
-    stack = AttentionStack(setting.depth, setting.dim, setting.num_heads, setting.residual,
-                           setting.variant)
-    init_stack_weights(stack, setting.qk_scale, generator)
+    stack = build_stack(setting, generator)
     return Tokens(stack), torch.randn(setting.batch, setting.tokens, setting.dim,
                                       generator=generator)
 
