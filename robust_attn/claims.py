@@ -242,9 +242,10 @@ _CLAIMS = (
              "collapse without preventing it. With qk_norm (the robust preset), draws that "
              "fail: 7 of 500 with 1-2 heads and 8-16 tokens at depth 4-16 (one at depth 5), "
              "1 of 60 at depth 24, 5 at 32, 10 at 48 (1-8 heads, 8-64 tokens). res(X) drifts "
-             "from layer to layer, and once the tokens are nearly alike, A is nearly U and (A - U) V, quadratic in the tokens' "
-             "differences, shrinks faster than the next LayerNorm (eps 1e-5) can scale it back "
-             "up, so the output vanishes (X = 0, res 0). Not against entropy collapse.",
+             "from layer to layer, and once the tokens are nearly alike, A is nearly U and "
+             "(A - U) V, quadratic in the tokens' differences, shrinks faster than the next "
+             "LayerNorm (eps 1e-5) can scale it back up, so the output vanishes (X = 0, "
+             "res 0). Not against entropy collapse.",
         witnesses=_witnesses("outlier_removal", ENTROPY),
     ),
     Claim(
