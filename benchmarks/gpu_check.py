@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import subprocess
@@ -119,7 +118,7 @@ def check_kernels(device: torch.device, quick: bool) -> dict:
                         expected = _forward_backward(eager_attention, reference,
                                                      grad.to(device) if backward else None)
                         row["max_error"] = max((a.float() - e).abs().max().item()
-                                               for a, e in zip(actual, expected))
+                                               for a, e in zip(actual, expected, strict=True))
                         row["finite"] = all(bool(torch.isfinite(a).all()) for a in actual)
                         if problem.attn_mask is not None:
                             empty = ~(attention_logits(reference) > -math.inf).any(dim=-1)

@@ -2,8 +2,6 @@
 
 import json
 
-import torch
-
 from benchmarks import gpu_check
 
 

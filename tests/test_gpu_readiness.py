@@ -14,8 +14,7 @@ import torch.nn.attention.flex_attention as torch_flex
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from robust_attn import RobustAttention, probe
-from robust_attn.kernels import KERNELS, _auto_order, select_kernel
-from robust_attn.kernels import flex, xformers
+from robust_attn.kernels import KERNELS, _auto_order, flex, select_kernel, xformers
 from robust_attn.kernels.eager import eager_attention
 from robust_attn.mitigations.softcap import TanhSoftCap
 from robust_attn.monitor import map_similarity

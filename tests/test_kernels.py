@@ -164,8 +164,9 @@ def cuda_masks(batch, tokens, num_keys, generator):
 
 
 def check_kernel_with_empty_rows(kernel, dtype, tokens, device):
-    """``kernel`` in ``dtype`` against eager in float32, forward and backward, with and without masks (bool and
-    float, with all-False rows) and causal; empty rows give zeros and every gradient is finite."""
+    """``kernel`` in ``dtype`` against eager in float32, forward and backward, with and without
+    masks (bool and float, with all-False rows) and causal; empty rows give zeros and every
+    gradient is finite."""
     generator = torch.Generator().manual_seed(tokens)
     q, k, v = torch.randn(3, 2, 4, tokens, 64, generator=generator)
     allowed, bias = cuda_masks(2, tokens, tokens, generator)

@@ -4,16 +4,26 @@ The problem's score_mods and the finite part of its float mask (as
 ``score + bias[b, h, q, kv]``) become one score_mod; every blocked key (bool
 False, float -inf, causal) goes into a mask_mod compiled into a BlockMask, so
 a query with no allowed key returns zeros. Both are handed to
-``torch.nn.attention.flex_attention``. The BlockMask of the causal mask and
-the sparsity pattern is built once per (pattern, causal, Nq, Nk, device) and
-cached, so a new length builds a new one and never reuses a stale one; with a
-dense bool mask it is rebuilt on each call since the mask's content can change.
+``torch.nn.attention.flex_attention``.
 
-On the CPU, FlexAttention runs forward only (its backward raises
-NotImplementedError) and compiles once per sequence length, so ``auto`` does
-not choose it there without a sparsity pattern (robust_attn.kernels); it
-refuses problems that need gradients. Head widths are rounded up to a power of
-two inside FlexAttention (a sink logit's extra channel makes 64 + 1 cost 128).
+BlockMasks: the one of the causal mask and the sparsity pattern is built once
+per (pattern, causal, Nq, Nk, device) and cached, so a new length builds a new
+one and never reuses a stale one; under an outer ``torch.compile`` it comes from
+that cache through an opaque op (:func:`_structural_kv_blocks`). A dense mask's
+is built at the mask's own batch and head sizes and cached per mask tensor
+while the tensor is unchanged (:func:`_dense_block_mask`).
+
+Compilation (:func:`_compiled_flex_attention`): fullgraph, with automatic
+dynamic shapes off the CPU and static shapes on it; at dynamo's recompile
+limit the call warns (:class:`FlexRecompileWarning`) and runs on the chunked
+kernel instead of torch's unfused fallback.
+
+Refused (``unsupported``): non-softmax normalizers, dropout; on CUDA, head
+widths below 16 (inductor's NYI); on the CPU, gradients (FlexAttention's CPU
+backward raises NotImplementedError) and dtypes other than float32, float16 and
+bfloat16. ``auto`` does not choose it on the CPU (robust_attn.kernels). Head
+widths are rounded up to a power of two inside FlexAttention (a sink logit's
+extra channel makes 64 + 1 cost 128).
 """
 
 from __future__ import annotations
