@@ -54,10 +54,11 @@ def test_auto_never_orders_xformers_and_forcing_it_works_where_installed():
 
 
 # xformers 0.0.35's argument checks on sm80+, reproduced (xformers/ops/fmha/common.py
-# check_lastdim_alignment_stride1, cutlass.py _minimum_gemm_alignment and _check_bias_alignment).
+# check_lastdim_alignment_stride1, cutlass.py _minimum_gemm_alignment and _check_bias_alignment),
+# with flash's and cutlass_blackwell's one width for q and v (SUPPORTS_DIFFERENT_VALUE_EMBED).
 def _xformers_reasons(q, k, v, bias):
     alignment = 128 // torch.finfo(q.dtype).bits
-    reasons = []
+    reasons = [] if q.shape[-1] == v.shape[-1] else ["query.shape[-1] != value.shape[-1] (flash)"]
     for name, t in (("query", q), ("key", k), ("value", v)):
         if t.shape[-1] % alignment or t.stride(-2) % alignment or t.stride(-1) > 1:
             reasons.append(f"{name} width/strides {tuple(t.shape)} {t.stride()}")

@@ -45,6 +45,8 @@ class FlexRecompileWarning(UserWarning):
     """FlexAttention reached dynamo's recompile limit; the call ran on the chunked kernel instead."""
 
 
+# Two wrappers of one function: two frames, so dynamo keeps their compiled variants and
+# recompile counts apart (see _compiled_flex_attention).
 def _flex_attention_static_shapes(*args, **kwargs):
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -178,7 +180,9 @@ def _structural_block_mask(pattern: Pattern | None, causal: bool, num_queries: i
 
 
 _dense_block_masks: dict[int, tuple] = {}
-"""id(mask tensor) -> (its layout and version, BlockMask); an entry leaves with its tensor."""
+"""id(mask tensor) -> (its layout and version, BlockMask); an entry leaves with its tensor, or
+when more than _DENSE_CACHE_SIZE masks are alive (the oldest first)."""
+_DENSE_CACHE_SIZE = 16
 
 
 def _dense_block_mask(problem: AttentionProblem):
@@ -220,6 +224,8 @@ def _dense_block_mask(problem: AttentionProblem):
         if id(root) not in _dense_block_masks:
             weakref.finalize(root, _dense_block_masks.pop, id(root), None)
         _dense_block_masks[id(root)] = (key, block_mask)
+        while len(_dense_block_masks) > _DENSE_CACHE_SIZE:
+            del _dense_block_masks[next(iter(_dense_block_masks))]
     return block_mask
 
 
@@ -252,10 +258,10 @@ def flex_attention(problem: AttentionProblem, dropout_p: float = 0.0,
     except torch._dynamo.exc.FailOnRecompileLimitHit:
         warnings.warn(
             f"FlexAttention reached torch._dynamo.config.recompile_limit "
-            f"({torch._dynamo.config.recompile_limit} compiled variants: dtypes, head widths, "
-            f"score modifiers, grad modes); this call runs on the chunked kernel instead of "
-            f"an unfused FlexAttention that would materialise the attention matrix. Raise the "
-            f"limit or use fewer variants to keep FlexAttention.",
+            f"({torch._dynamo.config.recompile_limit} compiled variants: every shape on the "
+            f"CPU; dtypes, head widths, score modifiers, grad modes); this call runs on the "
+            f"chunked kernel instead of an unfused FlexAttention that would materialise the "
+            f"attention matrix. Raise the limit or use fewer variants to keep FlexAttention.",
             FlexRecompileWarning, stacklevel=2)
         from .chunked import CHUNKED
 

@@ -15,9 +15,11 @@ cutlass.py ``_minimum_gemm_alignment`` and ``_check_bias_alignment``, flash.py;
 xformers 0.0.35): on sm80 and later, query, key and value widths must be multiples
 of 8 (16-bit) or 4 (float32), and every stride of a tensor bias except the last a
 multiple of 128 / bits (8 or 4), otherwise no operator accepts the inputs ("No
-operator found"). So q, k and v get zero channels up to that multiple (zero
-channels change no score; the output keeps v's channels: a sink logit's 65-wide
-q and k become 72), and a tensor bias is written into a buffer whose rows are
+operator found"); flash and cutlass_blackwell also need q and v of one width
+(``SUPPORTS_DIFFERENT_VALUE_EMBED = False``), and cutlass stops at sm90. So q, k
+and v get zero channels up to one width, a multiple of that (zero channels change
+no score; the output keeps v's channels: a sink logit's 65-wide q and k and
+64-wide v all become 72), and a tensor bias is written into a buffer whose rows are
 padded to that multiple and sliced back (:func:`aligned_bias`), as xformers'
 own hint suggests (``torch.zeros([1, 1, 5, 8])[:, :, :, :5]``).
 """
@@ -71,17 +73,18 @@ def _attn_bias(problem: AttentionProblem):
     return bias.expand(batch, heads, problem.num_queries, problem.num_keys)
 
 
-def _padded(t: Tensor, multiple: int) -> Tensor:
-    width = t.shape[-1]
-    return t if width % multiple == 0 else F.pad(t, (0, -(-width // multiple) * multiple - width))
+def _aligned_widths(problem: AttentionProblem) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k and v with zero channels up to one width, a multiple of :func:`alignment`."""
+    multiple = alignment(problem.q.dtype)
+    width = -(-max(problem.q.shape[-1], problem.v.shape[-1]) // multiple) * multiple
+    return tuple(t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]))
+                 for t in (problem.q, problem.k, problem.v))
 
 
 def xformers_attention(problem: AttentionProblem, dropout_p: float = 0.0) -> Tensor:
     from xformers.ops import memory_efficient_attention
 
-    multiple = alignment(problem.q.dtype)
-    q, k, v = (rearrange(_padded(t, multiple), "b h n d -> b n h d")
-               for t in (problem.q, problem.k, problem.v))
+    q, k, v = (rearrange(t, "b h n d -> b n h d") for t in _aligned_widths(problem))
     out = memory_efficient_attention(q, k, v, attn_bias=_attn_bias(problem), p=dropout_p,
                                      scale=problem.scale)
     return rearrange(out[..., :problem.v.shape[-1]], "b n h d -> b h n d")
