@@ -171,7 +171,7 @@ def _flex_problem(batch, tokens, heads=2, head_dim=16, **options):
 
 @pytest.mark.slow
 def test_flex_crosses_the_recompile_limit_without_falling_back():
-    """Ten batch sizes and three lengths (dynamo's recompile_limit is 8) on the dynamic-shape
+    """Ten batch sizes and three lengths (torch's default recompile_limit is 8) on the dynamic-shape
     compilation flex uses off the CPU: it compiles a few times (static, then symbolic sizes) and
     never runs its unfused implementation, which materialises the attention matrix (torch warns
     through _warn_once just before it). Includes the small-N case of issue 18 (B = 2, H = 2,
@@ -179,7 +179,7 @@ def test_flex_crosses_the_recompile_limit_without_falling_back():
     softcap = (TanhSoftCap(30.0),)
     unfused = mock.Mock(wraps=torch_flex._warn_once)
     with mock.patch.object(torch_flex, "_warn_once", unfused), warnings.catch_warnings(), \
-            torch.no_grad():
+            mock.patch.object(flex, "RECOMPILE_LIMIT", 8), torch.no_grad():
         warnings.simplefilter("error", flex.FlexRecompileWarning)
         for batch, tokens in [(2, 24), (3, 24), *((b, 24) for b in range(4, 12)), (5, 40), (2, 9)]:
             problem = _flex_problem(batch, tokens, causal=True, score_mods=softcap)
@@ -191,10 +191,11 @@ def test_flex_crosses_the_recompile_limit_without_falling_back():
 @pytest.mark.slow
 def test_flex_at_the_recompile_limit_warns_and_runs_the_chunked_kernel():
     """Past the limit (here 1 compiled variant, then float64), dynamo raises instead of running
-    flex_attention unfused; flex warns with FlexRecompileWarning and the chunked kernel answers."""
+    flex_attention unfused; flex warns with FlexRecompileWarning and the chunked kernel answers.
+    The limit is flex's own (torch's default, 8, is the same for every compiled function)."""
     unfused = mock.Mock(wraps=torch_flex._warn_once)
     with mock.patch.object(torch_flex, "_warn_once", unfused), \
-            torch._dynamo.config.patch(recompile_limit=1), torch.no_grad():
+            mock.patch.object(flex, "RECOMPILE_LIMIT", 1), torch.no_grad():
         problem = _flex_problem(2, 24, causal=True)
         flex.flex_attention(problem)  # at most the one variant allowed
         problem = problem.with_(q=problem.q.double(), k=problem.k.double(), v=problem.v.double())

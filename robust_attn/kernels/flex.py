@@ -14,8 +14,8 @@ is built at the mask's own batch and head sizes and cached per mask tensor
 while the tensor is unchanged (:func:`_dense_block_mask`).
 
 Compilation (:func:`_compiled_flex_attention`): fullgraph, with automatic
-dynamic shapes off the CPU and static shapes on it; at dynamo's recompile
-limit the call warns (:class:`FlexRecompileWarning`) and runs on the chunked
+dynamic shapes off the CPU and static shapes on it; at the recompile limit
+(:data:`RECOMPILE_LIMIT`) the call warns (:class:`FlexRecompileWarning`) and runs on the chunked
 kernel instead of torch's unfused fallback.
 
 Refused (``unsupported``): non-softmax normalizers, dropout; on CUDA, head
@@ -39,6 +39,12 @@ from torch import Tensor
 from ..problem import AttentionProblem, ScoreMod
 from ..sparse.pattern import Pattern, structural_mask_mod
 from .base import Kernel
+
+RECOMPILE_LIMIT = 64
+"""dynamo's recompile_limit for FlexAttention's frames (torch's default, 8, is global): each
+dtype, grad mode, head width, score modifier and kind of mask is a compiled variant, so a
+model that trains and evaluates in two dtypes with a few mask kinds passes 8 (the speed
+benchmark sets the same figure)."""
 
 
 class FlexRecompileWarning(UserWarning):
@@ -76,8 +82,8 @@ def _compiled_flex_attention(dynamic: bool):
     symbolic sizes and a mask_mod that reads a tensor (measured, torch 2.14: "error:
     'cur_qSplitSize5' was not declared"), so each shape compiles on its own there.
 
-    ``fullgraph=True``: when dynamo's ``recompile_limit`` is reached anyway (CPU
-    shapes, dtypes, head widths, score modifiers, grad modes), dynamo raises
+    ``fullgraph=True``: when the recompile limit (:data:`RECOMPILE_LIMIT`) is reached
+    anyway (CPU shapes, dtypes, head widths, score modifiers, grad modes), dynamo raises
     ``FailOnRecompileLimitHit`` (torch/_dynamo/convert_frame.py) instead of running
     flex_attention uncompiled, which would materialise the (B, H, Nq, Nk) scores
     ("flex_attention called without torch.compile()", torch/nn/attention/flex_attention.py);
@@ -253,12 +259,12 @@ def flex_attention(problem: AttentionProblem, dropout_p: float = 0.0,
 
         return uncompiled(problem.q, problem.k, problem.v, **arguments)
     try:
-        with torch._dynamo.config.patch(specialize_float=True):
+        with torch._dynamo.config.patch(specialize_float=True, recompile_limit=RECOMPILE_LIMIT):
             return _compiled_flex_attention(dynamic)(problem.q, problem.k, problem.v, **arguments)
     except torch._dynamo.exc.FailOnRecompileLimitHit:
         warnings.warn(
-            f"FlexAttention reached torch._dynamo.config.recompile_limit "
-            f"({torch._dynamo.config.recompile_limit} compiled variants: every shape on the "
+            f"FlexAttention reached its recompile limit (robust_attn.kernels.flex.RECOMPILE_LIMIT "
+            f"= {RECOMPILE_LIMIT} compiled variants: every shape on the "
             f"CPU; dtypes, head widths, score modifiers, grad modes); this call runs on the "
             f"chunked kernel instead of an unfused FlexAttention that would materialise the "
             f"attention matrix. Raise the limit or use fewer variants to keep FlexAttention.",
