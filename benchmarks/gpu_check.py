@@ -12,7 +12,8 @@ and says what it skipped and why. The checks:
 - pytest: ``pytest -m gpu`` (the GPU tests; they skip without CUDA).
 - kernels: sdpa, flex, xformers and chunked against eager (float32), forward and backward, in
   float32 and bfloat16, at N = 24, 197 and 1000, without a mask, causal, and with bool and float
-  masks that have all-False rows (zeros expected there, finite gradients everywhere).
+  masks that have all-False rows (zeros expected there, finite gradients everywhere); error
+  relative to the reference's largest value (at least 1), at most 2e-3 (float32) or 5e-2.
 - auto: the kernel auto picks for softcap and sink modules with masks and causal.
 - sink: the SDPA backend the sink logit's extra channel runs on, and the cost of that channel:
   SDPA at head width 64 against 65 (padded to 72 on CUDA), flex at 64 against 65 (128 inside).
@@ -77,64 +78,76 @@ def _forward_backward(run, problem: AttentionProblem, grad: torch.Tensor | None)
     return out, problem.q.grad, problem.k.grad, problem.v.grad
 
 
-def check_kernels(device: torch.device, quick: bool) -> dict:
+def _combinations(device: torch.device, quick: bool):
+    """(tokens, dtype, kernel), small N first, so that a check cut short by its time still covers
+    every kernel."""
     sizes = (24,) if quick else (24, 197, 1000)
     dtypes = (torch.float32,) if device.type == "cpu" else (torch.float32, torch.bfloat16)
+    for tokens in sizes:
+        for dtype in dtypes:
+            for kernel in ("sdpa", "flex", "xformers", "chunked"):
+                yield tokens, dtype, kernel
+
+
+def check_kernels(device: torch.device, quick: bool, seconds: float) -> dict:
+    deadline = time.perf_counter() + seconds
     results, skipped, worst = [], {}, {}
-    for kernel in ("sdpa", "flex", "xformers", "chunked"):
+    for tokens, dtype, kernel in _combinations(device, quick):
         if quick and kernel == "flex" and device.type == "cpu":
             skipped[kernel] = "quick mode: compiling FlexAttention takes seconds per shape on a CPU"
             continue
-        for dtype in dtypes:
-            for tokens in sizes:
-                generator = torch.Generator().manual_seed(tokens)
-                q, k, v = torch.randn(3, 2, 4, tokens, 64, generator=generator)
-                allowed, bias = _masks(2, tokens, generator)
-                grad = torch.randn(2, 4, tokens, 64, generator=generator)
-                for case, options in (("none", {}), ("causal", dict(causal=True)),
-                                      ("bool", dict(attn_mask=allowed)),
-                                      ("float", dict(attn_mask=bias)),
-                                      ("bool+causal", dict(attn_mask=allowed, causal=True))):
-                    options = {name: value.to(device, dtype) if name == "attn_mask" and
-                               value.is_floating_point() else
-                               value.to(device) if isinstance(value, torch.Tensor) else value
-                               for name, value in options.items()}
-                    problem = AttentionProblem(*(t.to(device, dtype) for t in (q, k, v)),
-                                               64 ** -0.5, **options)
-                    backward = not (kernel == "flex" and device.type == "cpu")
-                    with torch.set_grad_enabled(backward):
-                        reason = KERNELS[kernel].unsupported(problem.with_(
-                            q=problem.q.detach().requires_grad_(backward)), 0.0)
-                    if reason is not None:
-                        skipped[kernel] = reason
-                        continue
-                    row = dict(kernel=kernel, dtype=str(dtype), tokens=tokens, case=case,
-                               backward=backward)
-                    try:
-                        actual = _forward_backward(KERNELS[kernel].run, problem,
-                                                   grad.to(device) if backward else None)
-                        reference = problem.with_(**{n: getattr(problem, n).float()
-                                                     for n in ("q", "k", "v")})
-                        if reference.attn_mask is not None and reference.attn_mask.is_floating_point():
-                            reference = reference.with_(attn_mask=reference.attn_mask.float())
-                        expected = _forward_backward(eager_attention, reference,
-                                                     grad.to(device) if backward else None)
-                        row["max_error"] = max((a.float() - e).abs().max().item()
-                                               for a, e in zip(actual, expected, strict=True))
-                        row["finite"] = all(bool(torch.isfinite(a).all()) for a in actual)
-                        if problem.attn_mask is not None:
-                            empty = ~(attention_logits(reference) > -math.inf).any(dim=-1)
-                            row["empty_rows"] = int(empty.sum())
-                            row["empty_rows_zero"] = bool(
-                                (actual[0].masked_select(empty.unsqueeze(-1)) == 0).all())
-                    except Exception as error:  # noqa: BLE001 - reported, the check goes on
-                        row["error"] = f"{type(error).__name__}: {error}"[:500]
-                    tolerance = 2e-3 if dtype == torch.float32 else 5e-2
-                    row["ok"] = "error" not in row and row["finite"] and \
-                        row["max_error"] <= tolerance and row.get("empty_rows_zero", True)
-                    results.append(row)
-                    key = f"{kernel} {str(dtype).removeprefix('torch.')}"
-                    worst[key] = max(worst.get(key, 0.0), row.get("max_error", math.inf))
+        if time.perf_counter() > deadline:
+            skipped[f"N={tokens} {str(dtype).removeprefix('torch.')} {kernel}"] = "out of time"
+            continue
+        generator = torch.Generator().manual_seed(tokens)
+        q, k, v = torch.randn(3, 2, 4, tokens, 64, generator=generator)
+        allowed, bias = _masks(2, tokens, generator)
+        grad = torch.randn(2, 4, tokens, 64, generator=generator)
+        for case, options in (("none", {}), ("causal", dict(causal=True)),
+                              ("bool", dict(attn_mask=allowed)),
+                              ("float", dict(attn_mask=bias)),
+                              ("bool+causal", dict(attn_mask=allowed, causal=True))):
+            options = {name: value.to(device, dtype) if name == "attn_mask" and
+                       value.is_floating_point() else
+                       value.to(device) if isinstance(value, torch.Tensor) else value
+                       for name, value in options.items()}
+            problem = AttentionProblem(*(t.to(device, dtype) for t in (q, k, v)),
+                                       64 ** -0.5, **options)
+            backward = not (kernel == "flex" and device.type == "cpu")
+            with torch.set_grad_enabled(backward):
+                reason = KERNELS[kernel].unsupported(problem.with_(
+                    q=problem.q.detach().requires_grad_(backward)), 0.0)
+            if reason is not None:
+                skipped[kernel] = reason
+                continue
+            row = dict(kernel=kernel, dtype=str(dtype), tokens=tokens, case=case,
+                       backward=backward)
+            try:
+                actual = _forward_backward(KERNELS[kernel].run, problem,
+                                           grad.to(device) if backward else None)
+                reference = problem.with_(**{n: getattr(problem, n).float()
+                                             for n in ("q", "k", "v")})
+                if reference.attn_mask is not None and reference.attn_mask.is_floating_point():
+                    reference = reference.with_(attn_mask=reference.attn_mask.float())
+                expected = _forward_backward(eager_attention, reference,
+                                             grad.to(device) if backward else None)
+                # error relative to the reference's scale (at least 1), worst of out and grads
+                row["max_error"] = max((a.float() - e).abs().max().item() / max(1.0, e.abs().max().item())
+                                       for a, e in zip(actual, expected, strict=True))
+                row["finite"] = all(bool(torch.isfinite(a).all()) for a in actual)
+                if problem.attn_mask is not None:
+                    empty = ~(attention_logits(reference) > -math.inf).any(dim=-1)
+                    row["empty_rows"] = int(empty.sum())
+                    row["empty_rows_zero"] = bool(
+                        (actual[0].masked_select(empty.unsqueeze(-1)) == 0).all())
+            except Exception as error:  # noqa: BLE001 - reported, the check goes on
+                row["error"] = f"{type(error).__name__}: {error}"[:500]
+            tolerance = 2e-3 if dtype == torch.float32 else 5e-2
+            row["ok"] = "error" not in row and row["finite"] and \
+                row["max_error"] <= tolerance and row.get("empty_rows_zero", True)
+            results.append(row)
+            key = f"{kernel} {str(dtype).removeprefix('torch.')}"
+            worst[key] = max(worst.get(key, 0.0), row.get("max_error", math.inf))
     failed = [r for r in results if not r["ok"]]
     summary = ", ".join(f"{key} {error:.1e}" for key, error in worst.items())
     if skipped:
@@ -408,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Most telling first: a check that would start past the budget is skipped, and the
     # subprocesses get at most the time left.
     checks = {
-        "kernels": lambda: check_kernels(device, args.quick),
+        "kernels": lambda: check_kernels(device, args.quick, left() / 3),
         "auto": lambda: check_auto(device, args.quick),
         "sink": lambda: check_sink(device, args.quick),
         "xformers": lambda: check_xformers(device, args.quick),
