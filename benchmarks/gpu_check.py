@@ -1,7 +1,10 @@
 """GPU readiness check (issue 18): every CUDA path, once, under 10 minutes on one GPU.
 
-    make gpu-check                                  # .venv/bin/python -m benchmarks.gpu_check
-    python -m benchmarks.gpu_check --quick          # the CPU-safe parts at small sizes (seconds)
+    make gpu-check                         # .venv/bin/python -m benchmarks.gpu_check
+    python -m benchmarks.gpu_check --quick # CPU-safe parts, small sizes, no compiles (about 15 s)
+
+Without CUDA the full run takes about 2.5 minutes on 2 cores (FlexAttention compiles per
+shape on the CPU); benchmarks/results/gpu/gpu-check-cpu.md is its last result.
 
 Run from the repository root. Writes benchmarks/results/gpu/gpu-check-<device>.json (every
 measurement), gpu-check-<device>.md (the summary it prints) and the logs of its subprocesses
