@@ -2,6 +2,7 @@
 fake CUDA tensors (FakeTensorMode: shapes, strides and devices, no data) or reproduced on the CPU;
 FlexAttention's compilation and BlockMasks on the CPU."""
 
+import gc
 import math
 import sys
 import types
@@ -233,6 +234,11 @@ def test_dense_mask_block_mask_is_built_at_its_broadcast_sizes_once_per_mask():
         torch.testing.assert_close(flex.FLEX.run(problem, 0.0), eager_attention(problem),
                                    atol=1e-5, rtol=1e-5)
         assert builds.call_count == 2
+    key = id(mask)
+    assert key in flex._dense_block_masks
+    del mask, problem
+    gc.collect()
+    assert key not in flex._dense_block_masks  # the entry leaves with its mask
 
 
 @pytest.mark.slow
