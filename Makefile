@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-speed bench-sparse lint clean
+.PHONY: install test demo bench bench-speed bench-sparse gpu-check lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ bench-speed: $(STAMP)
 # The full sparse benchmark, N = 1024..16384 (about 12 minutes on 2 cores; sparse-cpu.json/.md).
 bench-sparse: $(STAMP)
 	$(BIN)/python benchmarks/sparse.py
+
+# Every CUDA path once (benchmarks/gpu_check.py), under 10 minutes on one GPU; results and a
+# summary in benchmarks/results/gpu/. Without CUDA it runs its CPU-safe parts and says what it skipped.
+gpu-check: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu_check
 
 lint: $(STAMP)
 	$(BIN)/ruff check robust_attn tests benchmarks recipes

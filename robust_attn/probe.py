@@ -136,14 +136,17 @@ def _per_head(values: Tensor) -> Tensor:
 
 
 def _spectral_gap(weights: Tensor) -> Tensor:
-    """Per-head gap; nan when the weights are not finite (the nonfinite counts say why)."""
-    if torch.compiler.is_compiling():  # no data-dependent branch in a graph
-        finite = torch.isfinite(weights).all()
-        gap = _per_head(metrics.attention_spectral_gap(weights.nan_to_num(0.0, 0.0, 0.0)))
-        return torch.where(finite, gap, torch.nan)
-    if not torch.isfinite(weights).all():
-        return torch.full((weights.shape[1],), torch.nan)
-    return _per_head(metrics.attention_spectral_gap(weights))
+    """Per-head gap; nan when the weights are not finite (the nonfinite counts say why).
+
+    One path, eager or compiled: no data-dependent branch in a graph, and no host sync of
+    our own (a Python ``if`` on ``isfinite(...).all()`` waits for the device); the nan
+    comes out on the weights' device and in the gap's dtype. Non-finite weights are
+    zeroed before the SVD, which rejects them, and their gap replaced by nan.
+    ``torch.linalg.svdvals`` itself still synchronises a CUDA device with the CPU
+    (torch.linalg.svd's documentation), so the gap stays opt-in (``spectral=True``)."""
+    finite = torch.isfinite(weights).all()
+    gap = _per_head(metrics.attention_spectral_gap(weights.nan_to_num(0.0, 0.0, 0.0)))
+    return torch.where(finite, gap, torch.nan)
 
 
 def count_nonfinite(tensor: Tensor) -> Tensor:

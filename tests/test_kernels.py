@@ -153,17 +153,59 @@ def test_unfused_module_uses_eager_and_matches_fused():
     torch.testing.assert_close(module(x, is_causal=True), fused, atol=1e-6, rtol=1e-6)
 
 
+def cuda_masks(batch, tokens, num_keys, generator):
+    """A bool mask (rand < 0.7) and a float one, each with all-False rows: one row of item 0, and
+    every row of item 1's first three queries (rand < 0.7 over 100+ keys never blocks a row)."""
+    allowed = torch.rand(batch, 1, tokens, num_keys, generator=generator) < 0.7
+    allowed[0, 0, tokens // 2] = False
+    allowed[-1, 0, :3] = False
+    bias = torch.randn(allowed.shape, generator=generator).masked_fill(~allowed, -torch.inf)
+    return allowed, bias
+
+
+def check_kernel_with_empty_rows(kernel, dtype, tokens, device):
+    """``kernel`` in ``dtype`` against eager in float32, forward and backward, with and without
+    masks (bool and float, with all-False rows) and causal; empty rows give zeros and every
+    gradient is finite."""
+    generator = torch.Generator().manual_seed(tokens)
+    q, k, v = torch.randn(3, 2, 4, tokens, 64, generator=generator)
+    allowed, bias = cuda_masks(2, tokens, tokens, generator)
+    tolerance = 2e-3 if dtype == torch.float32 else 3e-2
+    for options in (dict(), dict(causal=True), dict(attn_mask=allowed), dict(attn_mask=bias),
+                    dict(attn_mask=allowed, causal=True)):
+        mask = options.get("attn_mask")
+        if mask is not None:
+            options["attn_mask"] = mask.to(device, dtype if mask.is_floating_point() else None)
+        problem = AttentionProblem(*(t.to(device, dtype) for t in (q, k, v)), 64 ** -0.5, **options)
+        actual = _forward_backward(KERNELS[kernel].run, problem)
+        reference = problem.with_(q=problem.q.float(), k=problem.k.float(), v=problem.v.float())
+        if mask is not None and mask.is_floating_point():
+            reference = reference.with_(attn_mask=reference.attn_mask.float())
+        expected = _forward_backward(eager_attention, reference)
+        for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected, strict=True):
+            assert torch.isfinite(a).all(), f"{kernel} {tuple(options)}: {name} not finite"
+            torch.testing.assert_close(a.float(), e, atol=tolerance, rtol=tolerance,
+                                       msg=lambda m, n=name, o=tuple(options): f"{n} {o}: {m}")
+        if mask is not None:
+            empty = ~eager_logits_allowed(problem).any(dim=-1)
+            assert empty.any() and (actual[0].masked_select(empty.unsqueeze(-1)) == 0).all()
+
+
+def test_empty_rows_check_on_cpu_sdpa():
+    """The CUDA test's check, run here on SDPA's CPU kernels (so it is known to work)."""
+    check_kernel_with_empty_rows("sdpa", torch.float32, 24, "cpu")
+
+
 @requires_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["sdpa", "flex", "xformers"])
-def test_cuda_kernels_equal_eager(kernel):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [24, 197])
+def test_cuda_kernels_equal_eager_forward_and_backward(kernel, dtype, tokens):
+    """Empty rows give zeros and finite gradients on every CUDA kernel (SDPA's flash,
+    memory-efficient and cuDNN backends, FlexAttention, xformers)."""
     pytest.importorskip("xformers") if kernel == "xformers" else None
-    q, k, v = torch.randn(3, 2, 4, 128, 64, device="cuda")
-    mask = torch.rand(2, 1, 128, 128, device="cuda") < 0.7
-    for options in (dict(), dict(causal=True), dict(attn_mask=mask)):
-        problem = AttentionProblem(q, k, v, 64 ** -0.5, **options)
-        torch.testing.assert_close(KERNELS[kernel].run(problem, 0.0), eager_attention(problem),
-                                   atol=2e-3, rtol=2e-3)
+    check_kernel_with_empty_rows(kernel, dtype, tokens, "cuda")
 
 
 def test_weights_without_blocked_keys_take_the_fused_softmax_and_equal_the_guarded_one():

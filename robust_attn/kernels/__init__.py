@@ -3,11 +3,16 @@
 ``auto`` takes the first kernel that can compute the problem exactly on its
 device:
 
-- on CUDA: sdpa, flex, xformers, chunked: fused SDPA when nothing needs more,
-  FlexAttention for score modifiers, xformers where installed;
+- on CUDA: sdpa, flex, chunked: fused SDPA when nothing needs more,
+  FlexAttention for score modifiers (head widths of at least 16), chunked for
+  the rest;
 - elsewhere: sdpa, chunked. FlexAttention is not tried on the CPU: it runs
   forward only there and compiles once per sequence length (tens of seconds);
   pass kernel='flex' to choose it.
+
+xformers runs only when chosen (kernel='xformers'): SDPA accepts every problem
+it accepts, and runs the same CUTLASS kernel for them (its memory-efficient
+backend), so it would never be reached (:mod:`robust_attn.kernels.xformers`).
 
 The chunked kernel (:mod:`robust_attn.kernels.chunked`) computes what SDPA
 cannot (score modifiers, sigmoid attention) in blocks of query rows, so the
@@ -86,7 +91,7 @@ def check_kernel_name(kernel: str) -> str:
 
 def _auto_order(problem: AttentionProblem) -> tuple[Kernel, ...]:
     if problem.pattern is None:
-        return (SDPA, FLEX, XFORMERS, CHUNKED) if problem.q.device.type == "cuda" else (SDPA, CHUNKED)
+        return (SDPA, FLEX, CHUNKED) if problem.q.device.type == "cuda" else (SDPA, CHUNKED)
     if problem.q.device.type == "cuda":
         return FLEX, *STRUCTURED, SDPA, CHUNKED
     return *STRUCTURED, SDPA, CHUNKED

@@ -86,11 +86,13 @@ def map_similarity(previous: AttentionMap, current: AttentionMap) -> Tensor:
     redundancy in attention with Reuse Transformers" (arXiv:2110.06821), who
     find adjacent layers' maps most alike; they compare maps by total
     variation distance, this uses the centred cosine above.
-    Maps of different shapes (other sampled rows or keys) give nan.
+    Maps of different shapes (other sampled rows or keys) give nan (on the maps' device, in
+    their dtype, as the normal result).
     """
     if previous.weights.shape[0] != current.weights.shape[0] or \
             previous.weights.shape[2:] != current.weights.shape[2:]:
-        return torch.full((current.weights.shape[1],), torch.nan)
+        return torch.full((current.weights.shape[1],), torch.nan, dtype=current.weights.dtype,
+                          device=current.weights.device)
     a, b = _centred_heads(current), _centred_heads(previous)
     return (a @ b.T).amax(dim=1)
 
