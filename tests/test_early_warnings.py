@@ -100,7 +100,7 @@ def test_warning_fires_on_the_problem(code):
     found = [w for w in check(CASES[code][0]) if w.code == code]
     assert found, f"{code} did not fire"
     for warning in found:
-        assert warning.mitigations == MITIGATIONS[code][0] and warning.message
+        assert warning.mitigations == tuple(MITIGATIONS[code][0]) and warning.message
         assert warning.evidence["steps"] and len(warning.evidence["steps"]) == \
             len(warning.evidence["values"])
         assert warning.to_dict()["code"] == code
