@@ -3,11 +3,13 @@
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import robust_attn
 from robust_attn import HealthMonitor, RobustAttention, attention_maps, create, metrics
 from robust_attn.monitor import (
     HEAD_METRICS,
@@ -246,3 +248,28 @@ def test_presets_in_use():
     assert presets_in_use([RobustAttention(16, 2), create("sink", 16, 2)]) == {"sink"}
     with HealthMonitor(small_stack(), every=1) as monitor:
         assert monitor.in_use == frozenset()
+
+
+class LastOutput(nn.Module):
+    def __init__(self, stack):
+        super().__init__()
+        self.stack = stack
+
+    def forward(self, x):
+        return self.stack(x)[-1]
+
+
+def test_readme_monitor_snippet_runs(tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Monitoring training: `HealthMonitor` and early warnings")[1]
+    snippet = section.split("```python\n")[1].split("```")[0]
+    model = LastOutput(small_stack())
+    monkeypatch.chdir(tmp_path)
+    namespace = {"robust_attn": robust_attn, "model": model,
+                 "loader": [(torch.randn(2, 8, 32), torch.zeros(2, 8, 32))] * 2
+                 + [(torch.full((2, 8, 32), math.nan), torch.zeros(2, 8, 32))],  # a warning
+                 "criterion": nn.functional.mse_loss,
+                 "optimizer": torch.optim.SGD(model.parameters(), lr=0.01)}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert namespace["warning"].code == "divergence"  # the loop body ran
+    assert (tmp_path / "health.csv").exists() and namespace["report"]["steps"] == [0]
