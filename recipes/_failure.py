@@ -1,7 +1,8 @@
 """When a training run failed, and from which step: decided from its losses alone.
 
-The rule reads only the training loss of every step, the final eval loss and the unigram entropy of the training text
-(the loss of a model that ignores the context). It never reads the health
+The rule reads only the training loss of every step, the final eval loss
+and the unigram entropy of the training text (the loss of a model that
+ignores the context). It never reads the health
 monitor, so the monitor's warnings can be scored against it.
 
     s_t = mean of the finite training losses of steps t - 9 .. t (the smoothed loss)

@@ -7,11 +7,12 @@
 2. Calibrate on the calibration seeds only: for each warm-up in WARMUPS and
    hysteresis in PERSISTENCES, and per code over its grid of thresholds
    (GRIDS), replay the rule after every sampled step and score it
-   (recipes/_warning_scores.py). Per code, the best setting is the one that
-   meets the targets, else the highest recall, then the longest lead, among
-   those that warn at most 5 % of healthy calibration runs. The warm-up and
-   hysteresis shared by all codes are those with which most codes meet the
-   targets (then the highest summed recall).
+   (recipes/_warning_scores.py). Per code, the best setting warns at most 5 %
+   of healthy calibration runs, then meets the targets, then has the highest
+   recall, the longest lead, the fewest healthy runs warned and alarms (ties:
+   the default thresholds). The warm-up and hysteresis shared by all codes are
+   those with which most codes meet the targets (then the highest summed
+   recall, then the fewest healthy runs warned).
 3. Score the chosen thresholds on the held-out seeds with
    :func:`robust_attn.early_warnings.replay`, exactly as a monitor checked
    after every sample would warn. Codes that miss a target there are
@@ -96,10 +97,15 @@ def as_run(label: dict, timeline: Timeline) -> Run:
                label["steps_taken"], timeline)
 
 
-def _rank(result) -> tuple:
-    return (result.meets_targets(), result.recall,
+def _rank(result, params: dict) -> tuple:
+    """Warning few enough healthy runs first, then meeting the targets, recall, lead, fewer
+    healthy runs warned and alarms; on a tie, the default thresholds."""
+    default = Thresholds()
+    return (result.healthy_warned <= TARGETS["healthy_warned"], result.meets_targets(),
+            0.0 if math.isnan(result.recall) else result.recall,
             0.0 if math.isnan(result.median_lead_fraction) else result.median_lead_fraction,
-            -result.alarms_per_1k_steps)
+            -result.healthy_warned, -result.alarms_per_1k_steps,
+            all(getattr(default, key) == value for key, value in params.items()))
 
 
 def calibrate(runs: list[tuple[dict, MonitorReport]]) -> tuple[Thresholds, dict]:
@@ -113,14 +119,14 @@ def calibrate(runs: list[tuple[dict, MonitorReport]]) -> tuple[Thresholds, dict]
                 for persistence in PERSISTENCES:
                     result = score([as_run(label, persist(raw, persistence, code in IMMEDIATE))
                                     for label, raw in raws])
-                    if result.healthy_warned > TARGETS["healthy_warned"]:
-                        continue
                     chosen = best.setdefault((warmup, persistence), {})
-                    if code not in chosen or _rank(result) > _rank(chosen[code][1]):
+                    if code not in chosen or \
+                            _rank(result, params) > _rank(chosen[code][1], chosen[code][0]):
                         chosen[code] = (params, result)
     (warmup, persistence), chosen = max(best.items(), key=lambda item: (
         sum(result.meets_targets() for _, result in item[1].values()),
-        sum(result.recall for _, result in item[1].values() if not math.isnan(result.recall))))
+        sum(result.recall for _, result in item[1].values() if not math.isnan(result.recall)),
+        -sum(result.healthy_warned for _, result in item[1].values())))
     fields = {key: value for params, _ in chosen.values() for key, value in params.items()}
     thresholds = replace(Thresholds(), warmup_steps=warmup, persistence=persistence, **fields)
     scores = {code: result.to_dict() for code, (_, result) in chosen.items()}
