@@ -277,7 +277,8 @@ def write_table(path: Path, runs: list[Run], args: argparse.Namespace, task: Tas
               "diverged", f"H_min @ {max(args.lrs):g}", f"max logit @ {max(args.lrs):g}"]
     table = markdown_table(header, summary_rows(runs, task.floors["eval_floor"]))
     text = (f"{task.description} (div) = diverged. H_min, max logit: worst layer's mean "
-            f"attention entropy and largest attention logit at the end, at the largest learning rate.\n\n{table}\n\n"
+            f"attention entropy and largest attention logit at the end, at the largest "
+            f"learning rate.\n\n{table}\n\n"
             f"{len(runs)} runs of {args.steps} steps, {seconds:.0f} s in all.\n")
     path.write_text(text)
     return text
