@@ -48,13 +48,14 @@ from robust_attn.monitor import MonitorReport, presets_in_use
 WARMUPS = (0, 50, 100)
 PERSISTENCES = (1, 2, 3)
 GRIDS: dict[str, list[dict]] = {
-    "entropy_collapse": [{"entropy_collapse": v} for v in (0.05, 0.1, 0.2, 0.3, 0.4)],
+    "entropy_collapse": [{"entropy_collapse": v} for v in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)],
     "entropy_falling": [{"entropy_fall_rate": r, "entropy_fall_min": m, "trend_samples": n}
                         for r, m, n in itertools.product((1e-3, 3e-3), (0.05, 0.1, 0.2, 0.3),
                                                          (5, 10))],
-    "logit_growth": [{"logit_bound": v} for v in (20.0, 30.0, 50.0, 100.0, 200.0)],
+    "logit_growth": [{"logit_bound": v} for v in (10.0, 15.0, 20.0, 30.0, 50.0, 100.0)],
     "rank_collapse": [{"rank_residual": r, "rank_cosine": c}
-                      for r, c in itertools.product((0.01, 0.05, 0.1), (0.9, 0.95, 0.99))],
+                      for r, c in itertools.product((0.01, 0.05, 0.1, 0.2),
+                                                    (0.8, 0.9, 0.95, 0.99))],
     "attention_sink": [{"sink_share": v} for v in (0.5, 0.75)],
     "loss_spike": [{"loss_band": v} for v in (4.0, 6.0, 10.0)],
     "loss_oscillation": [{}],
@@ -103,7 +104,8 @@ def _rank(result, params: dict) -> tuple:
     default = Thresholds()
     return (result.healthy_warned <= TARGETS["healthy_warned"], result.meets_targets(),
             0.0 if math.isnan(result.recall) else result.recall,
-            0.0 if math.isnan(result.median_lead_fraction) else result.median_lead_fraction,
+            0.0 if math.isnan(result.median_lead_before_failure)
+            else result.median_lead_before_failure,
             -result.healthy_warned, -result.alarms_per_1k_steps,
             all(getattr(default, key) == value for key, value in params.items()))
 
@@ -172,15 +174,21 @@ def render_table(results: dict) -> str:
         status = ("trusted" if s["meets_targets"] else "informational") \
             if code in RULES else "-"
         rows.append([f"`{code}`" if code in RULES else code, status, _cell(s["recall"], True),
-                     _cell(s["median_lead_steps"]), _cell(s["median_lead_fraction"], True),
-                     _cell(s["alarms_per_1k_steps"]), _cell(s["healthy_warned"], True)])
-    header = ["code", "status", "recall", "median lead (steps)", "median lead (share of run)",
-              "false alarms / 1k steps", "healthy runs warned"]
+                     _cell(s["median_lead_steps"]), _cell(s["median_lead_before_failure"], True),
+                     _cell(s["median_lead_of_run"], True), _cell(s["alarms_per_1k_steps"]),
+                     _cell(s["healthy_warned"], True)])
+    header = ["code", "status", "recall", "median lead (steps)",
+              "median lead / steps before failure", "median lead / run length",
+              "false alarms / 1k healthy steps", "healthy runs warned"]
     counts = held["runs"]
     return (f"Held-out runs (seeds {', '.join(map(str, held['seeds']))}): {counts['failed']} "
             f"failed, {counts['healthy']} healthy. Targets: recall >= "
-            f"{TARGETS['recall']:.0%}, median lead >= {TARGETS['median_lead_fraction']:.0%} of "
-            f"the run, <= {TARGETS['healthy_warned']:.0%} of healthy runs warned.\n\n"
+            f"{TARGETS['recall']:.0%}, median lead >= "
+            f"{TARGETS['median_lead_before_failure']:.0%} of the run before the failure, <= "
+            f"{TARGETS['healthy_warned']:.0%} of healthy runs warned. Calibrated thresholds "
+            f"(`robust_attn.Thresholds` defaults): "
+            + ", ".join(f"{key}={value:g}" for key, value in results["thresholds"].items())
+            + ".\n\n"
             + markdown_table(header, rows))
 
 

@@ -32,7 +32,8 @@ def test_score_recall_lead_and_false_alarms():
     result = score(runs)
     assert (result.failed, result.healthy) == (2, 2)
     assert result.recall == 0.5 and result.median_lead_steps == 100
-    assert result.median_lead_fraction == pytest.approx(1 / 3)
+    assert result.median_lead_before_failure == pytest.approx(0.5)
+    assert result.median_lead_of_run == pytest.approx(1 / 3)
     assert result.alarms_per_1k_steps == pytest.approx(1000 * 2 / 600)
     assert result.healthy_warned == 0.5 and not result.meets_targets()
 
