@@ -135,10 +135,9 @@ def calibrate(runs: list[tuple[dict, MonitorReport]]) -> tuple[Thresholds, dict]
     return thresholds, scores
 
 
-def evaluate(runs: list[tuple[dict, MonitorReport]], t: Thresholds,
-             trusted: set[str] | None = None) -> tuple[dict, list[dict]]:
-    """Held-out scores per code, for the trusted codes together and for any code; per-run
-    first warnings. Trusted: the codes that meet the targets (default: decided here)."""
+def evaluate(runs: list[tuple[dict, MonitorReport]], t: Thresholds) -> tuple[dict, list[dict]]:
+    """Held-out scores per code, for the trusted codes (those that meet the targets here)
+    together and for any code; per-run first warnings."""
     timelines = []
     for label, report in runs:
         in_use = presets_in_use([robust_attn.create(label["config"]["variant"], 8, num_heads=2)])
@@ -149,7 +148,7 @@ def evaluate(runs: list[tuple[dict, MonitorReport]], t: Thresholds,
                                for step, warnings in timeline]) for label, timeline in timelines]
 
     per_code = {code: score(for_codes({code})) for code in RULES}
-    trusted = {c for c, s in per_code.items() if s.meets_targets()} if trusted is None else trusted
+    trusted = {code for code, result in per_code.items() if result.meets_targets()}
     scores = {code: result.to_dict() for code, result in per_code.items()}
     scores["monitor (trusted codes)"] = score(for_codes(trusted)).to_dict()
     scores["any code"] = score(for_codes(set(RULES))).to_dict()

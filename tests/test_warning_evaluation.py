@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
@@ -14,7 +15,9 @@ sys.path.insert(0, str(ROOT / "recipes"))
 import warning_evaluation  # noqa: E402
 from _warning_scores import Run, persist, score  # noqa: E402
 
-from robust_attn.early_warnings import INFORMATIONAL, Thresholds  # noqa: E402
+from robust_attn import HealthMonitor  # noqa: E402
+from robust_attn.early_warnings import INFORMATIONAL, Thresholds, replay  # noqa: E402
+from robust_attn.stack import AttentionStack, init_stack_weights  # noqa: E402
 
 RESULTS = ROOT / "recipes/results/warning_evaluation/evaluation.json"
 
@@ -43,6 +46,32 @@ def test_persistence_needs_consecutive_firings():
     assert [s for s, keys in persist(raw, 2) if keys] == [20]
     assert [s for s, keys in persist(raw, 3) if keys] == []
     assert persist(raw, 3, immediate=True) == raw
+
+
+def test_calibration_shortcut_equals_the_monitor_replay():
+    """persist(raw_timeline(...)) is how calibration scores hysteresis cheaply: it must equal
+    what robust_attn.early_warnings.replay raises."""
+    torch.manual_seed(0)
+    stack = AttentionStack(2, 16, 2, residual=True)
+    init_stack_weights(stack, 4.0, torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(stack.parameters(), lr=0.05)
+    x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1))
+    with HealthMonitor(stack, every=1) as monitor:
+        for _ in range(12):
+            loss = stack(x)[-1].square().mean()
+            loss.backward()
+            monitor.step(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+    report = monitor.report()
+    for persistence in (1, 2, 3):
+        t = Thresholds(entropy_collapse=0.8, persistence=persistence, warmup_steps=3)
+        expected = [(step, frozenset((w.code, w.layer, w.head) for w in warnings))
+                    for step, warnings in replay(report, t, codes=["entropy_collapse"])]
+        shortcut = persist(warning_evaluation.raw_timeline(report, t, "entropy_collapse"),
+                           persistence)
+        assert shortcut == expected
+    assert any(keys for _, keys in expected)  # it fired, so the comparison says something
 
 
 @pytest.fixture(scope="module")
