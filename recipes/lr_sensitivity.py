@@ -13,11 +13,18 @@ diverges, counts as L_0): 0 means every learning rate reaches the best loss.
 Here, per variant (robust_attn presets) and per learning rate (default the
 half decades from 3e-4 to 3e-1), a small pre-LN causal transformer LM
 (recipes/_causal_lm.py, every run of a variant from the same initialisation,
-on the same batches) learns a k-th order Markov chain over V tokens
-(recipes/_markov.py) whose optimal loss, its entropy rate H, is known: the
-table reports each final eval loss as its distance to the floor, measured on
-the eval tokens themselves. A run diverges when its training loss becomes
-non-finite (it stops there) or its final loss exceeds L_0.
+on the same batches) learns one of two tasks (``--task``):
+
+* ``markov`` (the quick smoke): a k-th order Markov chain over V tokens
+  (recipes/_markov.py) whose optimal loss, its entropy rate H, is known: the
+  table reports each final eval loss as its distance to the floor, measured
+  on the eval tokens themselves.
+* ``text``: characters of the Python standard library's sources
+  (recipes/_text.py, read at run time); the table reports the eval loss
+  itself (nats/char), beside the unigram entropy of the text.
+
+A run diverges when its training loss becomes non-finite (it stops there) or
+its final loss exceeds L_0.
 
 Training as in Wortsman et al.: AdamW (beta = (0.9, 0.95), eps = 1e-8),
 weight decay independent of the learning rate (theta <- theta - s_t lambda
@@ -26,8 +33,11 @@ lambda / eta), linear warmup then cosine decay to 0, gradient clipping at
 global norm 1. Auxiliary losses of the variants (spectral_qk) are added.
 
 Outputs in --out: results.json (every run: final and initial loss, loss
-curve, health at the end), results.md (the table) and loss_vs_lr.png.
-Health at the end: one forward of eval sequences under robust_attn.health_probe().
+curve, health at the end), results.md (the table), loss_vs_lr.png and
+health.json (:func:`health_file`: each variant's attention health at the end
+of training, per learning rate). Health at the end: one forward of 16 eval
+sequences under robust_attn.health_probe() (recipes/_health.py's worst-layer
+summary).
 
 Data parallel: ``torchrun --nproc_per_node=2 recipes/lr_sensitivity.py ...``
 splits each global batch over the ranks (recipes/_distributed.py) and follows
@@ -37,6 +47,7 @@ Examples:
     python recipes/lr_sensitivity.py --out recipes/results/lr_sensitivity
     python recipes/lr_sensitivity.py --variants baseline qk_norm --lrs 1e-3 1e-1 --steps 100
     python recipes/lr_sensitivity.py --smoke --out /tmp/lr_smoke
+    python recipes/lr_sensitivity.py --task text --threads 1 --out recipes/results/lr_sensitivity_text
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ import json
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -58,11 +70,16 @@ from _logging import markdown_table, progress
 from _markov import MarkovChain
 from _optim import adamw, warmup_cosine_schedule
 from _smoke import add_smoke_flag, parse_with_smoke
+from _text import VOCAB, TextCorpus
 from torch import Tensor
 
 import robust_attn
 
 DEFAULT_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+# The text task's default sweep: Wortsman et al.'s comparison set plus the both-collapse preset
+# ("robust", where this checkout has it: names not in robust_attn.list_variants() are skipped).
+TEXT_VARIANTS = ("baseline", "qk_norm", "sigma_reparam", "softcap", "sink", "gated",
+                 "outlier_removal", "sigmoid", "robust")
 SMOKE = {"variants": ["baseline", "qk_norm"], "lrs": [1e-3, 3e-1], "steps": 4, "warmup": 1,
          "eval_size": 8, "batch_size": 4}
 
@@ -70,8 +87,11 @@ SMOKE = {"variants": ["baseline", "qk_norm"], "lrs": [1e-3, 3e-1], "steps": 4, "
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=("markov", "text"), default="markov",
+                        help="markov: synthetic chain with a known floor; text: stdlib sources")
     parser.add_argument("--variants", nargs="+", default=None,
-                        help="preset names (default: every preset, robust_attn.list_variants())")
+                        help="preset names (default: markov, every preset; text, TEXT_VARIANTS "
+                             "that exist)")
     parser.add_argument("--lrs", nargs="+", type=float, default=list(DEFAULT_LRS),
                         help="peak learning rates (default: half decades 3e-4 .. 3e-1)")
     parser.add_argument("--steps", type=int, default=200, help="training steps per run")
@@ -99,7 +119,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     add_smoke_flag(parser, SMOKE, "a few steps of a tiny sweep")
     args = parse_with_smoke(parser, argv, SMOKE)
-    args.variants = args.variants or robust_attn.list_variants()
+    if args.variants is None:
+        known = robust_attn.list_variants()
+        args.variants = known if args.task == "markov" else [v for v in TEXT_VARIANTS if v in known]
+    if args.task == "text":
+        args.vocab, args.order = VOCAB, 1
     return args
 
 
@@ -155,7 +179,43 @@ def end_health(model: CausalLM, tokens: Tensor) -> dict[str, float]:
     return summarize(attention_health(model))
 
 
-def train_run(variant: str, lr: float, args: argparse.Namespace, chain: MarkovChain,
+@dataclass(frozen=True)
+class Task:
+    """What the runs learn: ``sample(batch, generator)`` draws (batch, seq_len) training tokens;
+    ``floors["eval_floor"]`` is subtracted from every loss in the table (0 for text)."""
+
+    sample: Callable[[int, torch.Generator], Tensor]
+    eval_tokens: Tensor
+    floors: dict[str, float | str]
+    description: str
+
+
+def markov_task(args: argparse.Namespace) -> Task:
+    chain = MarkovChain.random(args.vocab, args.order, args.alpha, args.seed)
+    eval_tokens = chain.sample(args.eval_size, args.seq_len,
+                               torch.Generator().manual_seed(args.seed + 2))
+    floor = chain.nll(eval_tokens).mean().item()
+    return Task(lambda batch, generator: chain.sample(batch, args.seq_len, generator), eval_tokens,
+                {"entropy_rate": chain.entropy_rate(), "eval_floor": floor},
+                f"Final eval loss minus the floor (nats/token) per peak learning rate; floor = "
+                f"{floor:.4f} on the eval tokens (entropy rate {chain.entropy_rate():.4f}, "
+                f"log V = {math.log(args.vocab):.4f}).")
+
+
+def text_task(args: argparse.Namespace) -> Task:
+    corpus = TextCorpus.stdlib()
+    eval_tokens = corpus.eval_batches(args.eval_size, args.seq_len, args.seed + 2)
+    unigram = corpus.unigram_entropy()
+    return Task(lambda batch, generator: corpus.batch(corpus.train, batch, args.seq_len, generator),
+                eval_tokens, {"eval_floor": 0.0, "unigram_entropy": unigram,
+                              "corpus_sha256": corpus.sha256},
+                f"Final eval loss (nats/char) per peak learning rate on the Python standard "
+                f"library's sources ({corpus.files} files, sha256 {corpus.sha256[:12]}); a model "
+                f"that ignores the context scores the unigram entropy {unigram:.3f}, "
+                f"log 128 = {math.log(VOCAB):.3f}.")
+
+
+def train_run(variant: str, lr: float, args: argparse.Namespace, task: Task,
               eval_tokens: Tensor, distributed: Distributed, bar) -> Run:
     torch.manual_seed(args.seed)  # the same initialisation at every learning rate
     model = CausalLM(variant, args.vocab, args.seq_len, args.dim, args.depth, args.heads)
@@ -168,7 +228,7 @@ def train_run(variant: str, lr: float, args: argparse.Namespace, chain: MarkovCh
     local = distributed.local_slice(args.batch_size)
     start = time.perf_counter()
     for _ in range(args.steps):
-        tokens = chain.sample(args.batch_size, args.seq_len, batches)[local].to(distributed.device)
+        tokens = task.sample(args.batch_size, batches)[local].to(distributed.device)
         try:
             with _autocast(args, distributed.device):
                 loss = next_token_loss(trained(tokens), tokens, args.order)
@@ -211,22 +271,66 @@ def summary_rows(runs: list[Run], floor: float) -> list[list[str]]:
     return rows
 
 
-def write_table(path: Path, runs: list[Run], args: argparse.Namespace, floors: dict,
+def write_table(path: Path, runs: list[Run], args: argparse.Namespace, task: Task,
                 seconds: float) -> str:
     header = ["variant", *(f"{lr:g}" for lr in args.lrs), "best LR", "best", "LR sensitivity",
               "diverged", f"H_min @ {max(args.lrs):g}", f"max logit @ {max(args.lrs):g}"]
-    table = markdown_table(header, summary_rows(runs, floors["eval_floor"]))
-    text = (f"Final eval loss minus the floor (nats/token) per peak learning rate; floor = "
-            f"{floors['eval_floor']:.4f} on the eval tokens (entropy rate "
-            f"{floors['entropy_rate']:.4f}, log V = {math.log(args.vocab):.4f}). "
-            f"(div) = diverged. H_min, max logit: worst layer's mean attention entropy and "
-            f"largest attention logit at the end, at the largest learning rate.\n\n{table}\n\n"
+    table = markdown_table(header, summary_rows(runs, task.floors["eval_floor"]))
+    text = (f"{task.description} (div) = diverged. H_min, max logit: worst layer's mean "
+            f"attention entropy and largest attention logit at the end, at the largest "
+            f"learning rate.\n\n{table}\n\n"
             f"{len(runs)} runs of {args.steps} steps, {seconds:.0f} s in all.\n")
     path.write_text(text)
     return text
 
 
-def plot(path: Path, runs: list[Run], floor: float) -> None:
+HEALTH_KEYS = ("entropy_min", "residual_min", "max_logit")
+
+
+def health_file(runs: list[Run], config: dict, machine: dict) -> dict:
+    """Each variant's attention health at the end of training, for tables "after training".
+
+    Schema (version 1)::
+
+        {"schema": "robust_attn.lr_sensitivity.health/1", "config": {...}, "machine": {...},
+         "metrics": {"entropy_min": ..., "residual_min": ..., "max_logit": ...},  # meanings
+         "variants": {variant: {
+             "best_lr": float,                         # lowest min(L, L_0)
+             "at_best_lr": {metric: float | None},     # the three metrics at best_lr
+             "at_largest_lr": {metric: float | None},  # ... at the largest learning rate
+             "runs": [{"lr": float, "final_loss": float | None, "diverged": bool,
+                       metric: float | None, ...}]}}}
+
+    Metrics (recipes/_health.py's worst-layer summary, one forward of 16 eval
+    sequences after the last step): entropy_min, the lowest layer-mean normalised
+    attention entropy (0 one-hot, 1 uniform); residual_min, the lowest res(X) of
+    any layer's attention output; max_logit, the largest attention logit. None
+    where the run diverged (no health was read) or the value is not finite.
+    """
+    def value(number: float | None) -> float | None:
+        return number if number is not None and math.isfinite(number) else None
+
+    def metrics(run: Run) -> dict[str, float | None]:
+        return {key: value(run.health.get(key)) for key in HEALTH_KEYS}
+
+    variants = {}
+    for variant in dict.fromkeys(run.variant for run in runs):
+        mine = [run for run in runs if run.variant == variant]
+        best = min(mine, key=lambda run: run.capped_loss)
+        variants[variant] = {
+            "best_lr": best.lr, "at_best_lr": metrics(best),
+            "at_largest_lr": metrics(max(mine, key=lambda run: run.lr)),
+            "runs": [{"lr": run.lr, "final_loss": value(run.final_loss),
+                      "diverged": run.diverged, **metrics(run)} for run in mine]}
+    return {"schema": "robust_attn.lr_sensitivity.health/1", "config": config,
+            "machine": machine,
+            "metrics": {"entropy_min": "lowest layer-mean normalised attention entropy",
+                        "residual_min": "lowest res(X) of a layer's attention output",
+                        "max_logit": "largest attention logit of any layer"},
+            "variants": variants}
+
+
+def plot(path: Path, runs: list[Run], task: Task) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -242,7 +346,12 @@ def plot(path: Path, runs: list[Run], floor: float) -> None:
                        s=80, color=line.get_color())
         entropies.plot([r.lr for r in mine], [r.health.get("entropy_min", math.nan) for r in mine],
                        marker="o", color=line.get_color())
-    losses.axhline(floor, color="black", linestyle="--", label="floor (true chain, eval tokens)")
+    if "unigram_entropy" in task.floors:
+        losses.axhline(task.floors["unigram_entropy"], color="black", linestyle="--",
+                       label="unigram entropy (ignores the context)")
+    else:
+        losses.axhline(task.floors["eval_floor"], color="black", linestyle="--",
+                       label="floor (true chain, eval tokens)")
     losses.set(xscale="log", xlabel="peak learning rate", ylabel="final eval loss, min(L, L_0)",
                title="loss vs learning rate (x: diverged)")
     entropies.set(xscale="log", xlabel="peak learning rate", ylim=(0, 1.02),
@@ -259,16 +368,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     distributed = init_distributed(args.device)
-    chain = MarkovChain.random(args.vocab, args.order, args.alpha, args.seed)
-    eval_tokens = chain.sample(args.eval_size, args.seq_len,
-                               torch.Generator().manual_seed(args.seed + 2))
-    floors = {"entropy_rate": chain.entropy_rate(),
-              "eval_floor": chain.nll(eval_tokens).mean().item()}
-    eval_tokens = eval_tokens.to(distributed.device)
+    task = (text_task if args.task == "text" else markov_task)(args)
+    eval_tokens = task.eval_tokens.to(distributed.device)
     bar = progress(len(args.variants) * len(args.lrs) * args.steps, desc="lr sweep",
                    enabled=distributed.is_main)
     start = time.perf_counter()
-    runs = [train_run(variant, lr, args, chain, eval_tokens, distributed, bar)
+    runs = [train_run(variant, lr, args, task, eval_tokens, distributed, bar)
             for variant in args.variants for lr in args.lrs]
     bar.close()
     seconds = time.perf_counter() - start
@@ -279,14 +384,16 @@ def main(argv: list[str] | None = None) -> None:
                    "device": str(distributed.device), "world_size": distributed.world_size}
         config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         report = {"config": config,
-                  "machine": machine, "floors": floors, "seconds": seconds,
+                  "machine": machine, "floors": task.floors, "seconds": seconds,
                   "lr_sensitivity": {v: lr_sensitivity([r for r in runs if r.variant == v])
                                      for v in args.variants},
                   "runs": [asdict(run) for run in runs]}
         (args.out / "results.json").write_text(json.dumps(report, indent=1))
-        print(write_table(args.out / "results.md", runs, args, floors, seconds))
+        (args.out / "health.json").write_text(json.dumps(health_file(runs, config, machine),
+                                                         indent=1))
+        print(write_table(args.out / "results.md", runs, args, task, seconds))
         if not args.no_plot:
-            plot(args.out / "loss_vs_lr.png", runs, floors["eval_floor"])
+            plot(args.out / "loss_vs_lr.png", runs, task)
     shutdown(distributed)
 
 

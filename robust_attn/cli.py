@@ -2,6 +2,7 @@
 
     robust-attn doctor [--builtin] [--variants ...] [--scales ...] [--out DIR]
     robust-attn doctor --model TIMM_NAME [--checkpoint PATH] [--variants ...] [--out DIR]
+    robust-attn doctor --run DIR [--variant PRESET] [--out PNG]
     robust-attn diagram [--variants ...] [--norm pre post] [--betas ...] [--alphas ...] [--out DIR]
     robust-attn bench [NAME [ARGS ...]]
 
@@ -17,6 +18,12 @@ given), converts it to each variant (robust_attn.convert), runs one training
 step on a random batch under a HealthMonitor, and prints a per-layer health
 table and the warnings per variant, with attention maps and a JSON report.
 
+``doctor --run`` checks a finished training run after the fact: it reads the
+run's ``health.csv`` (``HealthMonitor.to_csv``) and ``train.csv`` (a ``loss``
+column, one row per step), replays the early warnings after every sampled
+step as the monitor would have raised them, prints each code's first step and
+evidence, and draws the health curves with those steps marked.
+
 ``diagram`` draws the trainability diagram (robust_attn.diagnostics) of each
 variant; ``bench`` lists the benchmarks of a source checkout or runs one.
 """
@@ -26,6 +33,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import csv
 import json
 import runpy
 import sys
@@ -42,11 +50,16 @@ from .diagnostics import (
     Architecture,
     trainability_diagram,
 )
-from .early_warnings import HealthWarning
+from .early_warnings import HealthWarning, check, replay
 from .integrations import convert
-from .monitor import HealthMonitor
-from .plotting import plot_attention_maps, plot_stack_health, plot_trainability_diagrams
-from .presets import list_variants
+from .monitor import HealthMonitor, MonitorReport, presets_in_use
+from .plotting import (
+    plot_attention_maps,
+    plot_health_curves,
+    plot_stack_health,
+    plot_trainability_diagrams,
+)
+from .presets import create, list_variants
 from .stack import (
     ENTROPY_COLLAPSE,
     RANK_COLLAPSE,
@@ -97,7 +110,8 @@ def _warning_cell(warnings: list[HealthWarning]) -> tuple[str, str]:
     """("code x count, ...", "preset, ...") for one row of a warnings table."""
     grouped = _codes(warnings)
     found = ", ".join(f"{code} x{len(items)}" for code, items in grouped.items())
-    presets = dict.fromkeys(items[0].mitigations[0] for items in grouped.values())
+    presets = dict.fromkeys(items[0].mitigations[0] for items in grouped.values()
+                            if items[0].mitigations)
     return found or "-", ", ".join(presets) or "-"
 
 
@@ -260,7 +274,75 @@ def doctor_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_losses(path: Path) -> list[float | None] | None:
+    """Every step's loss from a run's train.csv (None where empty); None if there is no file."""
+    if not path.is_file():
+        return None
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "loss" not in rows[0]:
+        raise SystemExit(f"--run: {path} has no 'loss' column")
+    if "step" in rows[0]:
+        rows.sort(key=lambda row: int(row["step"]))
+    return [float(row["loss"]) if row["loss"] not in ("", "None") else None for row in rows]
+
+
+def _run_variant(directory: Path, variant: str | None) -> str | None:
+    """The preset the run used: --variant, else label.json's config.variant, else unknown."""
+    label = directory / "label.json"
+    if variant is None and label.is_file():
+        variant = json.loads(label.read_text()).get("config", {}).get("variant")
+    return variant
+
+
+def doctor_run(args: argparse.Namespace) -> int:
+    directory = Path(args.run_dir)
+    if not directory.is_dir():
+        raise SystemExit(f"--run {directory}: no such folder")
+    losses = _run_losses(directory / "train.csv")
+    try:
+        report = MonitorReport.from_csv(directory / "health.csv", losses)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"--run {directory}: {error}") from None
+    variant = _run_variant(directory, args.variant)
+    in_use = presets_in_use([create(variant, 8, num_heads=2)]) if variant else frozenset()
+    timeline = replay(report, in_use=in_use)
+    first: dict[str, int] = {}
+    for step, warnings in timeline:
+        for warning in warnings:
+            first.setdefault(warning.code, step)
+    print(f"run {directory}: {len(report.losses)} steps"
+          f"{'' if losses is not None else ' (no train.csv: losses of sampled steps only)'}, "
+          f"{len(report.steps)} samples, {len(report.layers)} attention layers; preset "
+          f"{variant or 'unknown'}" + (f" (uses {', '.join(sorted(in_use))})" if in_use else ""))
+    latest: dict[str, HealthWarning] = {}
+    for warnings in [*(warnings for _, warnings in timeline), check(report, in_use=in_use)]:
+        for warning in warnings:  # the last check sees the losses after the last sample too
+            first.setdefault(warning.code, len(report.losses) - 1)
+            latest[warning.code] = warning
+    print("\nwarnings (replayed after every sampled step; first step, then the latest evidence):")
+    for code, step in first.items():
+        warning = latest[code]
+        raised = len({(w.layer, w.head) for _, ws in timeline for w in ws if w.code == code})
+        print(f"  {code}: first at step {step}, raised for {raised} layer(s)/head(s)"
+              + (" [informational]" if warning.informational else ""))
+        print(f"    {warning}")
+        print(f"    evidence: steps {warning.evidence['steps']}, values "
+              f"{[round(v, 4) if isinstance(v, float) else v for v in warning.evidence['values']]}")
+    if not first:
+        print("  none")
+    out = Path(args.out) if args.out != "robust-attn-doctor" else directory / "doctor.png"
+    _picture(lambda *where: plot_health_curves(*where, marks=first), report, out)
+    return 0
+
+
 def doctor(args: argparse.Namespace) -> int:
+    if args.run_dir:
+        if args.checkpoint:
+            raise SystemExit("--checkpoint loads weights into a timm model: not with --run")
+        return doctor_run(args)
+    if args.variant:
+        raise SystemExit("--variant names the preset of a --run DIR: give --run too")
     if args.checkpoint and not args.model:
         raise SystemExit("--checkpoint loads weights into a timm model: give --model too")
     torch.set_num_threads(args.threads or (torch.get_num_threads() if args.model else 1))
@@ -355,6 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="measure the built-in stack (the default; nothing is downloaded)")
     source.add_argument("--model", metavar="TIMM_NAME",
                         help="a timm model, converted to each variant (random init)")
+    source.add_argument("--run", dest="run_dir", metavar="DIR",
+                        help="a finished run's folder (health.csv, train.csv): replay its "
+                             "warnings and draw its health curves")
+    doctor_parser.add_argument("--variant", choices=list_variants(), default=None,
+                               help="with --run: the preset the run used (default: from "
+                                    "label.json, if any); its mitigations are not suggested")
     doctor_parser.add_argument("--checkpoint", metavar="PATH",
                                help="with --model: load this local checkpoint")
     doctor_parser.add_argument("--img-size", type=int, default=None,
@@ -365,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
                                help="query/key weight scales sqk (default: 1 4 16)")
     _add_architecture(doctor_parser, depth=24, width=128)
     doctor_parser.add_argument("--out", default="robust-attn-doctor",
-                               help="folder for doctor.json and the pictures")
+                               help="folder for doctor.json and the pictures (with --run: the "
+                                    "PNG's path, default DIR/doctor.png)")
     doctor_parser.set_defaults(run=doctor)
 
     diagram_parser = commands.add_parser("diagram", help="trainability diagram of each variant")

@@ -137,9 +137,11 @@ def _layer_curve(series, metric: str) -> list[float]:
     return [reduce(heads) if all(map(math.isfinite, heads)) else math.nan for heads in values]
 
 
-def plot_health_curves(report, path: Path, curves=HEALTH_CURVES) -> Path:
+def plot_health_curves(report, path: Path, curves=HEALTH_CURVES,
+                       marks: dict[str, int] | None = None) -> Path:
     """Per-layer health over training from a :class:`~robust_attn.monitor.MonitorReport`:
-    one panel per metric (colour = depth) and the loss at every step."""
+    one panel per metric (colour = depth) and the loss at every step. marks: label -> step,
+    drawn as a dashed vertical line in every panel (e.g. the first step of each warning)."""
     plt = pyplot()
     columns = 3
     rows = math.ceil((len(curves) + 1) / columns)
@@ -158,6 +160,14 @@ def plot_health_curves(report, path: Path, curves=HEALTH_CURVES) -> Path:
     steps = [step for step, loss in enumerate(report.losses) if loss is not None]
     loss_axis.plot(steps, [report.losses[step] for step in steps], color="black", linewidth=1)
     loss_axis.set(title="loss (every step)", xlabel="step")
+    marked = dict(sorted((marks or {}).items(), key=lambda item: item[1]))
+    lines = plt.get_cmap("tab10")
+    for number, (label, step) in enumerate(marked.items()):
+        for axis in panels[:len(curves) + 1]:
+            axis.axvline(step, color=lines(number % 10), linestyle="--", linewidth=1,
+                         label=f"{label} ({step})")
+    if marked:
+        loss_axis.legend(fontsize=7, title="first warning", title_fontsize=7)
     for axis in panels[len(curves) + 1:]:
         axis.axis("off")
     figure.tight_layout(rect=(0, 0, 0.93, 1))

@@ -7,13 +7,22 @@ beside the variant that cures it under the same draw.
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
-from robust_attn import HealthMonitor, RobustAttention, list_variants
-from robust_attn.early_warnings import MITIGATIONS, RULES, Thresholds, check, robust_band, slope
+from robust_attn import HealthMonitor, RobustAttention, early_warnings, list_variants
+from robust_attn.early_warnings import (
+    MITIGATIONS,
+    RULES,
+    Thresholds,
+    check,
+    replay,
+    robust_band,
+    slope,
+)
 from robust_attn.monitor import LayerSeries, MonitorReport
 from robust_attn.stack import AttentionStack, init_stack_weights
 
@@ -21,6 +30,14 @@ HEALTHY = {"entropy": 0.8, "min_entropy": 0.6, "sink_mass": 0.05, "max_logit": 5
            "head_cosine": 0.3, "head_residual": 0.8, "input_residual": 0.9, "input_cosine": 0.1,
            "branch_gain": 0.5, "map_similarity": 0.1, "grad_norm": 1.0, "nonfinite": 0.0}
 HEAD_VALUED = ("entropy", "min_entropy", "sink_mass", "max_logit", "head_cosine", "head_residual")
+
+
+# The rules' mechanics are tested at fixed thresholds, with no warm-up or hysteresis; the
+# calibrated defaults are checked against the evaluation (tests/test_warning_evaluation.py).
+AT = Thresholds(entropy_collapse=0.1, entropy_fall_rate=1e-3, entropy_fall_min=0.05,
+                trend_samples=5, logit_bound=100.0, rank_residual=0.01, rank_cosine=0.99,
+                sink_share=0.5, loss_band=6.0, vanishing_ratio=1e-3, exploding_factor=100.0,
+                redundant_similarity=0.95, lazy_gain=1e-3, warmup_steps=0, persistence=1)
 
 
 def report(samples=6, every=10, layers=3, heads=2, losses=None, **overrides):
@@ -97,10 +114,10 @@ def test_every_rule_has_cases_and_presets_that_exist():
 
 @pytest.mark.parametrize("code", sorted(CASES))
 def test_warning_fires_on_the_problem(code):
-    found = [w for w in check(CASES[code][0]) if w.code == code]
+    found = [w for w in check(CASES[code][0], AT) if w.code == code]
     assert found, f"{code} did not fire"
     for warning in found:
-        assert warning.mitigations == MITIGATIONS[code][0] and warning.message
+        assert warning.mitigations == tuple(MITIGATIONS[code][0]) and warning.message
         assert warning.evidence["steps"] and len(warning.evidence["steps"]) == \
             len(warning.evidence["values"])
         assert warning.to_dict()["code"] == code
@@ -108,29 +125,29 @@ def test_warning_fires_on_the_problem(code):
 
 @pytest.mark.parametrize("code", sorted(CASES))
 def test_warning_stays_silent_when_healthy(code):
-    assert code not in codes(check(CASES[code][1]))
+    assert code not in codes(check(CASES[code][1], AT))
 
 
 def test_healthy_report_raises_nothing():
-    assert check(report()) == []
+    assert check(report(), AT) == []
 
 
 def test_warnings_name_the_layer_and_head():
-    (warning,) = check(CASES["entropy_collapse"][0])
+    (warning,) = check(CASES["entropy_collapse"][0], AT)
     assert (warning.layer, warning.head) == ("blocks.1.attn", 1)
     assert warning.evidence["values"][-1] == 0.05
 
 
 def test_explicit_sinks_are_not_sinks():
-    sinking = CASES["attention_sink"][0]
+    sinking = copy.deepcopy(CASES["attention_sink"][0])
     for series in sinking.layers:
         series.explicit_sink = True
-    assert "attention_sink" not in codes(check(sinking))
+    assert "attention_sink" not in codes(check(sinking, AT))
 
 
 def test_thresholds_are_respected():
     case = report(entropy=at(1, 0.15, head=1))
-    assert "entropy_collapse" in codes(check(case, Thresholds(entropy_collapse=0.2)))
+    assert "entropy_collapse" in codes(check(case, replace(AT, entropy_collapse=0.2)))
 
 
 def test_slope_and_robust_band():
@@ -143,10 +160,65 @@ def test_slope_and_robust_band():
     assert edge[5].item() == pytest.approx(3.0 + 2.0 * 3e-3)
 
 
+def test_warm_up_ignores_early_samples_but_not_divergence():
+    falling = CASES["entropy_falling"][0]
+    assert "entropy_falling" in codes(check(falling, AT))
+    assert "entropy_falling" not in codes(check(falling, replace(AT, warmup_steps=30)))
+    diverged = CASES["divergence"][0]
+    assert "divergence" in codes(check(diverged, replace(AT, warmup_steps=1000, persistence=3)))
+
+
+def test_hysteresis_needs_the_same_head_on_consecutive_samples():
+    last_only = report(entropy=at(1, 0.05, head=1, from_sample=5))
+    last_two = report(entropy=at(1, 0.05, head=1, from_sample=4))
+    other_head = report(entropy=lambda lay, h, s: 0.05 if lay == 1 and h == s % 2 and s >= 4
+                        else None)
+    level = replace(AT, entropy_fall_min=10.0)  # only the level rule here
+    assert codes(check(last_only, level)) == {"entropy_collapse"}
+    assert check(last_only, replace(level, persistence=2)) == []
+    assert codes(check(last_two, replace(level, persistence=2))) == {"entropy_collapse"}
+    assert check(other_head, replace(level, persistence=2)) == []
+    steps = [step for step, warnings in replay(last_two, replace(level, persistence=2))
+             if warnings]
+    assert steps == [50]
+
+
+def test_informational_codes_say_so(monkeypatch):
+    monkeypatch.setattr(early_warnings, "INFORMATIONAL", frozenset({"entropy_collapse"}))
+    (warning,) = check(CASES["entropy_collapse"][0], AT)
+    assert warning.informational and "informational" in str(warning)
+    trusted = next(w for w in check(CASES["logit_growth"][0], AT) if w.code == "logit_growth")
+    assert not trusted.informational and "informational" not in str(trusted)
+
+
+@pytest.mark.parametrize("code", sorted(CASES))
+def test_suggestions_never_name_a_preset_in_use(code):
+    for preset in MITIGATIONS[code][0]:
+        found = [w for w in check(CASES[code][0], AT, in_use={preset}) if w.code == code]
+        assert found
+        for warning in found:
+            assert preset not in warning.mitigations
+            assert MITIGATIONS[code][0][preset] not in warning.advice  # nor its reason
+            assert set(warning.mitigations) == set(MITIGATIONS[code][0]) - {preset}
+
+
+def test_a_qk_norm_model_is_never_told_to_use_qk_norm():
+    model = stack("qk_norm", 16.0, False)
+    x = X.clone()
+    x[0, 3, 5] = math.nan  # divergence, whose suggestions start with qk_norm
+    with HealthMonitor(model, every=1, thresholds=AT) as monitor:
+        loss = model(x)[-1].square().mean()
+        loss.backward()
+        monitor.step(loss)
+        warnings = monitor.warnings()
+    assert "divergence" in codes(warnings) and "qk_norm" in monitor.in_use
+    assert all("qk_norm" not in w.mitigations and "qk_norm" not in w.advice for w in warnings)
+
+
 # End to end: the stacks of DESIGN.md's table, one monitored step each.
 
 def monitored_step(model, x):
-    with HealthMonitor(model, every=1) as monitor:
+    with HealthMonitor(model, every=1, thresholds=AT) as monitor:
         loss = model(x)[-1].square().mean()
         loss.backward()
         monitor.step(loss)

@@ -3,13 +3,21 @@
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from robust_attn import HealthMonitor, RobustAttention, attention_maps, metrics
-from robust_attn.monitor import HEAD_METRICS, LAYER_METRICS, map_similarity
+import robust_attn
+from robust_attn import HealthMonitor, RobustAttention, attention_maps, create, metrics
+from robust_attn.monitor import (
+    HEAD_METRICS,
+    LAYER_METRICS,
+    MonitorReport,
+    map_similarity,
+    presets_in_use,
+)
 from robust_attn.monitor.maps import AttentionMap
 from robust_attn.stack import AttentionStack, init_stack_weights
 
@@ -206,3 +214,62 @@ def test_health_curves_picture(tmp_path):
     with HealthMonitor(stack, every=1) as monitor:
         train(stack, monitor, torch.randn(2, 8, 32), 4)
     assert plot_health_curves(monitor.report(), tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_report_reads_back_from_csv_and_truncates(tmp_path):
+    stack = small_stack()
+    with HealthMonitor(stack, every=2) as monitor:
+        train(stack, monitor, torch.randn(2, 8, 32), 5)
+    report = monitor.report()
+    path = monitor.to_csv(tmp_path / "health.csv")
+    again = MonitorReport.from_csv(path, report.losses)
+    assert json.dumps(again.to_dict()) == json.dumps(report.to_dict())
+    sampled_only = MonitorReport.from_csv(path)
+    assert sampled_only.losses == [report.losses[0], None, report.losses[2], None,
+                                   report.losses[4]]
+    first = report.truncated(2)
+    assert first.steps == [0, 2] and len(first.losses) == 3
+    assert first.layers[1].entropy == report.layers[1].entropy[:2]
+    later = report.since(2)
+    assert later.steps == [2, 4] and later.losses[:2] == [None, None]
+    assert later.layers[0].grad_norm == report.layers[0].grad_norm[1:]
+    with pytest.raises(ValueError, match="samples"):
+        report.truncated(4)
+    with pytest.raises(FileNotFoundError, match="health.csv"):
+        MonitorReport.from_csv(tmp_path / "missing.csv")
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="not a HealthMonitor CSV"):
+        MonitorReport.from_csv(tmp_path / "other.csv")
+
+
+def test_presets_in_use():
+    assert presets_in_use([RobustAttention(16, 2)]) == frozenset()
+    assert presets_in_use([create("sigmoid", 16, 2)]) == {"sigmoid", "qk_norm"}
+    assert presets_in_use([RobustAttention(16, 2), create("sink", 16, 2)]) == {"sink"}
+    with HealthMonitor(small_stack(), every=1) as monitor:
+        assert monitor.in_use == frozenset()
+
+
+class LastOutput(nn.Module):
+    def __init__(self, stack):
+        super().__init__()
+        self.stack = stack
+
+    def forward(self, x):
+        return self.stack(x)[-1]
+
+
+def test_readme_monitor_snippet_runs(tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Monitoring training: `HealthMonitor` and early warnings")[1]
+    snippet = section.split("```python\n")[1].split("```")[0]
+    model = LastOutput(small_stack())
+    monkeypatch.chdir(tmp_path)
+    namespace = {"robust_attn": robust_attn, "model": model,
+                 "loader": [(torch.randn(2, 8, 32), torch.zeros(2, 8, 32))] * 2
+                 + [(torch.full((2, 8, 32), math.nan), torch.zeros(2, 8, 32))],  # a warning
+                 "criterion": nn.functional.mse_loss,
+                 "optimizer": torch.optim.SGD(model.parameters(), lr=0.01)}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert namespace["warning"].code == "divergence"  # the loop body ran
+    assert (tmp_path / "health.csv").exists() and namespace["report"]["steps"] == [0]

@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+import robust_attn
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 sys.path.insert(0, str(RECIPES))
 
@@ -193,6 +195,43 @@ def test_lr_sensitivity_smoke_run_writes_table_json_and_plot(tmp_path):
     table = (out / "results.md").read_text()
     assert "| baseline |" in table and "| qk_norm |" in table and "LR sensitivity" in table
     assert (out / "loss_vs_lr.png").stat().st_size > 10_000
+
+
+def test_lr_sensitivity_text_task_writes_the_health_file(tmp_path):
+    torch.set_num_threads(1)
+    out = tmp_path / "text"
+    lr_sensitivity.main(["--task", "text", "--variants", "baseline", "qk_norm", "--lrs", "1e-3",
+                         "3e-1", "--steps", "2", "--warmup", "1", "--batch-size", "2",
+                         "--seq-len", "16", "--dim", "16", "--eval-size", "4", "--no-plot",
+                         "--out", str(out)])
+    health = json.loads((out / "health.json").read_text())
+    assert health["schema"] == "robust_attn.lr_sensitivity.health/1"
+    assert set(health["variants"]) == {"baseline", "qk_norm"}
+    baseline = health["variants"]["baseline"]
+    assert [run["lr"] for run in baseline["runs"]] == [1e-3, 0.3]
+    assert set(baseline["at_largest_lr"]) == set(health["metrics"]) == set(
+        lr_sensitivity.HEALTH_KEYS)
+    assert 0 <= baseline["at_largest_lr"]["entropy_min"] <= 1
+    report = json.loads((out / "results.json").read_text())
+    assert report["config"]["vocab"] == 128 and report["floors"]["unigram_entropy"] > 2
+    assert "unigram entropy" in (out / "results.md").read_text()
+
+
+def test_lr_sensitivity_text_variants_skip_presets_this_checkout_lacks():
+    args = lr_sensitivity.parse_args(["--task", "text"])
+    assert args.variants == [v for v in lr_sensitivity.TEXT_VARIANTS
+                             if v in robust_attn.list_variants()]
+    assert "baseline" in args.variants and args.order == 1
+
+
+LR_TEXT = RECIPES / "results/lr_sensitivity_text/results.md"
+
+
+@pytest.mark.parametrize("readme", [RECIPES.parent / "README.md", RECIPES / "README.md"])
+def test_readme_lr_sensitivity_text_table_is_the_results_file(readme):
+    start, end = "<!-- lr-sensitivity-text:start -->", "<!-- lr-sensitivity-text:end -->"
+    block = readme.read_text().split(start)[1].split(end)[0]
+    assert block.strip() == LR_TEXT.read_text().strip()
 
 
 @pytest.mark.parametrize("recipe", [finetune_timm, lr_sensitivity])

@@ -11,8 +11,10 @@ map as the probe saw it (for pictures, :mod:`robust_attn.plotting`).
 """
 
 from .health_monitor import HealthMonitor
+from .in_use import presets_in_use
 from .maps import AttentionMap, attention_maps, attention_modules, map_similarity
 from .report import HEAD_METRICS, LAYER_METRICS, LayerSeries, MonitorReport
 
 __all__ = ["HEAD_METRICS", "LAYER_METRICS", "AttentionMap", "HealthMonitor", "LayerSeries",
-           "MonitorReport", "attention_maps", "attention_modules", "map_similarity"]
+           "MonitorReport", "attention_maps", "attention_modules", "map_similarity",
+           "presets_in_use"]

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from ..distributed import all_reduce, pack, unpack
 from ..early_warnings import HealthWarning, Thresholds, check
 from ..mitigations import SinkLogit, SinkTokens
+from .in_use import presets_in_use
 from .maps import attention_modules
 from .report import HEAD_METRICS, LAYER_METRICS, LayerSeries, MonitorReport
 from .sampled_step import SampledStep
@@ -72,6 +73,7 @@ class HealthMonitor:
         self.process_group = process_group
         self.thresholds = thresholds or Thresholds()
         self.keep_maps = keep_maps
+        self.in_use = presets_in_use(self.modules.values())
         self._maps: dict[str, Tensor] = {}
         self._switches = {name: module.probe for name, module in self.modules.items()}
         self._device = next(iter(self.modules.values())).qkv.weight.device
@@ -122,8 +124,9 @@ class HealthMonitor:
         return dict(self._maps)
 
     def warnings(self) -> list[HealthWarning]:
-        """The early warnings the series so far raise (:mod:`robust_attn.early_warnings`)."""
-        return check(self.report(), self.thresholds)
+        """The early warnings the series so far raise (:mod:`robust_attn.early_warnings`); their
+        suggestions leave out the presets the model already uses (:attr:`in_use`)."""
+        return check(self.report(), self.thresholds, in_use=self.in_use)
 
     def to_csv(self, path):
         """Write :meth:`MonitorReport.to_csv` of the series so far; returns the path."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import math
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 # Quantities with one value per head at each sampled step (AttentionHealth's fields).
@@ -141,3 +141,71 @@ class MonitorReport:
                         writer.writerow([step, series.name, head, loss, *head_values,
                                          *layer_values])
         return path
+
+    def truncated(self, samples: int) -> MonitorReport:
+        """The report as it stood right after its ``samples``-th sampled step: that many samples,
+        and the losses of the steps up to and including that step (for replaying warnings)."""
+        if isinstance(samples, bool) or not isinstance(samples, int) or \
+                not 0 <= samples <= len(self.steps):
+            raise ValueError(f"samples={samples!r}: expected an integer in 0..{len(self.steps)}")
+        last = self.steps[samples - 1] + 1 if samples else 0
+        return MonitorReport(self.every, self.steps[:samples], self.losses[:last],
+                             [_slice_series(series, 0, samples) for series in self.layers])
+
+    def since(self, step: int) -> MonitorReport:
+        """The samples at steps >= ``step``, and the losses of earlier steps blanked (None):
+        what rules with a warm-up see."""
+        first = next((i for i, s in enumerate(self.steps) if s >= step), len(self.steps))
+        losses = [None if i < step else loss for i, loss in enumerate(self.losses)]
+        return MonitorReport(self.every, self.steps[first:], losses,
+                             [_slice_series(series, first, len(self.steps))
+                              for series in self.layers])
+
+    @classmethod
+    def from_csv(cls, path: str | Path, losses: list[float | None] | None = None,
+                 explicit_sink: frozenset[str] = frozenset()) -> MonitorReport:
+        """Read back what :meth:`to_csv` wrote (a finished run's ``health.csv``).
+
+        losses: the loss of every step (e.g. from the run's train.csv); without
+        them only the sampled steps' losses (the CSV's loss column) are known.
+        explicit_sink: names of the layers that have sink keys (not in the CSV).
+        ``every`` is the gap between the first two sampled steps (1 with fewer).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"path={str(path)!r}: no such health.csv")
+        with path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        expected = {"step", "layer", "head", "loss", *HEAD_METRICS, *LAYER_METRICS}
+        if not rows or not expected <= set(rows[0]):
+            missing = sorted(expected - set(rows[0])) if rows else "every row"
+            raise ValueError(f"path={str(path)!r} is not a HealthMonitor CSV: missing {missing}")
+        steps = list(dict.fromkeys(int(row["step"]) for row in rows))
+        names = list(dict.fromkeys(row["layer"] for row in rows))
+        heads = {name: 1 + max(int(r["head"]) for r in rows if r["layer"] == name)
+                 for name in names}
+        layers = {name: LayerSeries(name, heads[name], explicit_sink=name in explicit_sink)
+                  for name in names}
+        index = {step: i for i, step in enumerate(steps)}
+        for series in layers.values():
+            for metric in HEAD_METRICS:
+                setattr(series, metric, [[math.nan] * series.heads for _ in steps])
+            for metric in LAYER_METRICS:
+                setattr(series, metric, [math.nan] * len(steps))
+        sampled_losses: dict[int, float | None] = {}
+        for row in rows:
+            series, i, head = layers[row["layer"]], index[int(row["step"])], int(row["head"])
+            for metric in HEAD_METRICS:
+                getattr(series, metric)[i][head] = float(row[metric])
+            for metric in LAYER_METRICS:
+                getattr(series, metric)[i] = float(row[metric])
+            sampled_losses[int(row["step"])] = float(row["loss"]) if row["loss"] else None
+        if losses is None:
+            losses = [sampled_losses.get(step) for step in range(steps[-1] + 1)]
+        every = steps[1] - steps[0] if len(steps) > 1 else 1
+        return cls(every, steps, list(losses), list(layers.values()))
+
+
+def _slice_series(series: LayerSeries, start: int, stop: int) -> LayerSeries:
+    return replace(series, **{metric: getattr(series, metric)[start:stop]
+                              for metric in HEAD_METRICS + LAYER_METRICS})
