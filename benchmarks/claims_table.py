@@ -17,7 +17,15 @@ fewer than 95 % of the seeds keep its measure at or above its bound.
 
 Every draw comes from the setting's seed (robust_attn.stack.measure_stack), and
 nothing time- or load-dependent is written: the same command writes the same
-files, byte for byte. Writes claims.json and claims.md; the README's table is
+files, byte for byte.
+
+After training: each row also carries the preset's health at the end of the
+learning-rate sweep on real text (recipes/lr_sensitivity.py --task text, its
+``health.json``; see the README's Recipes): the worst layer's entropy, the lowest
+res(X) and the largest logit, at the preset's best learning rate and at the
+sweep's largest. Presets the sweep did not train show "-".
+
+Writes claims.json and claims.md; the README's table is
 :func:`claims_markdown` of claims.json, and its opening list :func:`addresses_markdown`
 (tests/test_claims_table.py checks both).
 """
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import statistics
 from pathlib import Path
 
@@ -43,6 +52,8 @@ else:  # run as a script
     from output import write
 
 COLUMNS = ((False, 1.0), (False, 16.0), (True, 1.0), (True, 16.0))  # (residual, sqk)
+TRAINED_HEALTH = (Path(__file__).resolve().parent.parent / "recipes" / "results"
+                  / "lr_sensitivity_text" / "health.json")
 FULL = {"depth": 24, "dim": 128, "num_heads": 4, "tokens": 64, "batch": 2, "seeds": 20}
 QUICK = {"depth": 4, "dim": 32, "num_heads": 4, "tokens": 16, "batch": 2, "seeds": 16}
 
@@ -84,25 +95,39 @@ def measure_cell(variant: str, shape: dict, residual: bool, qk_scale: float) -> 
             "verdict": verdict(entropy_kept, rank_kept)}
 
 
-def _claim_row(claim: Claim, shape: dict) -> dict:
+def after_training(trained: dict, variant: str) -> dict | None:
+    """The preset's end-of-training health from the sweep's health.json (None if not trained)."""
+    health = trained["variants"].get(variant)
+    if health is None:
+        return None
+    return {"best_lr": health["best_lr"], "at_best_lr": health["at_best_lr"],
+            "largest_lr": max(run["lr"] for run in health["runs"]),
+            "at_largest_lr": health["at_largest_lr"]}
+
+
+def _claim_row(claim: Claim, shape: dict, trained: dict) -> dict:
     return {"variant": claim.variant, "addresses": claim.addresses, "source": claim.source,
             "source_claim": claim.source_claim, "note": claim.note,
             "guarantees": [{"failure": g.failure, "setting": describe_setting(g.setting),
                             "measure": "worst-layer H" if g.failure == ENTROPY else "res(X)",
                             "bound": g.bound} for g in claim.guarantees],
             "measured": [measure_cell(claim.variant, shape, residual, qk_scale)
-                         for residual, qk_scale in COLUMNS]}
+                         for residual, qk_scale in COLUMNS],
+            "after_training": after_training(trained, claim.variant)}
 
 
-def run(quick: bool) -> dict:
+def run(quick: bool, trained_health: Path = TRAINED_HEALTH) -> dict:
     torch.set_num_threads(1)  # one summation order: the same numbers on every run
     shape = QUICK if quick else FULL
+    trained = json.loads(trained_health.read_text())
     variants = ["baseline", *(name for name in list_variants() if name != "baseline")]
     return {"setting": {**shape, "norm": "pre", "hold_share": HOLD_SHARE,
                         "entropy_bound": ENTROPY_COLLAPSE, "rank_bound": RANK_COLLAPSE,
-                        "columns": [{"residual": r, "qk_scale": s} for r, s in COLUMNS]},
+                        "columns": [{"residual": r, "qk_scale": s} for r, s in COLUMNS],
+                        "after_training": {"source": str(trained_health.relative_to(
+                            TRAINED_HEALTH.parents[3])), "config": trained["config"]}},
             "machine": machine(),
-            "rows": [_claim_row(CLAIMS[variant], shape) for variant in variants]}
+            "rows": [_claim_row(CLAIMS[variant], shape, trained) for variant in variants]}
 
 
 def _column_name(residual: bool, qk_scale: float) -> str:
@@ -116,11 +141,27 @@ def _cell(measured: dict) -> str:
             f"{residual['p90']:.1e})")
 
 
+def _trained_cell(health: dict) -> str:
+    def number(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    return (f"H {number(health['entropy_min'], '.2f')}<br>res {number(health['residual_min'], '.1e')}"
+            f"<br>logit {number(health['max_logit'], '.3g')}")
+
+
+def _trained_cells(trained: dict | None) -> list[str]:
+    if trained is None:
+        return ["-", "-"]
+    return [f"LR {trained['best_lr']:g}<br>{_trained_cell(trained['at_best_lr'])}",
+            f"LR {trained['largest_lr']:g}<br>{_trained_cell(trained['at_largest_lr'])}"]
+
+
 def claims_markdown(report: dict) -> str:
     """The claims table (the README's, between its claims-table markers)."""
     setting = report["setting"]
     header = ["preset", "addresses", "guaranteed where (bound)"] + [
-        _column_name(column["residual"], column["qk_scale"]) for column in setting["columns"]]
+        _column_name(column["residual"], column["qk_scale"]) for column in setting["columns"]] + [
+        "after training, best LR", "after training, largest LR"]
     lines = [
         f"{setting['depth']} layers of `create(preset, dim={setting['dim']}, "
         f"num_heads={setting['num_heads']})` as built, pre-LN, {setting['tokens']} tokens, "
@@ -128,12 +169,15 @@ def claims_markdown(report: dict) -> str:
         f"cell. Each cell: the verdict (a failure counts where fewer than "
         f"{setting['hold_share']:.0%} of seeds avoid it: H >= {setting['entropy_bound']:g}, "
         f"res >= {setting['rank_bound']:g}), then the worst-layer entropy H and the output's "
-        f"res(X), median (10th-90th percentile).", "",
+        f"res(X), median (10th-90th percentile). After training: the worst layer's entropy, "
+        f"lowest res(X) and largest logit at the end of the learning-rate sweep on real text "
+        f"(`{setting['after_training']['source']}`, one seed; `-`: not trained there).", "",
         "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in report["rows"]:
         guarantees = "; ".join(f"{g['measure']} >= {g['bound']:g}: {g['setting']}"
                                for g in row["guarantees"]) or "-"
-        cells = [_cell(measured) for measured in row["measured"]]
+        cells = [_cell(measured) for measured in row["measured"]] + _trained_cells(
+            row["after_training"])
         lines.append("| " + " | ".join([row["variant"], row["addresses"], guarantees, *cells])
                      + " |")
     return "\n".join(lines) + "\n"

@@ -46,9 +46,17 @@ def test_two_runs_write_identical_files(tmp_path):
 
 def test_the_committed_results_cover_every_preset_at_the_full_setting(committed):
     assert sorted(row["variant"] for row in committed["rows"]) == list_variants()
-    assert committed["setting"] | {"columns": None} == {
+    assert committed["setting"] | {"columns": None, "after_training": None} == {
         **claims_table.FULL, "norm": "pre", "hold_share": HOLD_SHARE, "entropy_bound": 0.1,
-        "rank_bound": 0.01, "columns": None}
+        "rank_bound": 0.01, "columns": None, "after_training": None}
+
+
+def test_after_training_columns_are_the_sweeps_health_file(committed):
+    trained = json.loads(claims_table.TRAINED_HEALTH.read_text())
+    assert committed["setting"]["after_training"]["config"] == trained["config"]
+    for row in committed["rows"]:
+        assert row["after_training"] == claims_table.after_training(trained, row["variant"])
+    assert sum(row["after_training"] is not None for row in committed["rows"]) >= 8
 
 
 def test_the_committed_results_state_the_current_claims(committed):
