@@ -184,6 +184,9 @@ class SinkLogit(Mitigation):
     def learned(self) -> bool:
         return isinstance(self.logit, nn.Parameter)
 
+    def saved_value(self) -> str:
+        return "learned" if self.learned else "off_by_one"
+
     def extend_keys(self, problem: AttentionProblem) -> AttentionProblem:
         """The sink as a key: a channel of ones on q, of zeros on k, and a key (0, s_h / scale)
         with a zero value in front (module docstring)."""
