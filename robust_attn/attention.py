@@ -239,6 +239,22 @@ class RobustAttention(nn.Module):
         losses = [loss for m in self.mitigations.values() if (loss := m.auxiliary_loss()) is not None]
         return torch.stack(losses).sum() if losses else self.qkv.weight.new_zeros(())
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw every parameter afresh and restart every mitigation's state, as at construction.
+
+        For a module built on the meta device (FSDP's deferred init): ``module.to_empty(device=
+        ...)`` allocates uninitialised memory, then ``module.reset_parameters()`` fills it (it
+        resets its submodules itself, then applies :meth:`initialise_weights` and
+        :meth:`reset_from_weights`, in that order). To load weights instead, call
+        ``load_state_dict`` then :meth:`reset_from_weights` (or :func:`load_upgrading`).
+        """
+        for module in self.modules():
+            if module is not self and callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+        self.initialise_weights()
+        self.reset_from_weights()
+
     def initialise_weights(self) -> None:
         """Call after drawing fresh qkv/proj weights in place (a custom init): mitigations that
         shape the initial weights (spectral_qk) apply their initialisation again. Then call

@@ -145,6 +145,7 @@ class SigmaReparamLinear(nn.Module):
         if not isinstance(preserve, bool):
             raise ValueError(f"preserve={preserve!r}: expected True or False")
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.preserve = preserve
         self.weight = linear.weight
         self.register_parameter("bias", linear.bias)
         self.gamma = nn.Parameter(linear.weight.new_ones(1))
@@ -154,6 +155,17 @@ class SigmaReparamLinear(nn.Module):
         if preserve:
             self.preserve_function()
         else:
+            self.warm_start()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw W and b as nn.Linear does and start gamma, u, v as at construction (e.g. after
+        ``to_empty`` on a layer built on the meta device)."""
+        nn.Linear.reset_parameters(self)  # reads only weight, bias and in_features
+        if getattr(self, "preserve", False):  # absent from layers pickled before it
+            self.preserve_function()
+        else:
+            _local(self.gamma).fill_(1.0)
             self.warm_start()
 
     @torch.no_grad()

@@ -119,6 +119,11 @@ class SinkTokens(Mitigation):
         shape = (config.num_heads, count, config.head_dim)
         self.key = nn.Parameter(torch.empty(shape, **config.factory_kwargs))
         self.value = nn.Parameter(torch.empty(shape, **config.factory_kwargs))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw the sink keys and values afresh, N(0, SINK_TOKEN_INIT_STD^2)."""
         for parameter in (self.key, self.value):
             nn.init.normal_(parameter, std=SINK_TOKEN_INIT_STD)
 
@@ -163,10 +168,23 @@ class SinkLogit(Mitigation):
     def __init__(self, initial: float, learned: bool, config: AttentionConfig):
         super().__init__()
         logit = torch.full((config.num_heads,), initial, **config.factory_kwargs)
+        self.initial = initial
         if learned:
             self.logit = nn.Parameter(logit)
         else:
             self.register_buffer("logit", logit, persistent=False)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The logit back at its initial value (after ``to_empty`` on the meta device)."""
+        self.logit.fill_(self.initial)
+
+    @torch.no_grad()
+    def reset_from_weights(self) -> None:
+        """A fixed logit ("off_by_one") is a non-persistent buffer, which no state dict restores:
+        set it to 0 again (it holds garbage after ``to_empty``). A learned one is loaded."""
+        if not self.learned:
+            self.logit.fill_(self.initial)
 
     @classmethod
     def from_option(cls, value: Any, config: AttentionConfig) -> SinkLogit | None:
