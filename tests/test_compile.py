@@ -110,7 +110,12 @@ def assert_compiled_equals_eager(module: nn.Module, x: torch.Tensor, backend: st
 def test_every_preset_compiles_without_a_graph_break_and_equals_eager(preset):
     scenario = SCENARIOS.get(preset, Scenario())
     x, inputs = _inputs(scenario)
-    assert_compiled_equals_eager(_module(preset, scenario), x, **inputs)
+    # block_sparse: compiled SDPA with a mask against the eager block-sparse kernel, two kernels
+    # summing in different orders: within the kernels' float32 tolerance (test_fuzz_presets.py:
+    # 64 eps (1 + L) = 2e-5 at the measured L = 1.7; 5e-5 leaves room for seeds), not bit-equal
+    # as one kernel compiled and not.
+    tolerance = 5e-5 if preset == "block_sparse" else None
+    assert_compiled_equals_eager(_module(preset, scenario), x, tolerance=tolerance, **inputs)
 
 
 def test_the_block_sparse_scenario_runs_the_block_sparse_kernel():
