@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-speed bench-sparse lint clean
+.PHONY: install test test-thorough demo bench bench-speed bench-sparse lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-thorough: $(STAMP)
+	ROBUST_ATTN_PROFILE=thorough $(BIN)/python -m pytest -q
 
 demo: $(STAMP)
 	$(BIN)/robust-attn doctor --builtin --out demo-output
