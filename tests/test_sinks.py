@@ -82,9 +82,15 @@ def reference(module, x, attn_mask=None, causal=False):
     return module.proj(rearrange(out, "b h n d -> b n (h d)")), weights
 
 
-@given(shape=ras.attention_shapes(), options=SINK_OPTIONS, causal=st.booleans(),
-       kernel=st.sampled_from(["auto", "sdpa", "eager"]), data=st.data())
-def test_equals_the_eager_matrix_form_forward_and_backward(shape, options, causal, kernel, data):
+def _kernels(options):
+    """The kernels that can run ``options``: SDPA has no score modifier, so not with softcap
+    (forcing it is refused: test_sdpa_is_refused_with_a_score_modifier)."""
+    return ["auto", "eager"] + ([] if "softcap" in options else ["sdpa"])
+
+
+@given(shape=ras.attention_shapes(), options=SINK_OPTIONS, causal=st.booleans(), data=st.data())
+def test_equals_the_eager_matrix_form_forward_and_backward(shape, options, causal, data):
+    kernel = data.draw(st.sampled_from(_kernels(options)), label="kernel")
     module = _module(shape, kernel=kernel, **options)
     attn_mask = float64_mask(data.draw(ras.attention_masks(shape), label="attn_mask"))
     x = torch.randn(shape.batch, shape.tokens, shape.dim, dtype=torch.float64)
@@ -92,6 +98,12 @@ def test_equals_the_eager_matrix_form_forward_and_backward(shape, options, causa
     expected = forward_backward(module, lambda x: reference(module, x, attn_mask, causal)[0], x)
     actual = forward_backward(module, lambda x: module(x, attn_mask, causal), x)
     assert_same_forward_and_backward(actual, expected)
+
+
+def test_sdpa_is_refused_with_a_score_modifier():
+    module = _module(ras.AttentionShape(1, 3, 1, 4), kernel="sdpa", sink_logit=True, softcap=3.0)
+    with pytest.raises(ValueError, match="sdpa"):
+        module(torch.randn(1, 3, 4, dtype=torch.float64))
 
 
 @given(shape=ras.attention_shapes(), causal=st.booleans(), data=st.data())
