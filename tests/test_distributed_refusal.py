@@ -14,7 +14,6 @@ import os
 import tempfile
 import time
 import traceback
-from copy import deepcopy
 from datetime import timedelta
 
 import pytest

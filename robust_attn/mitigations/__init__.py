@@ -24,6 +24,7 @@ MITIGATIONS: dict[str, type[Mitigation]] = {cls.option: cls for cls in (
     Sparsity, RotaryEmbedding,
 )}
 
-__all__ = ["MITIGATIONS", "FoldedTrainingWarning", "Gated", "Mitigation", "OutlierRemoval", "RotaryEmbedding", "Sigmoid", "SinkLogit",
+__all__ = ["MITIGATIONS", "FoldedTrainingWarning", "Gated", "Mitigation", "OutlierRemoval",
+           "RotaryEmbedding", "Sigmoid", "SinkLogit",
            "SinkTokens", "SoftCap", "Sparsity", "SigmaReparam", "SigmaReparamLinear", "SpectralQK",
            "fold_sigma_reparam", "sigma_reparametrize"]
