@@ -289,3 +289,21 @@ def test_bad_option_values_raise_naming_the_option(option, value):
 def test_sinks_conflict_with_sigmoid_attention(option, value):
     with pytest.raises(ValueError, match=f"'{option}' and 'sigmoid' conflict"):
         RobustAttention(32, num_heads=4, sigmoid=True, **{option: value})
+
+
+@pytest.mark.parametrize("options", [{"sink_logit": True}, {"sink_tokens": 2},
+                                     {"sink_tokens": 1, "sink_logit": True}])
+@pytest.mark.parametrize("mask_shape", [(), (1,), (3, 1), (1, 1, 3, 1)])
+def test_a_mask_broadcast_over_the_keys_gets_its_sink_columns(options, mask_shape):
+    """A mask whose key dimension is 1 (0-D, per query) broadcasts over the keys; the sinks'
+    allowed columns are added after expanding it (padding the size-1 dimension gave a mask of 2
+    columns for 3 keys: found by the thorough profile, sink preset, 0-D bool mask, N = 2)."""
+    shape = ras.AttentionShape(2, 3, 2, 4)
+    module = _module(shape, **options)
+    x = torch.randn(shape.batch, shape.tokens, shape.dim, dtype=torch.float64)
+    for mask in (torch.ones(mask_shape, dtype=torch.bool),
+                 torch.zeros(mask_shape, dtype=torch.float64)):
+        full = mask.expand(shape.tokens, shape.tokens) if mask.dim() < 3 else \
+            mask.expand(1, 1, shape.tokens, shape.tokens)
+        torch.testing.assert_close(module(x, attn_mask=mask), module(x, attn_mask=full.clone()),
+                                   rtol=1e-12, atol=1e-12)

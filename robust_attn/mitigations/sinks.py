@@ -94,10 +94,13 @@ def prepend_keys(problem: AttentionProblem, keys: Tensor, values: Tensor,
                          attn_mask=mask)
 
 
-def allowed_in_front(mask: Tensor | None, count: int) -> Tensor | None:
-    """The user's mask with ``count`` allowed key columns in front (None stays None)."""
+def allowed_in_front(mask: Tensor | None, count: int, num_keys: int) -> Tensor | None:
+    """The user's mask over ``num_keys`` keys with ``count`` allowed key columns in front (None
+    stays None). A mask that broadcasts over the keys (key dimension 1: a 0-D mask, a per-query
+    column) is expanded to ``num_keys`` first, so the padded mask covers every key."""
     if mask is None:
         return None
+    mask = mask.expand(*mask.shape[:-1], num_keys)
     return F.pad(mask, (count, 0), value=True if mask.dtype == torch.bool else 0.0)
 
 
@@ -142,7 +145,7 @@ class SinkTokens(Mitigation):
 
     def extend_keys(self, problem: AttentionProblem) -> AttentionProblem:
         return prepend_keys(problem, self.key, self.value,
-                            allowed_in_front(problem.attn_mask, self.count))
+                            allowed_in_front(problem.attn_mask, self.count, problem.num_keys))
 
     def health(self) -> dict[str, Tensor]:
         return {"key_norm": self.key.float().norm(dim=-1).mean(dim=-1),
@@ -214,7 +217,7 @@ class SinkLogit(Mitigation):
         with_channel = problem.with_(q=F.pad(problem.q, (0, 1), value=1.0),
                                      k=F.pad(problem.k, (0, 1)))
         return prepend_keys(with_channel, sink_key, zero_value,
-                            allowed_in_front(problem.attn_mask, 1))
+                            allowed_in_front(problem.attn_mask, 1, problem.num_keys))
 
     def health(self) -> dict[str, Tensor]:
         return {"logit": self.logit.float()}
