@@ -1,9 +1,9 @@
 """Issue 16, finding 6: compiled sparse presets over varying sequence lengths.
 
 ``torch.compile(fullgraph=True)`` of the block_sparse and strided presets compiled one graph
-per length and failed hard at dynamo's recompile limit (8), with ``dynamic=True`` too. Now the
-strided kernel pads to whole classes (no case on N mod stride) and block_sparse runs its
-pattern as an SDPA mask under dynamo, so lengths stay symbolic: with the recompile limit
+per length and failed hard at dynamo's recompile limit (8), with ``dynamic=True`` too. Now, under
+dynamo, the strided kernel pads to whole classes (no case on N mod stride) and block_sparse runs
+its pattern as an SDPA mask, so lengths stay symbolic: with the recompile limit
 lowered to 4, twelve lengths from 1 to 1000 (crossing the old limit) compile at most 4 graphs,
 and every output equals the uncompiled module's.
 """
@@ -43,11 +43,18 @@ def test_compiled_sparse_presets_take_symbolic_lengths(preset, dynamic):
     assert counter.frame_count <= MAX_GRAPHS
 
 
-def test_the_strided_kernel_equals_eager_at_every_residue_causal_and_not():
-    """The padded strided kernel (one SDPA call, padded keys masked) against the eager kernel."""
+@pytest.mark.parametrize("padded", [True, False])
+def test_the_strided_kernel_equals_eager_at_every_residue_causal_and_not(padded):
+    """The strided kernel, padded (one SDPA call, padded keys masked: what compiled code runs) or
+    split (eager mode), against the eager kernel, forward and gradients."""
+    from functools import partial
+
     from robust_attn.kernels import KERNELS
+    from robust_attn.kernels.strided import strided_attention
     from robust_attn.problem import AttentionProblem
     from robust_attn.sparse import Causal, Strided
+
+    runs = {"strided": partial(strided_attention, padded=padded), "eager": KERNELS["eager"].run}
 
     generator = torch.Generator().manual_seed(1)
     for pattern in (Strided(4), Strided(4) & Causal()):
@@ -59,7 +66,7 @@ def test_the_strided_kernel_equals_eager_at_every_residue_causal_and_not():
             grad = torch.randn(2, 2, tokens, 3, generator=generator)
             results = []
             for kernel in ("strided", "eager"):
-                out = KERNELS[kernel].run(problem, 0.0)
+                out = runs[kernel](problem, 0.0)
                 results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
             for actual, expected in zip(*results, strict=True):
                 torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
