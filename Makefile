@@ -4,7 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+<<<<<<< HEAD
 .PHONY: install test demo bench bench-speed bench-sparse gpu-check lint clean
+=======
+.PHONY: install test test-thorough demo bench bench-speed bench-sparse lint clean
+>>>>>>> i16
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +20,9 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-thorough: $(STAMP)
+	ROBUST_ATTN_PROFILE=thorough $(BIN)/python -m pytest -q
 
 demo: $(STAMP)
 	$(BIN)/robust-attn doctor --builtin --out demo-output

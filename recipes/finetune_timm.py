@@ -26,8 +26,15 @@ trains it:
     installed, the monitor's early warnings in the summary; losses, accuracy,
     learning rate and gradient norm every step in train.csv; a progress bar;
     a summary table at the end;
-  * checkpoints (``--save-every``, and at the end) that ``--resume`` continues
-    exactly (same batches, same schedule);
+  * checkpoints (``--save-every``, at ``--stop-at`` and at the end) that ``--resume``
+    continues exactly (same batches, same schedule). The learning-rate schedule is the
+    first segment's: a checkpoint records the ``--steps`` it was planned over, and a run
+    resumed with a larger ``--steps`` keeps that schedule, so steps past its end train at
+    its final rate (``--min-lr-ratio`` times ``--lr``) instead of the rate jumping back
+    up onto a longer cosine. ``--stop-at s`` ends a segment at step s (a time-limited
+    job) on the full schedule. A resumed run's summary.md covers the whole run: the
+    start metrics, steps, time and health warnings of every segment (kept in the
+    checkpoint);
   * export: the trained model reverted to plain timm attention
     (:func:`robust_attn.revert`, sigma_reparam folded), saved as a state dict
     that loads into ``timm.create_model(<model>, ...)`` with strict=True, when
@@ -131,6 +138,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     output.add_argument("--log-every", type=int, default=20, help="health every k steps")
     output.add_argument("--save-every", type=int, default=100, help="checkpoint every k steps")
     output.add_argument("--resume", type=Path, help="a checkpoint.pt of this recipe")
+    output.add_argument("--stop-at", type=int, default=None,
+                        help="end this segment (with a checkpoint) at this step, on the "
+                             "schedule of --steps; --resume continues it")
     output.add_argument("--no-export", action="store_true", help="skip the stock-timm export")
     add_smoke_flag(parser, SMOKE, "a tiny model and a few steps")
     args = parse_with_smoke(parser, argv, SMOKE)
@@ -279,23 +289,32 @@ def evaluate(classifier: Classifier, dataset: Dataset, args: argparse.Namespace,
     return results
 
 
+def new_history(schedule_steps: int) -> dict:
+    """What summary.md needs from earlier segments of a run, kept in its checkpoints."""
+    return {"schedule_steps": schedule_steps, "first": {}, "seconds": 0.0, "warnings": [],
+            "segments": []}
+
+
 def save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, step: int,
-                    args: argparse.Namespace) -> None:
-    """Model, optimizer and loss-scaler states and the next step (the schedule follows from it)."""
+                    args: argparse.Namespace, history: dict) -> None:
+    """Model, optimizer and loss-scaler states, the next step, and the run's history (the
+    schedule's length, the start metrics, time and warnings so far)."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scaler": scaler.state_dict(), "step": step,
+             "scaler": scaler.state_dict(), "step": step, "history": history,
              "args": json.dumps({k: str(v) for k, v in vars(args).items()})}
     torch.save(state, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)
 
 
-def resume(path: Path, model: nn.Module, optimizer, scaler, device: torch.device) -> int:
-    """Load a checkpoint of :func:`save_checkpoint`; the step to continue from."""
+def resume(path: Path, model: nn.Module, optimizer, scaler, device: torch.device,
+           steps: int) -> tuple[int, dict]:
+    """Load a checkpoint of :func:`save_checkpoint`: the step to continue from and the run's
+    history (a checkpoint without one started a schedule of ``steps``)."""
     state = torch.load(path, map_location=device, weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    return state["step"]
+    return state["step"], state.get("history") or new_history(steps)
 
 
 def export_timm(model: nn.Module, path: Path) -> str:
@@ -309,7 +328,7 @@ def export_timm(model: nn.Module, path: Path) -> str:
 
 
 def summary_table(args, conversion, first: dict, last: dict, seconds: float, steps_run: int,
-                  warnings: list, export: str) -> str:
+                  warnings: list, export: str, history: dict | None = None) -> str:
     def cell(values: dict, name: str) -> str:
         value = values.get(name)
         return "" if value is None else f"{value:.4g}"
@@ -324,9 +343,13 @@ def summary_table(args, conversion, first: dict, last: dict, seconds: float, ste
              + (f"; function changed at conversion by {changed}" if changed else
                 "; function preserved at conversion"),
              f"{steps_run} steps in {seconds:.1f} s ({steps_run / max(seconds, 1e-9):.2f} steps/s)",
-             f"health warnings: {len(warnings)}", *(f"  {w.code} ({w.layer}): {w.message}"
+             f"health warnings: {len(warnings)}", *(f"  {w['code']} ({w['layer']}): {w['message']}"
                                                     for w in warnings),
              f"export: {export}"]
+    if history and len(history["segments"]) > 1:
+        notes.insert(2, "segments (first step, steps): "
+                     + ", ".join(f"({s}, {n})" for s, n in history["segments"])
+                     + f"; learning-rate schedule over {history['schedule_steps']} steps")
     return markdown_table(["metric", "start", "end"], rows) + "\n\n" + "\n".join(notes)
 
 
@@ -369,11 +392,15 @@ def main(argv: list[str] | None = None) -> None:
     trained = distributed.wrap(model)
     optimizer = adamw(model, args.lr, args.weight_decay)
     scaler = torch.amp.GradScaler(distributed.device.type, enabled=args.amp == "fp16")
-    start = resume(args.resume, model, optimizer, scaler, distributed.device) if args.resume else 0
-    schedule = warmup_cosine_schedule(optimizer, args.warmup, args.steps, args.min_lr_ratio, start)
+    start, history = resume(args.resume, model, optimizer, scaler, distributed.device,
+                            args.steps) if args.resume else (0, new_history(args.steps))
+    # The first segment's schedule, whatever this segment's --steps (module docstring).
+    schedule = warmup_cosine_schedule(optimizer, args.warmup, history["schedule_steps"],
+                                      args.min_lr_ratio, start)
+    stop = args.steps if args.stop_at is None else min(args.stop_at, args.steps)
     classifier = Classifier(model, trained, args, distributed.device)
     train_set, eval_set = build_datasets(args)
-    batches = StepBatches(len(train_set), args.batch_size, args.steps, start, args.seed,
+    batches = StepBatches(len(train_set), args.batch_size, stop, start, args.seed,
                           distributed.local_slice(args.batch_size))
     loader = DataLoader(train_set, batch_sampler=batches, num_workers=args.workers)
     log = MetricsLog(args.out) if distributed.is_main else None
@@ -382,9 +409,19 @@ def main(argv: list[str] | None = None) -> None:
     health_file = "health.csv" if start == 0 else f"health_from_step_{start}.csv"
     if distributed.is_main:
         print(conversion)
-    first = evaluate(classifier, eval_set, args, distributed)
-    last, bar, began = dict(first), progress(args.steps, start, "train", distributed.is_main), \
-        time.perf_counter()
+    last = evaluate(classifier, eval_set, args, distributed)
+    first = history["first"] or dict(last)  # the run's start: the first segment's
+    history["first"] = first
+    bar, began = progress(stop, start, "train", distributed.is_main), time.perf_counter()
+
+    def history_now() -> dict:
+        """The run's history as of now: this segment's time, steps and warnings added."""
+        return {**history, "seconds": history["seconds"] + time.perf_counter() - began,
+                "warnings": history["warnings"] + [
+                    {"code": w.code, "layer": str(w.layer), "message": w.message}
+                    for w in monitor.warnings()],
+                "segments": history["segments"] + [(start, step + 1 - start)]}
+
     model.train()
     for step, batch in enumerate(loader, start):
         row = train_step(classifier, batch, step, args, distributed, optimizer, schedule, scaler,
@@ -401,18 +438,20 @@ def main(argv: list[str] | None = None) -> None:
                     first.setdefault(name, last[name])
         bar.update(1)
         bar.set_postfix_str(f"loss={row['loss']:.3f} acc={row['accuracy']:.2f}")
-        if distributed.is_main and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
-            save_checkpoint(args.out / "checkpoint.pt", model, optimizer, scaler, step + 1, args)
+        if distributed.is_main and ((step + 1) % args.save_every == 0 or step + 1 == stop):
+            save_checkpoint(args.out / "checkpoint.pt", model, optimizer, scaler, step + 1, args,
+                            history_now())
             monitor.to_csv(args.out / health_file)
     bar.close()
+    step = stop - 1  # for history_now, also when this segment ran no step
+    whole = history_now()
     monitor.close()
-    seconds = time.perf_counter() - began
     last.update(evaluate(classifier, eval_set, args, distributed))
     if distributed.is_main:
         export = "skipped (--no-export)" if args.no_export else \
             export_timm(model, args.out / "timm_model.pth")
-        table = summary_table(args, conversion, first, last, seconds, args.steps - start,
-                              monitor.warnings(), export)
+        table = summary_table(args, conversion, first, last, whole["seconds"], stop,
+                              whole["warnings"], export, whole)
         (args.out / "summary.md").write_text(table + "\n")
         print(table)
         log.close()

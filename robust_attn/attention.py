@@ -30,6 +30,21 @@ Checkpoints: a state dict that holds a module's weights but none of a
 mitigation's state (saved before the mitigation was added, e.g. from timm or
 the baseline) fails a strict load with a message naming the mitigation;
 :func:`load_upgrading` loads it explicitly, keeping the mitigation's fresh state.
+A state dict that also holds keys the module lacks was saved with other options:
+the message says so instead (load_upgrading cannot bridge it).
+
+Option values: ``state_dict()`` records each mitigation's value in the state dict's
+metadata (``state_dict._metadata[prefix]["robust_attn_options"]``, kept by torch.save
+and ``torch.load(weights_only=True)``): what the value changes beyond the tensors
+(:meth:`Mitigation.saved_value`: softcap's cap, sigmoid's bias, the sparsity pattern,
+RoPE's layout, the gate mode, a learned or fixed sink logit). Loading (strict or not,
+and :func:`load_upgrading`) refuses a state dict whose recorded value of an option
+differs from the module's, naming the option and both values. Only options that
+both have are compared: adding or removing a stateless option (softcap on a baseline
+checkpoint, a softcap module's weights copied into a plain one) is allowed, and
+stateful ones show in the keys. A state dict without the record (timm's, a plain
+``dict`` copy) loads as before. To change an option's value on purpose, load
+``dict(state_dict)``, which drops the metadata.
 """
 
 from __future__ import annotations
@@ -81,7 +96,7 @@ def _check_positive_int(name: str, value: Any) -> int:
 
 
 def _check_probability(name: str, value: Any) -> float:
-    if not 0.0 <= value < 1.0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name}={value!r}: expected a dropout probability in [0, 1)")
     return float(value)
 
@@ -168,6 +183,7 @@ class RobustAttention(nn.Module):
             else nn.Identity()
         self.proj = self._linear(config.attn_dim, config.dim_out, proj_bias)
         self.proj_drop = nn.Dropout(_check_probability("proj_drop", proj_drop))
+        self._register_state_dict_hook(_record_options)
 
     def _linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         for mitigation in self.mitigations.values():
@@ -223,6 +239,22 @@ class RobustAttention(nn.Module):
         losses = [loss for m in self.mitigations.values() if (loss := m.auxiliary_loss()) is not None]
         return torch.stack(losses).sum() if losses else self.qkv.weight.new_zeros(())
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw every parameter afresh and restart every mitigation's state, as at construction.
+
+        For a module built on the meta device (FSDP's deferred init): ``module.to_empty(device=
+        ...)`` allocates uninitialised memory, then ``module.reset_parameters()`` fills it (it
+        resets its submodules itself, then applies :meth:`initialise_weights` and
+        :meth:`reset_from_weights`, in that order). To load weights instead, call
+        ``load_state_dict`` then :meth:`reset_from_weights` (or :func:`load_upgrading`).
+        """
+        for module in self.modules():
+            if module is not self and callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+        self.initialise_weights()
+        self.reset_from_weights()
+
     def initialise_weights(self) -> None:
         """Call after drawing fresh qkv/proj weights in place (a custom init): mitigations that
         shape the initial weights (spectral_qk) apply their initialisation again. Then call
@@ -261,18 +293,50 @@ class RobustAttention(nn.Module):
         return {name: keys for name, keys in self.mitigation_state_keys().items()
                 if not any(prefix + key in state_dict for key in keys)}
 
+    def saved_options(self) -> dict[str, Any]:
+        """Per mitigation option, its :meth:`~Mitigation.saved_value` (recorded by state_dict)."""
+        return {name: m.saved_value() for name, m in self.mitigations.items()}
+
+    def _option_mismatches(self, local_metadata: Mapping[str, Any]) -> list[str]:
+        """'option: checkpoint a, this module b' for each option both have, with other values."""
+        saved = local_metadata.get(_OPTIONS_KEY) or {}
+        current = self.saved_options()
+        return [f"{name}: checkpoint {value!r}, this module {current[name]!r}"
+                for name, value in sorted(saved.items())
+                if name in current and current[name] != value]
+
+    def _foreign_keys(self, state_dict: Mapping[str, Any], prefix: str) -> list[str]:
+        """The state dict's keys under ``prefix`` that this module does not have."""
+        own = {prefix + key for key in self.state_dict()}
+        return sorted(key for key in state_dict if key.startswith(prefix) and key not in own)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        where = f"module {prefix[:-1]!r}" if prefix else type(self).__name__
+        mismatches = self._option_mismatches(local_metadata)
+        if mismatches:
+            error_msgs.append(
+                f"{where} was saved with other option values ({'; '.join(mismatches)}): build "
+                f"it with the checkpoint's values, or, to change them on purpose, load "
+                f"dict(state_dict), which drops the recorded options.")
         absent = self._absent_mitigations(state_dict, prefix)
         if absent and _loading_strictly():
-            where = f"module {prefix[:-1]!r}" if prefix else type(self).__name__
             keys = [prefix + key for names in absent.values() for key in names]
-            error_msgs.append(
-                f"{where} has mitigation(s) {sorted(absent)} whose state the state dict lacks "
-                f"({', '.join(keys)}): it was saved before they were added. To load it, keeping "
-                f"their fresh state, call robust_attn.load_upgrading(model, state_dict).")
+            foreign = self._foreign_keys(state_dict, prefix)
+            if foreign:  # saved with other mitigations: load_upgrading would refuse it too
+                error_msgs.append(
+                    f"{where} has mitigation(s) {sorted(absent)} whose state the state dict lacks "
+                    f"({', '.join(keys)}), and the state dict holds state this module lacks "
+                    f"({', '.join(foreign)}): it was saved with other options (another preset). "
+                    f"Build the module with the checkpoint's options.")
+            else:
+                error_msgs.append(
+                    f"{where} has mitigation(s) {sorted(absent)} whose state the state dict lacks "
+                    f"({', '.join(keys)}): it was saved before they were added. To load it, "
+                    f"keeping their fresh state, call robust_attn.load_upgrading(model, "
+                    f"state_dict).")
 
     def _score_mods(self) -> tuple:
         return tuple(mod for m in self.mitigations.values() if (mod := m.score_mod()) is not None)
@@ -296,6 +360,11 @@ class RobustAttention(nn.Module):
             raise ValueError(f"x has width {x.shape[-1]} but this module has dim={self.dim}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
+        weight = self.qkv.weight
+        if x.dtype != weight.dtype and not _autocast_casts(x, weight):
+            raise TypeError(f"x has dtype {x.dtype} but this module's weights are {weight.dtype}: "
+                            f"cast x (x.to({weight.dtype})) or the module (.to({x.dtype})), or "
+                            f"run under torch.autocast")
         if attn_mask is None:
             return
         if not isinstance(attn_mask, Tensor):
@@ -303,6 +372,9 @@ class RobustAttention(nn.Module):
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             raise TypeError(f"attn_mask must be bool (True = may attend) or an additive float "
                             f"tensor, got {attn_mask.dtype}")
+        if attn_mask.device != x.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but x is on {x.device}: move the "
+                             f"mask to x's device (attn_mask.to(x.device))")
         batch, tokens = x.shape[:2]
         target = (batch, self.num_heads, tokens, tokens)
         try:
@@ -316,6 +388,14 @@ class RobustAttention(nn.Module):
         return f"dim={self.dim}, num_heads={self.num_heads}, kernel={self.kernel!r}"
 
 
+def _autocast_casts(x: Tensor, weight: Tensor) -> bool:
+    """Whether autocast, enabled on x's device, casts both x and ``weight`` for the qkv matmul:
+    it casts float32, float16 and bfloat16 tensors, never float64."""
+    device = x.device.type
+    return (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+            and torch.float64 not in (x.dtype, weight.dtype))
+
+
 def _kernel_mask(attn_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """A mask broadcastable to (B, H, N, N) as every kernel takes it: viewed as 4-D (leading
     dimensions of size 1), and an additive float mask in the dtype of q (``dtype``), so that
@@ -325,6 +405,14 @@ def _kernel_mask(attn_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     if attn_mask.is_floating_point() and attn_mask.dtype != dtype:
         attn_mask = attn_mask.to(dtype)
     return attn_mask[(None,) * (4 - attn_mask.dim())]
+
+
+_OPTIONS_KEY = "robust_attn_options"
+
+
+def _record_options(module: RobustAttention, state_dict, prefix: str, local_metadata) -> None:
+    """state_dict hook: the mitigations' option values, in this module's metadata entry."""
+    local_metadata[_OPTIONS_KEY] = module.saved_options()
 
 
 def _loading_strictly() -> bool:

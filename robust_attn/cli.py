@@ -405,8 +405,10 @@ def bench(args: argparse.Namespace) -> int:
         return 2
     script = available[args.name]
     sys.argv = [str(script), *args.args]
-    sys.path.insert(0, str(script.parent))  # as `python script.py` does: siblings import
-    runpy.run_path(str(script), run_name="__main__")
+    # As `python -m benchmarks.<name>` from the checkout (the speed suite imports its siblings
+    # relatively) with the folder on the path too (the other scripts import them absolutely).
+    sys.path[:0] = [str(script.parent.parent), str(script.parent)]
+    runpy.run_module(f"{script.parent.name}.{script.stem}", run_name="__main__", alter_sys=True)
     return 0
 
 

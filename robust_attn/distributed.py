@@ -36,11 +36,22 @@ branch.
                                    entropy_bound: min). Quantities of parameters (sigma,
                                    gamma, a sink logit) are equal on every rank under DDP
                                    and FSDP, so their mean is their value.
+
+:func:`forward_together` runs a training step's forward on every rank and makes
+the ranks agree on its outcome before any backward: where RobustAttention refuses
+an overflowing step on one rank (``RuntimeError("x: ...")``, robust_attn.logit_limit)
+every rank gets None and skips the step, and where a rank fails otherwise every
+rank raises at once. Catching the refusal per rank instead (as a single-process
+loop does) lets the other ranks go on to the backward pass, whose DDP all-reduces
+then pair with the next step's on the refusing rank (gradients of different steps
+averaged) until the group hangs; with ``broadcast_buffers`` (sigma_reparam's u, v)
+it hangs at the next forward.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -49,7 +60,9 @@ from torch import Tensor
 from .mitigations import MITIGATIONS
 from .probe import AttentionHealth
 
+T = TypeVar("T")
 REDUCTION_KINDS = ("sum", "mean", "max", "min")
+_OK, _REFUSED, _FAILED = 0.0, 1.0, 2.0  # a rank's step outcome; the group takes the largest
 WEIGHTED_HEALTH = ("entropy", "sink_mass", "sparsity", "residual", "cosine")
 
 
@@ -143,3 +156,51 @@ def reduce_health(health: AttentionHealth, group=None) -> AttentionHealth:
         sampled_queries=int(rows.item()),
         extras={name: total[("extras", name)] for name in health.extras},
     )
+
+
+def _group_device(group) -> torch.device:
+    """Where the group's collectives take tensors: the current CUDA device for NCCL, else the CPU."""
+    if dist.get_backend(group) == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class StepFailedElsewhere(RuntimeError):
+    """Raised by :func:`forward_together` on the ranks whose step went well when another failed."""
+
+
+def forward_together(forward: Callable[[], T], group=None) -> T | None:
+    """``forward()`` (a step's forward pass and loss), with every rank agreeing on its outcome.
+
+    Returns ``forward()``'s result on every rank when it succeeded everywhere; None on every
+    rank when RobustAttention refused the step on some rank (a RuntimeError whose message
+    starts with "x:", robust_attn.logit_limit): skip the backward pass and the optimizer step
+    then, on every rank, and the process group stays in step (the recipes count such a step as
+    refused, or the run as diverged). Any other exception is re-raised on its rank and every
+    other rank raises :class:`StepFailedElsewhere` at once, instead of hanging in the next
+    collective. One all_reduce of one float per call (a host synchronisation); a collective, so
+    every rank of ``group`` must call it at every step. Without an initialised process group it
+    is a plain call that returns None for a refusal.
+    """
+    outcome, result, error = _OK, None, None
+    try:
+        result = forward()
+    except RuntimeError as caught:
+        if str(caught).startswith("x:"):
+            outcome = _REFUSED
+        else:
+            outcome, error = _FAILED, caught
+    except Exception as caught:  # noqa: BLE001 - re-raised below, after telling the other ranks
+        outcome, error = _FAILED, caught
+    if ranks_to_reduce():
+        flag = torch.tensor([outcome], dtype=torch.float32, device=_group_device(group))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        agreed = float(flag.item())
+    else:
+        agreed = outcome
+    if error is not None:
+        raise error
+    if agreed == _FAILED:
+        raise StepFailedElsewhere("forward_together: the step raised on another rank (see that "
+                                  "rank's traceback); stopping this rank too")
+    return None if agreed == _REFUSED else result

@@ -59,8 +59,10 @@ _IF_DIVERGED = "if training diverged, lower the learning rate or clip gradients"
 
 def logits_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
     """The dtype the kernels compute logits in: q's ``dtype``, or the autocast dtype where autocast
-    is enabled on ``device_type`` (it casts float32, float16 and bfloat16 matmuls, not float64)."""
-    if dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+    is enabled on ``device_type`` (it casts float32, float16 and bfloat16 matmuls, not float64).
+    Devices without autocast (``meta``, used for shape inference) compute in ``dtype``."""
+    if (dtype != torch.float64 and torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type)):
         return torch.get_autocast_dtype(device_type)
     return dtype
 

@@ -15,10 +15,20 @@ shorter ones contribute every row of as many batch items as fit.
 A switch for all modules (:func:`set_probe_enabled`, :func:`health_probe`) and
 one per module (``RobustAttention(probe=True/False)``; None follows the global
 switch).
+
+Threads: :func:`set_probe_enabled` sets the process-wide default; a
+:func:`health_probe` block sets the switch in its own thread (a
+``contextvars.ContextVar``, so asyncio tasks are separate too) and restores it on
+exit, however blocks of several threads interleave. A module run in another
+thread (nn.DataParallel's replicas, a server's workers) follows that thread's
+switch: the default unless it is inside a block of its own. (A process-wide
+switch saved and restored by each block was left on, or off, by two threads
+whose blocks overlapped.)
 """
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -31,29 +41,37 @@ from .kernels.eager import attention_logits
 from .problem import AttentionProblem
 
 DEFAULT_MAX_QUERIES = 256
-_enabled_everywhere = False
+_enabled_everywhere = False  # the process-wide default
+_enabled_here: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "robust_attn_probe_enabled", default=None)  # a health_probe block's setting, None outside
 _kept_maps: list[list[tuple[Tensor, Tensor]]] = []
 
 
 def set_probe_enabled(enabled: bool) -> None:
-    """Turn the probe on or off for every module whose own switch is None."""
+    """Turn the probe on or off for every module whose own switch is None: the process-wide
+    default or, called inside a :func:`health_probe` block, the block's setting until it ends."""
     global _enabled_everywhere
-    _enabled_everywhere = bool(enabled)
+    if _enabled_here.get() is None:
+        _enabled_everywhere = bool(enabled)
+    else:
+        _enabled_here.set(bool(enabled))
 
 
 def probe_enabled_everywhere() -> bool:
-    return _enabled_everywhere
+    """The switch modules whose own is None follow, in the calling thread."""
+    here = _enabled_here.get()
+    return _enabled_everywhere if here is None else here
 
 
 @contextmanager
 def health_probe(enabled: bool = True) -> Iterator[None]:
-    """Context manager: the global probe switch set to ``enabled`` inside the block."""
-    previous = _enabled_everywhere
-    set_probe_enabled(enabled)
+    """Context manager: the probe switch set to ``enabled`` inside the block, in this thread
+    (or asyncio task) only; other threads keep theirs (module docstring)."""
+    token = _enabled_here.set(bool(enabled))
     try:
         yield
     finally:
-        set_probe_enabled(previous)
+        _enabled_here.reset(token)
 
 
 @contextmanager

@@ -1,6 +1,5 @@
 """Pieces shared by the tests that check a mitigation against its eager matrix form in float64."""
 
-import copy
 import math
 
 import torch
@@ -43,17 +42,71 @@ def assert_same_forward_and_backward(actual, expected):
                                    msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
-def outlier_removal_terms(module, forward, x) -> tuple[float, dict[str, float]]:
-    """The output's scale and each gradient's ({"x": .., parameter name: ..}) for ``module``
-    without its outlier removal; (0, {}) without one. Outlier removal computes (A - U) V as the
-    difference of two terms of A V's size, so its rounding is set by their scale, not by the
-    difference's (exactly 0 with one key): the error model's floor for the output and each
-    gradient (robust_attn.testing.tolerances). ``forward(module, inputs)`` runs the module."""
-    if "outlier_removal" not in module.mitigations:
-        return 0.0, {}
-    plain = copy.deepcopy(module)
-    del plain.mitigations["outlier_removal"]
-    out, dx, grads = forward_backward(plain, lambda inputs: forward(plain, inputs), x)
-    scales = {name: g.abs().max().item() for name, g in {"x": dx, **grads}.items()
-              if g is not None and g.numel()}
-    return out.detach().abs().max().item(), scales
+def forward_backward_with_scales(module, forward, x):
+    """:func:`forward_backward` of a RobustAttention, and bounds on the terms that cancel in its
+    output and weight gradients, from hooks on the same run:
+    (result, {"output": ..., "qkv.weight": ..., "proj.weight": ...}).
+
+    Error analysis (Higham 2002, section 4.2: a computed sum's error is at most about eps times
+    the sum of its terms' magnitudes, however small the sum itself):
+
+    - output = proj(a) + b: its terms are W_hat a and b, each up to max |out - b| and max |b|;
+      with C = 1 they can cancel to a hundredth of either.
+    - qkv.weight: dW[r, c] = sum over tokens of dqkv[r] x[c]. Per token and head, softmax's
+      backward dS_ij = p_ij (dP_ij - delta_i), dP_ij = dO_i . v_j, delta_i = dO_i . O_i, so
+      |dq_i| and |dk_j| terms are at most 2 scale |dO_i| max|v| max|k| (and max|q|), and dv_j's
+      (p_ij + u_ij) dO_i (outlier removal subtracts the uniform u) at most 2 |dO_i|: summed over
+      tokens, times max |x|. dO is the gradient at proj's input (after gates, which are <= 1).
+    - x: dx_ic = sum_r W_qkv[r, c] dqkv_ir, the same token bounds times max_c sum_r |W_qkv[r, c]|.
+      These cancel exactly where the attention output does not depend on q and k (one key:
+      p = 1, dq = dk = 0) and, with outlier removal, on v: the fused kernels then return
+      rounding residues of these terms (its backward computes delta_i and dP_ij differently).
+    - sigma_reparam: dW = (gamma / sigma) (G - <G, W_hat> u v^T / gamma), G = dL/dW_hat: the
+      projection removes the component along W_hat (W_hat does not change when W is scaled),
+      cancelling terms of size (gamma / sigma) |G|; for a 1 x 1 weight everything cancels
+      (W_hat = gamma sign(W)), dW = 0 exactly.
+    """
+    from robust_attn.mitigations.sigma_reparam import SigmaReparamLinear
+
+    seen = {}
+    hooks = [
+        module.qkv.register_forward_hook(lambda m, inputs, out: seen.update(x=inputs[0].detach(),
+                                                                           qkv=out.detach())),
+        module.q_norm.register_forward_hook(lambda m, inputs, out: seen.update(q=out.detach())),
+        module.k_norm.register_forward_hook(lambda m, inputs, out: seen.update(k=out.detach())),
+        module.proj.register_forward_hook(lambda m, inputs, out: seen.update(a=inputs[0].detach(),
+                                                                            out=out.detach())),
+        module.proj.register_full_backward_hook(
+            lambda m, grad_in, grad_out: seen.update(dO=grad_in[0].detach(),
+                                                     dy=grad_out[0].detach())),
+    ]
+    try:
+        result = forward_backward(module, forward, x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    heads = module.num_heads
+    d_out = seen["dO"].unflatten(-1, (heads, -1)).norm(dim=-1).amax(dim=-1)  # (B, N) per token
+    v = seen["qkv"].unflatten(-1, (3, heads, -1))[..., 2, :, :].norm(dim=-1).amax()
+    q = seen["q"].norm(dim=-1).amax() if seen["q"].numel() else seen["q"].new_zeros(())
+    k = seen["k"].norm(dim=-1).amax() if seen["k"].numel() else seen["k"].new_zeros(())
+    per_token = d_out * (2 * module.scale * v * (q + k) + 2)
+    x_max = seen["x"].abs().amax() if seen["x"].numel() else 0.0
+    scales = {"qkv.weight": float(per_token.sum() * x_max)}
+    layer = module.qkv
+    weight = layer.effective_weight() if isinstance(layer, SigmaReparamLinear) else layer.weight
+    if per_token.numel():
+        scales["x"] = float(per_token.amax() * weight.detach().abs().sum(dim=0).amax())
+    bias = module.proj.bias
+    proj_terms = seen["dy"].abs().amax(dim=-1).sum() * (seen["a"].abs().amax()
+                                                        if seen["a"].numel() else 0.0)
+    scales["proj.weight"] = float(proj_terms)
+    if bias is not None and seen["out"].numel():
+        terms = (seen["out"] - bias).abs().amax()
+        scales["output"] = float(torch.maximum(terms, bias.detach().abs().amax()).detach())
+    for name in ("qkv", "proj"):
+        layer = getattr(module, name)
+        if isinstance(layer, SigmaReparamLinear):
+            factor = float((layer.gamma.detach().float() / layer.sigma().detach()).abs())
+            scales[f"{name}.weight"] *= factor
+    return result, scales

@@ -43,9 +43,11 @@ class Scenario(NamedTuple):
 SCENARIOS = {
     "baseline": Scenario(options={"attn_drop": 0.2, "proj_drop": 0.2}),
     # At 16 tokens the block_sparse preset's pattern (blocks of 64, a global token) is dense at the
-    # kernel's block size and runs on SDPA with a mask; at 256 its block-sparse kernel runs
-    # (test_the_block_sparse_scenario_runs_the_block_sparse_kernel).
-    "block_sparse": Scenario(is_causal=True, options={"attn_drop": 0.2}, tokens=256),
+    # kernel's block size and runs on SDPA with a mask; at 256 its block-sparse kernel runs in eager
+    # mode (test_the_block_sparse_scenario_runs_the_block_sparse_kernel), while compiled code runs
+    # SDPA with the pattern as a mask (kernels/block_sparse.py: a layout per length would specialise
+    # the graph). No dropout here: the two kernels draw different dropout masks.
+    "block_sparse": Scenario(is_causal=True, tokens=256),
     "gated": Scenario(is_causal=True),
     "outlier_removal": Scenario(mask="bool"),
     "sigma_reparam": Scenario(train=False, mask="float", is_causal=True),
@@ -108,7 +110,12 @@ def assert_compiled_equals_eager(module: nn.Module, x: torch.Tensor, backend: st
 def test_every_preset_compiles_without_a_graph_break_and_equals_eager(preset):
     scenario = SCENARIOS.get(preset, Scenario())
     x, inputs = _inputs(scenario)
-    assert_compiled_equals_eager(_module(preset, scenario), x, **inputs)
+    # block_sparse: compiled SDPA with a mask against the eager block-sparse kernel, two kernels
+    # summing in different orders: within the kernels' float32 tolerance (test_fuzz_presets.py:
+    # 64 eps (1 + L) = 2e-5 at the measured L = 1.7; 5e-5 leaves room for seeds), not bit-equal
+    # as one kernel compiled and not.
+    tolerance = 5e-5 if preset == "block_sparse" else None
+    assert_compiled_equals_eager(_module(preset, scenario), x, tolerance=tolerance, **inputs)
 
 
 def test_the_block_sparse_scenario_runs_the_block_sparse_kernel():
@@ -116,7 +123,7 @@ def test_the_block_sparse_scenario_runs_the_block_sparse_kernel():
     q = torch.randn(2, HEADS, scenario.tokens, DIM // HEADS)
     problem = AttentionProblem(q, q, q, 1.0, causal=scenario.is_causal,
                                pattern=preset_options("block_sparse")["sparsity"])
-    assert select_kernel("auto", problem, scenario.options["attn_drop"]).name == "block_sparse"
+    assert select_kernel("auto", problem, 0.0).name == "block_sparse"
 
 
 def test_a_pattern_falling_back_to_a_dense_mask_compiles_and_still_warns():

@@ -24,7 +24,7 @@ from robust_attn.testing.tolerances import (
     relative_tolerance,
 )
 
-from .float64_reference import forward_backward, outlier_removal_terms
+from .float64_reference import forward_backward, forward_backward_with_scales
 
 VARIANTS = list_variants()
 # The error model's constant (tolerances.py) for float32 kernels against eager. Measured worst
@@ -33,7 +33,12 @@ VARIANTS = list_variants()
 TOLERANCE_FACTOR = 64.0
 # A gradient is compared at least at this fraction of the largest gradient's scale: gradients that
 # vanish in exact arithmetic (qk_norm's k bias, by softmax's shift invariance) are sums of
-# cancelling terms whose rounding is set by those terms (1e-3 needed a factor of 144).
+# cancelling terms whose rounding is set by those terms (1e-3 needed a factor of 144). Where the
+# terms can be bounded (float64_reference.forward_backward_with_scales), at least at their scale:
+# outlier_removal at N = 1 (one key: (A - U) V = 0, so qkv.weight's exact gradient is 0; SDPA's
+# backward returned a residue of 103 eps (1 + L) at this resolution, 0.0 of its terms) and gated
+# at D = 1 (q, k gradients are single sums of signed Jacobian terms; worst 10.4 -> 6.0 over 300
+# drawn N = 31 cases; the thorough profile's failure was 133 at the resolution).
 GRADIENT_RESOLUTION = 1e-2
 # block_sparse's kernel runs only on sequences long enough to be sparse at its block size.
 tokens = st.one_of(st.integers(1, 33), st.integers(190, 260))
@@ -58,38 +63,35 @@ def _run_twins(variant, shape, x, mask, is_causal, seed):
     reference = deepcopy(module)
     reference.kernel, reference.probe = "eager", True
 
-    def forward(m, inputs):
-        return m(inputs, attn_mask=mask, is_causal=is_causal)
+    def forward(m):
+        return lambda inputs: m(inputs, attn_mask=mask, is_causal=is_causal)
 
-    def run(m):
-        return forward_backward(m, lambda inputs: forward(m, inputs), x)
-
-    return (run(module), run(reference), reference.health,
-            outlier_removal_terms(reference, forward, x))
+    expected, scales = forward_backward_with_scales(reference, forward(reference), x)
+    return forward_backward(module, forward(module), x), expected, reference.health, scales
 
 
-def _assert_equal_to_eager(actual, expected, health, mask, terms):
+def _assert_equal_to_eager(actual, expected, health, mask, scales):
     """Output at its scale, with L the largest allowed row maximum (what the weights depend on);
     each gradient at its scale (or at GRADIENT_RESOLUTION times the largest gradient's), with L
-    bounding every allowed logit, mask values included. ``terms``: the scales outlier removal's
-    cancelling terms set (float64_reference.outlier_removal_terms)."""
+    bounding every allowed logit, mask values included. Where terms cancel, at least at their
+    scale (``scales``: float64_reference.forward_backward_with_scales)."""
     (out, dx, grads), (out_ref, dx_ref, grads_ref) = actual, expected
     max_logit = max_abs_logit(health)
     assert_close_at_scale(out, out_ref, relative_tolerance(torch.float32, max_logit,
                                                            TOLERANCE_FACTOR), "output",
-                          min_scale=terms[0])
+                          min_scale=scales.get("output", 0.0))
     tolerance = relative_tolerance(torch.float32, max_logit + largest_mask_value(mask),
                                    TOLERANCE_FACTOR)
     assert_gradients_close({"x": dx, **grads}, {"x": dx_ref, **grads_ref}, tolerance,
-                           GRADIENT_RESOLUTION, terms=terms[1])
+                           GRADIENT_RESOLUTION, scales)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @given(case=cases(scales=ras.input_scales(-1, 1)))
 def test_every_case_is_finite_and_equals_eager(variant, case):
-    actual, expected, health, terms = _run_twins(variant, *case)
+    actual, expected, health, scales = _run_twins(variant, *case)
     assert torch.isfinite(expected[0]).all(), "the eager reference's output is not finite"
-    _assert_equal_to_eager(actual, expected, health, case[2], terms)
+    _assert_equal_to_eager(actual, expected, health, case[2], scales)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -102,7 +104,7 @@ def test_any_input_scale_is_finite_and_equals_eager_or_raises_naming_x(variant, 
     moderate scales above: here LayerNorm's conditioning |q| / std(q) joins the error model, e.g.
     6e-5 relative for qk_norm at x ~ 1e3). Tiny inputs give uniform attention."""
     try:
-        actual, expected, health, terms = _run_twins(variant, *case)
+        actual, expected, health, _ = _run_twins(variant, *case)
     except RuntimeError as error:
         if not str(error).startswith("x: "):
             raise
@@ -111,7 +113,7 @@ def test_any_input_scale_is_finite_and_equals_eager_or_raises_naming_x(variant, 
     assert all(torch.isfinite(g).all() for g in (actual[1], *actual[2].values()) if g is not None), \
         "non-finite gradient returned without an error"
     assert_close_at_scale(actual[0], expected[0], relative_tolerance(
-        torch.float32, max_abs_logit(health), TOLERANCE_FACTOR), "output", min_scale=terms[0])
+        torch.float32, max_abs_logit(health), TOLERANCE_FACTOR), "output")
 
 
 @st.composite

@@ -20,6 +20,17 @@ Each runs forward and backward against a float32 reference with the same weights
   training step too; sigma finite), and spectral_qk's auxiliary loss finite.
 
 FACTOR is measured, not tuned to pass: see TOLERANCE_FACTOR.
+
+Where terms cancel, the scale is at least theirs (float64_reference.forward_backward_with_scales:
+the proj sum's terms for the output; softmax's Jacobian terms for qkv.weight and x; (gamma /
+sigma) |dL/dW_hat| for sigma_reparam's weights). Error analysis of the thorough profile's
+failures (issue 16): float16 sigma_reparam's proj.weight gradient (relative error 0.31 against
+0.04, and 0.0394 against 0.0319 at B=1, N=2, H=1, D=1) is not wrong: a 1 x 1 proj weight has
+W_hat = gamma sign(W), whose exact gradient is 0; float16 returns the rounding of the terms the
+projection cancels, (gamma / sigma) |G| ~ 0.7-0.9 eps(float16) of them (factor 39.5 and 70.8 of
+the old scale). The same case's output (N=1) cancels proj(a) against the bias to 1/100 of
+either: 0.7 eps of the terms. sigmoid under float16 autocast (N=9, D=3): qkv.weight's error is
+6.9 eps (1 + L) of its Jacobian terms (40.9 of 0.1 x the largest gradient's scale).
 """
 
 from contextlib import nullcontext
@@ -36,7 +47,7 @@ from robust_attn.mitigations.sigma_reparam import SigmaReparamLinear
 from robust_attn.testing import strategies as ras
 from robust_attn.testing import tolerances
 
-from .float64_reference import forward_backward, outlier_removal_terms
+from .float64_reference import forward_backward, forward_backward_with_scales
 
 VARIANTS = list_variants()
 # The error model's constant, measured: worst err / (eps (1 + L) scale) over every preset and the
@@ -92,15 +103,16 @@ def cases(draw, variant):
     return shape, x, mask, draw(st.booleans()), draw(ras.seeds)
 
 
-def _run(module, x, mask, is_causal, context):
-    """forward_backward with the probe on, inside ``context``; also the auxiliary loss."""
+def _run(module, x, mask, is_causal, context, run=forward_backward):
+    """``run`` (forward_backward, or forward_backward_with_scales for the reference) with the probe
+    on, inside ``context``; also the auxiliary loss."""
     module.probe = True
 
     def forward(inputs):
         with context:
             return module(inputs, attn_mask=mask, is_causal=is_causal)
 
-    result = forward_backward(module, forward, x)
+    result = run(module, forward, x)
     with context:
         auxiliary_loss = module.auxiliary_loss().detach()
     return result, module.health, auxiliary_loss
@@ -128,23 +140,21 @@ def test_low_precision_is_finite_and_within_its_error_model(variant, precision, 
     low, x_low, reference, x_reference = precision.modules_and_inputs(module, x)
     (out, dx, grads), health, auxiliary_loss = _run(low, x_low, mask, is_causal,
                                                     precision.context())
-    (out_ref, dx_ref, grads_ref), health_ref, _ = _run(reference, x_reference, mask, is_causal,
-                                                       nullcontext())
-    terms = outlier_removal_terms(
-        reference, lambda m, inputs: m(inputs, attn_mask=mask, is_causal=is_causal), x_reference)
+    ((out_ref, dx_ref, grads_ref), scales), health_ref, _ = _run(
+        reference, x_reference, mask, is_causal, nullcontext(), forward_backward_with_scales)
 
     assert torch.isfinite(out).all(), "output"
     assert all(torch.isfinite(g).all() for g in (dx, *grads.values()) if g is not None), "gradient"
     _assert_attention_finite(health, auxiliary_loss, low)
     max_logit = tolerances.max_abs_logit(health_ref)
     tolerances.assert_close_at_scale(out.float(), out_ref, tolerances.relative_tolerance(
-        precision.dtype, max_logit, TOLERANCE_FACTOR), "output", min_scale=terms[0])
+        precision.dtype, max_logit, TOLERANCE_FACTOR), "output", scales.get("output", 0.0))
     gradient_logit = max_logit + tolerances.largest_mask_value(mask)
     tolerances.assert_gradients_close(
         {"x": dx.float(), **{name: g.float() for name, g in grads.items() if g is not None}},
         {"x": dx_ref, **grads_ref},
         tolerances.relative_tolerance(precision.dtype, gradient_logit, TOLERANCE_FACTOR),
-        GRADIENT_RESOLUTION, terms=terms[1])
+        GRADIENT_RESOLUTION, scales)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])

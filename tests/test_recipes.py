@@ -161,16 +161,56 @@ def test_finetune_timm_smoke_run_trains_logs_and_exports_stock_timm_weights(tmp_
     stock.load_state_dict(torch.load(out / "timm_model.pth", weights_only=True), strict=True)
 
 
+def _summary_rows(path: Path) -> dict[str, list[str]]:
+    """summary.md's table: metric -> [start, end]."""
+    rows = {}
+    for line in path.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 3 and cells[0] not in ("metric", "---"):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
 def test_finetune_timm_resumes_where_it_stopped(tmp_path):
+    """A run stopped at step 2 (--stop-at) and resumed equals the uninterrupted run, and the
+    resumed run's summary covers both segments."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     finetune_timm.main(["--smoke", "--steps", "4", "--no-export", "--out", str(full)])
-    finetune_timm.main(["--smoke", "--steps", "2", "--no-export", "--out", str(resumed)])
+    finetune_timm.main(["--smoke", "--steps", "4", "--stop-at", "2", "--no-export",
+                        "--out", str(resumed)])
     finetune_timm.main(["--smoke", "--steps", "4", "--no-export", "--out", str(resumed),
                         "--resume", str(resumed / "checkpoint.pt")])
     rows, resumed_rows = read_csv(full / "train.csv"), read_csv(resumed / "train.csv")
     assert [int(r["step"]) for r in resumed_rows] == [0, 1, 2, 3]
     for column in ("loss", "lr", "grad_norm"):
         assert _close([float(r[column]) for r in resumed_rows], [float(r[column]) for r in rows])
+    whole, segmented = _summary_rows(full / "summary.md"), _summary_rows(resumed / "summary.md")
+    assert whole.keys() == segmented.keys()
+    for metric, (start, end) in whole.items():  # the start column is the first segment's start
+        assert _close([float(segmented[metric][0]), float(segmented[metric][1])],
+                      [float(start), float(end)], rtol=1e-3), metric
+    summary = (resumed / "summary.md").read_text()
+    assert "4 steps in" in summary and "segments (first step, steps): (0, 2), (2, 2)" in summary
+
+
+def test_finetune_timm_resumed_with_more_steps_keeps_the_first_schedule(tmp_path):
+    """--steps 3, then resumed with --steps 6: the learning rate goes on along the 3-step
+    schedule (at its final value) instead of jumping back up onto a 6-step cosine."""
+    out = tmp_path / "run"
+    finetune_timm.main(["--smoke", "--steps", "3", "--no-export", "--out", str(out)])
+    first = _summary_rows(out / "summary.md")
+    finetune_timm.main(["--smoke", "--steps", "6", "--no-export", "--out", str(out),
+                        "--resume", str(out / "checkpoint.pt")])
+    rows = read_csv(out / "train.csv")
+    assert [int(r["step"]) for r in rows] == list(range(6))
+    args = finetune_timm.parse_args(["--smoke"])
+    expected = [args.lr * warmup_cosine(step, args.warmup, 3, args.min_lr_ratio) for step in range(6)]
+    assert _close([float(r["lr"]) for r in rows], expected, rtol=1e-6, atol=0)
+    lrs = [float(r["lr"]) for r in rows]
+    assert all(later <= earlier for earlier, later in zip(lrs[1:], lrs[2:], strict=False))
+    summary = (out / "summary.md").read_text()
+    assert "6 steps in" in summary and "schedule over 3 steps" in summary
+    assert _summary_rows(out / "summary.md")["clean_loss"][0] == first["clean_loss"][0]
 
 
 def test_finetune_timm_adversarial_smoke_run(tmp_path):

@@ -39,6 +39,11 @@ def test_equals_timm_attention(shape, data, qkv_bias, qk_norm, scale_norm, fused
     # LayerNorm over a head of width 1 normalises nothing (its output is its bias) and its
     # gradient is float32 noise times 1 / sqrt(eps) = 316: no test of equivalence.
     assume(not (qk_norm and shape.head_dim == 1))
+    # Over two features, LayerNorm outputs weight * sign(a - b) + bias: its gradient is the
+    # rounding of a - b divided by |a - b| / 2 (its std), unbounded as a -> b (thorough profile:
+    # scale_norm over H = 2 heads of width 1, unfused, tokens with std down to 0.008: x's gradient
+    # 1.3e-5 off against a tolerance of 1e-5): no test of equivalence either.
+    assume(not (scale_norm and shape.dim == 2))
     torch.manual_seed(data.draw(ras.seeds, label="seed"))  # weights and x: one example, one draw
     reference, ours = _pair(shape, qkv_bias, qk_norm, scale_norm, fused)
     is_causal = data.draw(st.booleans(), label="is_causal")

@@ -35,6 +35,20 @@ modes for non-strict export) and the graph is specialised to its result, as
 it is to the sequence length. The index tensors and masks are then built from
 the layout with shape-static operations: traced into the graph when
 compiling, cached per layout in eager mode (:func:`block_sparse_plan`).
+
+torch.compile: a layout exists for one length only, and dynamo cannot tell a
+symbolic length from a constant one inside the traced code, so under dynamo this
+kernel refuses every problem and ``auto`` takes the next kernel (SDPA with the
+pattern as a dense mask; FlexAttention's BlockMask on CUDA), whose graph holds
+for every length. Specialising instead made dynamo compile one graph per length
+and fail at its recompile limit (8) under ``fullgraph=True``, ``dynamic=True``
+included. The price: a compiled module computes every score of the pattern on
+the CPU (exact, not sparse); eager mode and ``torch.export`` (non-strict, one
+length) keep this kernel.
+
+The layout is built on the CPU when the problem lives on the ``meta`` device
+(shape inference): it is Python ints, so the device only sets where the pattern is
+evaluated.
 """
 
 from __future__ import annotations
@@ -174,6 +188,8 @@ def block_sparse_layout(pattern: Pattern, causal: bool, num_queries: int, num_ke
     Runs eagerly even while torch.compile or torch.export trace the caller: dynamo calls it
     with the constant arguments and takes the result as a constant; make_fx-based tracing
     (non-strict export) runs it outside its fake-tensor and proxy modes."""
+    if device.type == "meta":  # no data on meta: evaluate the pattern on the CPU
+        device = torch.device("cpu")
     with _disable_current_modes():
         return _layout(pattern, causal, num_queries, num_keys, block, device)
 
@@ -294,8 +310,7 @@ def block_sparse_plan(pattern: Pattern, causal: bool, num_queries: int, num_keys
 
 
 def _problem_layout(problem: AttentionProblem, block: int | None) -> BlockSparseLayout:
-    # operator.index makes a symbolic length (torch.compile's dynamic shapes, torch.export)
-    # concrete: the graph is specialised to the lengths, and a new length recompiles.
+    # operator.index makes a symbolic length concrete (export with a static length).
     num_queries, num_keys = operator.index(problem.num_queries), operator.index(problem.num_keys)
     block = block_size(num_queries) if block is None else block
     return block_sparse_layout(problem.pattern, problem.causal, num_queries, num_keys, block,
@@ -313,6 +328,9 @@ def _unsupported(problem: AttentionProblem, dropout_p: float) -> str | None:
     reason = structured_unsupported(problem)
     if reason is not None:
         return reason
+    if torch.compiler.is_dynamo_compiling():
+        return ("under torch.compile a block-sparse layout, built for one length, would "
+                "specialise the graph to every sequence length")
     layout = _problem_layout(problem, None)
     if layout.share > MAX_SHARE:
         return (f"the pattern is dense at the block-sparse kernel's block size {layout.block}: "

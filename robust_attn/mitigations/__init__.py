@@ -6,7 +6,13 @@ from .base import DefeatedMitigationWarning, Mitigation
 from .gated import Gated
 from .outlier_removal import OutlierRemoval
 from .rope import RotaryEmbedding
-from .sigma_reparam import SigmaReparam, SigmaReparamLinear, fold_sigma_reparam, sigma_reparametrize
+from .sigma_reparam import (
+    FoldedTrainingWarning,
+    SigmaReparam,
+    SigmaReparamLinear,
+    fold_sigma_reparam,
+    sigma_reparametrize,
+)
 from .sigmoid import Sigmoid
 from .sinks import SinkLogit, SinkTokens
 from .softcap import SoftCap
@@ -18,7 +24,7 @@ MITIGATIONS: dict[str, type[Mitigation]] = {cls.option: cls for cls in (
     Sparsity, RotaryEmbedding,
 )}
 
-__all__ = ["MITIGATIONS", "DefeatedMitigationWarning", "Gated", "Mitigation", "OutlierRemoval",
-           "RotaryEmbedding", "Sigmoid", "SinkLogit", "SinkTokens", "SoftCap", "Sparsity",
-           "SigmaReparam", "SigmaReparamLinear", "SpectralQK", "fold_sigma_reparam",
-           "sigma_reparametrize"]
+__all__ = ["MITIGATIONS", "DefeatedMitigationWarning", "FoldedTrainingWarning", "Gated",
+           "Mitigation", "OutlierRemoval", "RotaryEmbedding", "Sigmoid", "SinkLogit", "SinkTokens",
+           "SoftCap", "Sparsity", "SigmaReparam", "SigmaReparamLinear", "SpectralQK",
+           "fold_sigma_reparam", "sigma_reparametrize"]

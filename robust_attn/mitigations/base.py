@@ -91,3 +91,10 @@ class Mitigation(nn.Module):
     # Side output: the mitigation's own health quantities, read by the probe (no grad).
     def health(self) -> dict[str, Tensor]:
         return {}
+
+    # Checkpoints: what the option's value changes in the function computed, beyond the state
+    # dict's tensors (a str, number, bool or tuple of them; RobustAttention stores it in the state
+    # dict's metadata and refuses a load into a module whose value differs). Choices that only
+    # set the initial state (sigma_reparam="preserve") or the training loss are left out: True.
+    def saved_value(self) -> Any:
+        return True

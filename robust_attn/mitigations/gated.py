@@ -68,6 +68,9 @@ class Gated(Mitigation):
                              f"or None")
         return cls(value, config)
 
+    def saved_value(self) -> str:
+        return self.mode
+
     def transform_output(self, out: Tensor, problem: AttentionProblem, x: Tensor) -> Tensor:
         gate = rearrange(torch.sigmoid(self.gate(x)), "b n (h d) -> b h n d", h=self.num_heads)
         if not torch.compiler.is_exporting():  # an exported program has no module state to set

@@ -47,6 +47,14 @@ class RopeLayout:
     num_prefix_tokens: int = 1
     rotate_half: bool = False
 
+    def __post_init__(self) -> None:
+        if (isinstance(self.num_prefix_tokens, bool) or not isinstance(self.num_prefix_tokens, int)
+                or self.num_prefix_tokens < 0):
+            raise ValueError(f"num_prefix_tokens={self.num_prefix_tokens!r}: expected an integer "
+                             f">= 0")
+        if not isinstance(self.rotate_half, bool):
+            raise ValueError(f"rotate_half={self.rotate_half!r}: expected True or False")
+
 
 def rotate_pairs(x: Tensor, rotate_half: bool) -> Tensor:
     """rot(x): [-x1, x0, -x3, x2, ...] (interleaved) or [-x_second_half, x_first_half] (half)."""
@@ -86,6 +94,9 @@ class RotaryEmbedding(Mitigation):
         if not isinstance(value, RopeLayout):
             raise ValueError(f"rope={value!r}: expected True, a RopeLayout or None")
         return cls(value)
+
+    def saved_value(self) -> tuple[int, bool]:
+        return (self.layout.num_prefix_tokens, self.layout.rotate_half)
 
     @contextmanager
     def using(self, embedding: Tensor | None) -> Iterator[None]:

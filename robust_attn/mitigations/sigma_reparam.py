@@ -72,7 +72,9 @@ Our choices, where the paper is silent:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -91,7 +93,10 @@ _LAYER_ROLES = ("qkv", "proj")
 
 
 def _autocast_off(tensor: Tensor):
-    """A context in which matmuls on ``tensor``'s device run in the dtype they are given."""
+    """A context in which matmuls on ``tensor``'s device run in the dtype they are given (a
+    device without autocast, such as ``meta``, always does)."""
+    if not torch.amp.is_autocast_available(tensor.device.type):
+        return contextlib.nullcontext()
     return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
@@ -140,6 +145,7 @@ class SigmaReparamLinear(nn.Module):
         if not isinstance(preserve, bool):
             raise ValueError(f"preserve={preserve!r}: expected True or False")
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.preserve = preserve
         self.weight = linear.weight
         self.register_parameter("bias", linear.bias)
         self.gamma = nn.Parameter(linear.weight.new_ones(1))
@@ -149,6 +155,17 @@ class SigmaReparamLinear(nn.Module):
         if preserve:
             self.preserve_function()
         else:
+            self.warm_start()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw W and b as nn.Linear does and start gamma, u, v as at construction (e.g. after
+        ``to_empty`` on a layer built on the meta device)."""
+        nn.Linear.reset_parameters(self)  # reads only weight, bias and in_features
+        if getattr(self, "preserve", False):  # absent from layers pickled before it
+            self.preserve_function()
+        else:
+            _local(self.gamma).fill_(1.0)
             self.warm_start()
 
     @torch.no_grad()
@@ -248,11 +265,25 @@ def fold_sigma_reparam(model: nn.Module) -> nn.Module:
     Returns ``model`` (the folded layer when ``model`` itself is a SigmaReparamLinear).
     A RobustAttention keeps its ``sigma_reparam`` mitigation, whose health then
     describes the layers as they were when folded.
+
+    Folding is for inference: the folded qkv and proj are plain nn.Linear layers, so
+    training them trains W_hat directly, without the reparametrisation. Putting a
+    folded module back in training mode (``.train()``) therefore warns
+    (:class:`FoldedTrainingWarning`); to train with sigmaReparam, train the unfolded
+    model (keep its checkpoint) and fold again afterwards.
     """
     def folded(module: nn.Module) -> nn.Module | None:
         return module.fold() if isinstance(module, SigmaReparamLinear) else None
 
-    return _replace_modules(model, folded)
+    model = _replace_modules(model, folded)
+    for module in model.modules():
+        if isinstance(module, SigmaReparam):
+            module.folded = True
+    return model
+
+
+class FoldedTrainingWarning(UserWarning):
+    """A module whose sigma_reparam layers were folded was put in training mode."""
 
 
 def sigma_reparametrize(model: nn.Module, preserve: bool = True) -> nn.Module:
@@ -322,6 +353,7 @@ class SigmaReparam(Mitigation):
         # Plain dict, not submodules: RobustAttention owns the layers and their state_dict keys.
         self._layers: dict[str, SigmaReparamLinear] = {}
         self._input: weakref.ref[Tensor] | None = None
+        self.folded = False  # set by fold_sigma_reparam: qkv and proj are plain nn.Linear now
 
     @classmethod
     def from_option(cls, value: Any, config: AttentionConfig) -> SigmaReparam | None:
@@ -337,6 +369,15 @@ class SigmaReparam(Mitigation):
                                    **config.factory_kwargs)
         self._layers[_LAYER_ROLES[len(self._layers)]] = layer
         return layer
+
+    def train(self, mode: bool = True) -> SigmaReparam:
+        if mode and getattr(self, "folded", False):  # absent from modules pickled before it
+            warnings.warn("sigma_reparam was folded (fold_sigma_reparam): in training mode the "
+                          "folded qkv and proj train as plain nn.Linear layers, without the "
+                          "reparametrisation W_hat = gamma W / sigma(W); to train with it, train "
+                          "the unfolded model and fold afterwards", FoldedTrainingWarning,
+                          stacklevel=3)
+        return super().train(mode)
 
     def reset_from_weights(self) -> None:
         """Re-warm u, v from the current weights, and with "preserve" set gamma = sigma(W) again."""

@@ -16,7 +16,10 @@ constant ``attn_bias`` after masking.
     True      b = -log(Nk), Nk the number of keys of each call (padded and
               prepended keys included), so b follows the sequence length.
     a float   a fixed b (e.g. -log of the training length, to keep b fixed when
-              the length changes at inference).
+              the length changes at inference), in [-MAX_BIAS, MAX_BIAS] =
+              [-1e4, 1e4] (our choice): scores + b then stays finite in float16
+              (largest 65504) for every logit below its float16 limit of 2**15;
+              -log(N) is about -21 at N = 1e9.
 
 Score modifiers still apply to scale * q k^T; blocked keys (-inf) get weight
 sigmoid(-inf) = 0, so a row with no allowed key outputs zero. b lives in the
@@ -41,6 +44,8 @@ from torch import Tensor
 
 from ..config import AttentionConfig
 from .base import Mitigation
+
+MAX_BIAS = 1e4
 
 
 @dataclass(frozen=True)
@@ -68,10 +73,14 @@ class Sigmoid(Mitigation):
             return None
         if value is True:
             return cls(None)
-        if isinstance(value, (int, float)) and math.isfinite(value):
+        if (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value) and -MAX_BIAS <= value <= MAX_BIAS):
             return cls(float(value))
-        raise ValueError(f"sigmoid={value!r}: expected True (bias -log(number of keys)), a finite "
-                         f"bias such as -5.0, or None")
+        raise ValueError(f"sigmoid={value!r}: expected True (bias -log(number of keys)), a bias in "
+                         f"[{-MAX_BIAS:g}, {MAX_BIAS:g}] such as -5.0, or None")
+
+    def saved_value(self) -> float | str:
+        return "-log(num_keys)" if self.bias is None else self.bias
 
     def normalizer(self) -> SigmoidWeights:
         return SigmoidWeights(self.bias)

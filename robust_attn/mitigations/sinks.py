@@ -98,10 +98,13 @@ def prepend_keys(problem: AttentionProblem, keys: Tensor, values: Tensor,
                          attn_mask=mask)
 
 
-def allowed_in_front(mask: Tensor | None, count: int) -> Tensor | None:
-    """The user's mask with ``count`` allowed key columns in front (None stays None)."""
+def allowed_in_front(mask: Tensor | None, count: int, num_keys: int) -> Tensor | None:
+    """The user's mask over ``num_keys`` keys with ``count`` allowed key columns in front (None
+    stays None). A mask that broadcasts over the keys (key dimension 1: a 0-D mask, a per-query
+    column) is expanded to ``num_keys`` first, so the padded mask covers every key."""
     if mask is None:
         return None
+    mask = mask.expand(*mask.shape[:-1], num_keys)
     return F.pad(mask, (count, 0), value=True if mask.dtype == torch.bool else 0.0)
 
 
@@ -123,6 +126,11 @@ class SinkTokens(Mitigation):
         shape = (config.num_heads, count, config.head_dim)
         self.key = nn.Parameter(torch.empty(shape, **config.factory_kwargs))
         self.value = nn.Parameter(torch.empty(shape, **config.factory_kwargs))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw the sink keys and values afresh, N(0, SINK_TOKEN_INIT_STD^2)."""
         for parameter in (self.key, self.value):
             nn.init.normal_(parameter, std=SINK_TOKEN_INIT_STD)
 
@@ -141,7 +149,7 @@ class SinkTokens(Mitigation):
 
     def extend_keys(self, problem: AttentionProblem) -> AttentionProblem:
         return prepend_keys(problem, self.key, self.value,
-                            allowed_in_front(problem.attn_mask, self.count))
+                            allowed_in_front(problem.attn_mask, self.count, problem.num_keys))
 
     def health(self) -> dict[str, Tensor]:
         return {"key_norm": self.key.float().norm(dim=-1).mean(dim=-1),
@@ -167,10 +175,23 @@ class SinkLogit(Mitigation):
     def __init__(self, initial: float, learned: bool, config: AttentionConfig):
         super().__init__()
         logit = torch.full((config.num_heads,), initial, **config.factory_kwargs)
+        self.initial = initial
         if learned:
             self.logit = nn.Parameter(logit)
         else:
             self.register_buffer("logit", logit, persistent=False)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The logit back at its initial value (after ``to_empty`` on the meta device)."""
+        self.logit.fill_(self.initial)
+
+    @torch.no_grad()
+    def reset_from_weights(self) -> None:
+        """A fixed logit ("off_by_one") is a non-persistent buffer, which no state dict restores:
+        set it to 0 again (it holds garbage after ``to_empty``). A learned one is loaded."""
+        if not self.learned:
+            self.logit.fill_(self.initial)
 
     @classmethod
     def from_option(cls, value: Any, config: AttentionConfig) -> SinkLogit | None:
@@ -188,6 +209,9 @@ class SinkLogit(Mitigation):
     def learned(self) -> bool:
         return isinstance(self.logit, nn.Parameter)
 
+    def saved_value(self) -> str:
+        return "learned" if self.learned else "off_by_one"
+
     def extend_keys(self, problem: AttentionProblem) -> AttentionProblem:
         """The sink as a key: a channel of ones on q, of zeros on k, and a key (0, s_h / scale)
         with a zero value in front (module docstring)."""
@@ -197,7 +221,7 @@ class SinkLogit(Mitigation):
         with_channel = problem.with_(q=F.pad(problem.q, (0, 1), value=1.0),
                                      k=F.pad(problem.k, (0, 1)))
         return prepend_keys(with_channel, sink_key, zero_value,
-                            allowed_in_front(problem.attn_mask, 1))
+                            allowed_in_front(problem.attn_mask, 1, problem.num_keys))
 
     def health(self) -> dict[str, Tensor]:
         return {"logit": self.logit.float()}

@@ -8,10 +8,17 @@ training instabilities"). Used for attention logits with cap = 50 in Gemma 2
 Size", ``attn_logit_softcapping = 50.0``), and with cap = 30 in Grok-1.
 
 Applied to scale * q k^T before the mask, as a FlexAttention score_mod.
+
+The cap must lie in [MIN_CAP, MAX_CAP] = [0.01, 2**15] (our choice): both ends
+are normal float16 numbers, so cap and score / cap stay finite in every dtype
+(an infinite cap gave 0 * inf = nan; float16 rounds caps above 65504 to inf and
+below 6e-8 to 0). Logits above 2**15 are refused in float16 anyway
+(:mod:`robust_attn.logit_limit`), and a cap below 0.01 makes attention uniform.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +28,9 @@ from torch import Tensor
 from ..config import AttentionConfig
 from ..problem import ScoreMod
 from .base import Mitigation
+
+MIN_CAP = 0.01
+MAX_CAP = 2.0 ** 15
 
 
 @dataclass(frozen=True)
@@ -45,9 +55,14 @@ class SoftCap(Mitigation):
     def from_option(cls, value: Any, config: AttentionConfig) -> SoftCap | None:
         if value is None or value is False:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"softcap={value!r}: expected a positive cap such as 50.0, or None")
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or not MIN_CAP <= value <= MAX_CAP):
+            raise ValueError(f"softcap={value!r}: expected a cap in [{MIN_CAP}, {MAX_CAP:g}] such "
+                             f"as 50.0, or None")
         return cls(value)
+
+    def saved_value(self) -> float:
+        return self.cap
 
     def score_mod(self) -> ScoreMod:
         return TanhSoftCap(self.cap)

@@ -43,6 +43,9 @@ class Sparsity(Mitigation):
                              "as SlidingWindow(128) | GlobalTokens(1), or None")
         return cls(value)
 
+    def saved_value(self) -> str:
+        return repr(self.pattern)
+
     def extend_keys(self, problem: AttentionProblem) -> AttentionProblem:
         pattern = self.pattern if problem.pattern is None else problem.pattern & self.pattern
         return problem.with_(pattern=pattern)

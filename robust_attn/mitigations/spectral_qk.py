@@ -62,6 +62,9 @@ from ..config import AttentionConfig
 from .base import Mitigation
 
 DEFAULT_WEIGHT = 0.01  # our choice, not tuned
+# Largest loss weight (our choice): the spread is O(1) at a fresh init, so a larger weight makes the
+# auxiliary loss dominate any task loss; and weight * spread stays finite in float32.
+MAX_WEIGHT = 1e4
 
 
 def qk_products(qkv_weight: Tensor, num_heads: int) -> Tensor:
@@ -130,9 +133,10 @@ class SpectralQK(Mitigation):
             return None
         if value is True:
             return cls(config, DEFAULT_WEIGHT)
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"spectral_qk={value!r}: expected True, a loss weight >= 0 such as "
-                             f"{DEFAULT_WEIGHT}, False or None")
+        if (not isinstance(value, (int, float)) or not math.isfinite(value)
+                or not 0 <= value <= MAX_WEIGHT):
+            raise ValueError(f"spectral_qk={value!r}: expected True, a loss weight in "
+                             f"[0, {MAX_WEIGHT:g}] such as {DEFAULT_WEIGHT}, False or None")
         return cls(config, float(value))
 
     def make_linear(self, in_features: int, out_features: int, bias: bool,

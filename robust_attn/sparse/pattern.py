@@ -39,9 +39,14 @@ _EVAL_ELEMENTS = 1 << 22
 
 def evaluate_chunks(mask_mod: MaskMod, rows: Tensor, keys: Tensor) -> Iterator[Tensor]:
     """mask_mod (b = h = 0) on index grids ``rows`` and ``keys`` broadcast together, as bool
-    tensors of the broadcast shape, a few slices of its first dimension at a time."""
+    tensors of the broadcast shape, a few slices of its first dimension at a time (in one piece
+    under torch.compile, whose graph holds the whole grid anyway: a loop over a symbolic
+    length would specialise the graph to that length)."""
     zero = rows.new_zeros(())
     shape = torch.broadcast_shapes(rows.shape, keys.shape)
+    if torch.compiler.is_compiling():
+        yield mask_mod(zero, zero, rows, keys).expand(shape)
+        return
     step = max(1, _EVAL_ELEMENTS // max(1, math.prod(shape[1:])))
 
     def part(t: Tensor, start: int) -> Tensor:

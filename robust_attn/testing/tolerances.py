@@ -73,35 +73,34 @@ def assert_close_at_scale(actual: Tensor, expected: Tensor, tolerance: float,
 
 
 def gradient_errors(actual: dict[str, Tensor | None], expected: dict[str, Tensor | None],
-                    resolution: float, terms: dict[str, float] | None = None
+                    resolution: float, term_scales: dict[str, float] | None = None
                     ) -> dict[str, float]:
     """Per name, :func:`error_at_scale` of each gradient, at least at ``resolution`` times the
     largest expected gradient's scale: gradients that vanish in exact arithmetic are sums of
-    cancelling terms whose rounding is set by those terms. Where a computation is itself a
-    difference of larger terms (outlier removal's (A - U) V, exactly 0 with one key), ``terms``
-    gives, per name, the scale those terms give the gradient, used where larger (and counted in
-    the largest gradient's scale). None gradients
-    are left out; both dicts must have the same names with a gradient (AssertionError
-    otherwise)."""
+    cancelling terms whose rounding is set by those terms. ``term_scales`` gives, per name, a
+    bound on those terms where the caller can compute one (the scale is then at least that): a
+    sum's rounding error is at most about eps times the sum of its terms' magnitudes (Higham 2002,
+    section 4.2), however small the sum. None gradients are left out; both dicts must have the
+    same names with a gradient (AssertionError otherwise)."""
     actual = {name: g for name, g in actual.items() if g is not None}
     expected = {name: g for name, g in expected.items() if g is not None}
     if actual.keys() != expected.keys():
         raise AssertionError(f"gradients of {sorted(actual)} != reference's {sorted(expected)}")
     largest = max((g.detach().abs().max().item() for g in expected.values() if g.numel()),
                   default=0.0)
-    terms = terms or {}
-    largest = max(largest, *terms.values()) if terms else largest
-    return {name: error_at_scale(actual[name], g, max(resolution * largest, terms.get(name, 0.0)))
+    term_scales = term_scales or {}
+    return {name: error_at_scale(actual[name], g, max(resolution * largest,
+                                                      term_scales.get(name, 0.0)))
             for name, g in expected.items()}
 
 
 def assert_gradients_close(actual: dict[str, Tensor | None], expected: dict[str, Tensor | None],
                            tolerance: float, resolution: float,
-                           terms: dict[str, float] | None = None) -> None:
+                           term_scales: dict[str, float] | None = None) -> None:
     """Every gradient within ``tolerance`` of the reference's at its scale, or at ``resolution``
-    times the largest reference gradient's, or its ``terms`` scale (:func:`gradient_errors`);
-    AssertionError naming the worst gradient."""
-    errors = gradient_errors(actual, expected, resolution, terms)
+    times the largest reference gradient's, or at its ``term_scales`` entry
+    (:func:`gradient_errors`); AssertionError naming the worst gradient."""
+    errors = gradient_errors(actual, expected, resolution, term_scales)
     worst = max(errors, key=errors.get, default=None)
     if worst is not None and not errors[worst] <= tolerance:
         raise AssertionError(f"grad of {worst}: relative error {errors[worst]:.3g} > tolerance "
