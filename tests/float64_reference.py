@@ -61,6 +61,12 @@ def forward_backward_with_scales(module, forward, x):
       These cancel exactly where the attention output does not depend on q and k (one key:
       p = 1, dq = dk = 0) and, with outlier removal, on v: the fused kernels then return
       rounding residues of these terms (its backward computes delta_i and dP_ij differently).
+    - outlier removal, a = (A - U) V: each entry is the difference of two convex combinations
+      of v's entries, so its terms are up to max |v| (a is exactly 0 with one key); the output
+      proj(a) and proj's weight gradient, sum over tokens of dy a, inherit them.
+    - q_norm, k_norm: their weight and bias gradients sum the dq (dk) terms above, times the
+      normalised q (k) for the weight, whose entries are at most sqrt(D) (a LayerNorm's output
+      has norm sqrt(D) before its affine map).
     - sigma_reparam: dW = (gamma / sigma) (G - <G, W_hat> u v^T / gamma), G = dL/dW_hat: the
       projection removes the component along W_hat (W_hat does not change when W is scaled),
       cancelling terms of size (gamma / sigma) |G|; for a 1 x 1 weight everything cancels
@@ -104,9 +110,30 @@ def forward_backward_with_scales(module, forward, x):
     if bias is not None and seen["out"].numel():
         terms = (seen["out"] - bias).abs().amax()
         scales["output"] = float(torch.maximum(terms, bias.detach().abs().amax()).detach())
+    if "outlier_removal" in module.mitigations and seen["qkv"].numel():
+        _add_outlier_removal_scales(module, seen, scales)
+    for norm in ("q_norm", "k_norm"):  # a LayerNorm's gradients sum dq (dk) terms
+        for key, factor in (("weight", module.head_dim ** 0.5), ("bias", 1.0)):
+            if getattr(getattr(module, norm), key, None) is not None:
+                scales[f"{norm}.{key}"] = float(per_token.sum()) * factor
     for name in ("qkv", "proj"):
         layer = getattr(module, name)
         if isinstance(layer, SigmaReparamLinear):
             factor = float((layer.gamma.detach().float() / layer.sigma().detach()).abs())
             scales[f"{name}.weight"] *= factor
     return result, scales
+
+
+def _add_outlier_removal_scales(module, seen, scales) -> None:
+    """The terms outlier removal's (A - U) V cancels, for the output and proj's weight gradient
+    (forward_backward_with_scales' docstring)."""
+    from robust_attn.mitigations.sigma_reparam import SigmaReparamLinear
+
+    heads = module.num_heads
+    v_entries = seen["qkv"].unflatten(-1, (3, heads, -1))[..., 2, :, :].abs().amax()
+    layer = module.proj
+    weight = layer.effective_weight() if isinstance(layer, SigmaReparamLinear) else layer.weight
+    output_terms = weight.detach().abs().sum(dim=1).amax() * v_entries
+    scales["output"] = max(scales.get("output", 0.0), float(output_terms))
+    gradient_terms = seen["dy"].abs().amax(dim=-1).sum() * v_entries
+    scales["proj.weight"] = max(scales.get("proj.weight", 0.0), float(gradient_terms))
