@@ -16,8 +16,9 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
-from robust_attn import RobustAttention, create, list_variants, load_upgrading
+from robust_attn import RobustAttention, create, list_variants, load_upgrading, preset_options
 from robust_attn.mitigations import FoldedTrainingWarning, fold_sigma_reparam
 from robust_attn.mitigations.rope import RopeLayout
 from robust_attn.sparse import Strided
@@ -77,8 +78,12 @@ def test_a_nested_module_names_itself_and_stateless_options_may_be_added():
                                     if p not in ("sigma_reparam", "sink", "gated", "qk_norm",
                                                  "sigmoid")])
 def test_a_timm_state_dict_loads_strictly_into_presets_without_learned_state(preset):
+    """timm's Attention built with the preset's structure (outlier_removal and robust have no proj
+    bias; robust normalises q and k, as timm's qk_norm=True does)."""
     timm = pytest.importorskip("timm")
-    stock = timm.layers.Attention(DIM, num_heads=HEADS)
+    options = preset_options(preset)
+    stock = timm.layers.Attention(DIM, num_heads=HEADS, proj_bias=options.get("proj_bias", True),
+                                  qk_norm=options.get("qk_norm", False), norm_layer=nn.LayerNorm)
     module = create(preset, DIM, num_heads=HEADS)
     module.load_state_dict(stock.state_dict(), strict=True)
 

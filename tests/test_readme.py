@@ -28,6 +28,8 @@ from torch import nn
 import robust_attn
 from robust_attn.cli import main as cli
 
+from .test_doctor_run import write_run
+
 ROOT = Path(__file__).resolve().parents[1]
 READMES = (ROOT / "README.md", ROOT / "recipes" / "README.md")
 DIM, HEADS, TOKENS = 32, 4, 16
@@ -149,6 +151,13 @@ def test_every_readme_cli_command_runs_small(command, tmp_path, capsys):
         with pytest.raises(SystemExit) as stopped:
             cli(words)
         assert stopped.value.code == 0 and "usage:" in capsys.readouterr().out
+        return
+    if "--run" in words:  # doctor --run DIR: a small finished run to read
+        run = tmp_path / "run"
+        write_run(run, steps=8)
+        words = [str(run) if word == "DIR" else word for word in words]
+        assert cli([*words, "--out", str(tmp_path / "doctor.png")]) == 0
+        assert (tmp_path / "doctor.png").exists()
         return
     extra = SMALL[words[0]] + (SMALL["--model"] if "--model" in words else [])
     assert cli([*words, *extra, "--out", str(tmp_path)]) == 0
