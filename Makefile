@@ -4,11 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-<<<<<<< HEAD
-.PHONY: install test demo bench bench-speed bench-sparse gpu-check lint clean
-=======
-.PHONY: install test test-thorough demo bench bench-speed bench-sparse lint clean
->>>>>>> i16
+.PHONY: install test test-thorough demo bench bench-speed bench-sparse gpu-check lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -74,6 +74,7 @@ from _text import VOCAB, TextCorpus
 from torch import Tensor
 
 import robust_attn
+from robust_attn.distributed import forward_together
 
 DEFAULT_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 # The text task's default sweep: Wortsman et al.'s comparison set plus the both-collapse preset
@@ -229,12 +230,13 @@ def train_run(variant: str, lr: float, args: argparse.Namespace, task: Task,
     start = time.perf_counter()
     for _ in range(args.steps):
         tokens = task.sample(args.batch_size, batches)[local].to(distributed.device)
-        try:
+
+        def forward(tokens=tokens):
             with _autocast(args, distributed.device):
-                loss = next_token_loss(trained(tokens), tokens, args.order)
-        except RuntimeError as error:  # RobustAttention refuses logits that overflow: diverged
-            if not str(error).startswith("x: "):
-                raise
+                return next_token_loss(trained(tokens), tokens, args.order)
+
+        loss = forward_together(forward)  # every rank agrees before any backward's all-reduce
+        if loss is None:  # RobustAttention refused overflowing logits on some rank: diverged
             run.curve.append(math.nan)
             break
         (loss + model.auxiliary_loss()).backward()
