@@ -1,8 +1,8 @@
 """Every early warning fires on a case that has its problem and stays silent on a healthy one.
 
 Most cases are monitor reports built by hand, so each rule is tested at its threshold; the
-collapse rules are also run end to end on the stacks of DESIGN.md's table, baseline collapsing
-beside the variant that cures it under the same draw.
+collapse rules are also run end to end on deep attention stacks at initialisation
+(robust_attn.stack), baseline collapsing beside the variant that cures it under the same draw.
 """
 
 import copy
@@ -215,7 +215,7 @@ def test_a_qk_norm_model_is_never_told_to_use_qk_norm():
     assert all("qk_norm" not in w.mitigations and "qk_norm" not in w.advice for w in warnings)
 
 
-# End to end: the stacks of DESIGN.md's table, one monitored step each.
+# End to end: deep attention stacks at initialisation (robust_attn.stack), one monitored step each.
 
 def monitored_step(model, x):
     with HealthMonitor(model, every=1, thresholds=AT) as monitor:
