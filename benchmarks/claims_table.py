@@ -52,8 +52,8 @@ else:  # run as a script
     from output import write
 
 COLUMNS = ((False, 1.0), (False, 16.0), (True, 1.0), (True, 16.0))  # (residual, sqk)
-TRAINED_HEALTH = (Path(__file__).resolve().parent.parent / "recipes" / "results"
-                  / "lr_sensitivity_text" / "health.json")
+ROOT = Path(__file__).resolve().parent.parent
+TRAINED_HEALTH = ROOT / "recipes" / "results" / "lr_sensitivity_text" / "health.json"
 FULL = {"depth": 24, "dim": 128, "num_heads": 4, "tokens": 64, "batch": 2, "seeds": 20}
 QUICK = {"depth": 4, "dim": 32, "num_heads": 4, "tokens": 16, "batch": 2, "seeds": 16}
 
@@ -116,16 +116,16 @@ def _claim_row(claim: Claim, shape: dict, trained: dict) -> dict:
             "after_training": after_training(trained, claim.variant)}
 
 
-def run(quick: bool, trained_health: Path = TRAINED_HEALTH) -> dict:
+def run(quick: bool) -> dict:
     torch.set_num_threads(1)  # one summation order: the same numbers on every run
     shape = QUICK if quick else FULL
-    trained = json.loads(trained_health.read_text())
+    trained = json.loads(TRAINED_HEALTH.read_text())
     variants = ["baseline", *(name for name in list_variants() if name != "baseline")]
     return {"setting": {**shape, "norm": "pre", "hold_share": HOLD_SHARE,
                         "entropy_bound": ENTROPY_COLLAPSE, "rank_bound": RANK_COLLAPSE,
                         "columns": [{"residual": r, "qk_scale": s} for r, s in COLUMNS],
-                        "after_training": {"source": str(trained_health.relative_to(
-                            TRAINED_HEALTH.parents[3])), "config": trained["config"]}},
+                        "after_training": {"source": TRAINED_HEALTH.relative_to(ROOT).as_posix(),
+                                           "config": trained["config"]}},
             "machine": machine(),
             "rows": [_claim_row(CLAIMS[variant], shape, trained) for variant in variants]}
 

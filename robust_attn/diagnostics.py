@@ -60,6 +60,7 @@ from torch import Tensor
 
 from .metrics import token_cosine_similarity
 from .stack import (
+    NORM_POSITIONS,
     AttentionStack,
     LayerHealth,
     StackHealth,
@@ -69,7 +70,6 @@ from .stack import (
     layer_health,
 )
 
-NORM_POSITIONS = ("pre", "post")
 DEFAULT_BETAS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
