@@ -182,3 +182,23 @@ def test_plotting_without_matplotlib_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match=r"robust-attn\[plot\]"):
         plot.pattern_figure(Strided(2), 8)
+
+
+@given(st.integers(1, 40), st.integers(1, 12))
+def test_the_papers_window_conventions(n, size):
+    """Longformer's window size w: w / 2 keys on each side plus the query's own; Child et al.'s
+    local pattern: the query and the l keys before it (A_i = {max(0, i - l), ..., i})."""
+    longformer = SlidingWindow.longformer(2 * size).dense(n)
+    assert torch.equal(longformer, by_definition(lambda i, j: abs(i - j) <= size, n))
+    child = SlidingWindow.child_local(size).dense(n)
+    assert torch.equal(child, by_definition(lambda i, j: max(0, i - size) <= j <= i, n))
+    # ours: 2 window - 1 keys for a query whose whole window lies inside the sequence
+    assert int(SlidingWindow(size).dense(4 * size)[2 * size].sum()) == 2 * size - 1
+
+
+@pytest.mark.parametrize(("build", "value", "name"), [
+    (SlidingWindow.longformer, 3, "window_size"), (SlidingWindow.longformer, 0, "window_size"),
+    (SlidingWindow.child_local, -1, "lookback"), (SlidingWindow.child_local, True, "lookback")])
+def test_the_papers_window_conventions_refuse_bad_sizes_by_name(build, value, name):
+    with pytest.raises(ValueError, match=f"^{name}="):
+        build(value)
