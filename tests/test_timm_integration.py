@@ -312,6 +312,14 @@ def test_attn_layer_route_builds_vision_transformers():
     torch.testing.assert_close(stock(x), output, atol=1e-5, rtol=1e-5)
 
 
+def test_layer_takes_timms_qk_norm_and_proj_bias_beside_the_presets_own():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, qk_norm=True,
+                              attn_layer=layer("qk_norm"), **{**SMALL, "img_size": 32})
+    assert all(model.get_submodule(name).normalises_qk for name in ATTENTION_NAMES)
+    assert "proj_bias" in layer("outlier_removal").layer_options
+    assert layer("outlier_removal")(32, 2, proj_bias=False).proj.bias is None
+
+
 def test_layer_classes_and_models_pickle_in_a_fresh_cache(monkeypatch):
     cls = layer("sigma_reparam", softcap=20.0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, attn_layer=cls,

@@ -43,9 +43,9 @@ class PresetAttention(RobustAttention):
 
     def __init__(self, dim: int, num_heads: int = 8, **kwargs: Any) -> None:
         options = dict(self.layer_options)
-        qk_norm = bool(kwargs.pop("qk_norm", False) or options.pop("qk_norm", False))
-        proj_bias = bool(kwargs.pop("proj_bias", True) and options.pop("proj_bias", True))
-        super().__init__(dim, num_heads, qk_norm=qk_norm, proj_bias=proj_bias,
+        qk_norm = (options.pop("qk_norm", False), kwargs.pop("qk_norm", False))
+        proj_bias = (options.pop("proj_bias", True), kwargs.pop("proj_bias", True))
+        super().__init__(dim, num_heads, qk_norm=any(qk_norm), proj_bias=all(proj_bias),
                          **{**options, **kwargs})
 
 
