@@ -68,6 +68,15 @@ def test_doctor_model_loads_a_local_checkpoint(tmp_path, capsys):
     assert "logit_growth" in report["baseline"] and "logit_growth" not in report["qk_norm"]
 
 
+def test_doctor_model_says_why_no_attention_was_converted(tmp_path, capsys):
+    pytest.importorskip("timm")
+    assert main(["doctor", "--model", "convit_tiny", "--img-size", "32", "--variants", "baseline",
+                 "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "0 attention modules converted, 12 skipped" in printed
+    assert "nothing to monitor: blocks.0.attn: GPSA is not a supported timm attention class" in printed
+
+
 def test_doctor_model_reports_unknown_models():
     pytest.importorskip("timm")
     with pytest.raises(SystemExit, match="cannot build timm model"):

@@ -213,6 +213,11 @@ def test_finetune_timm_resumed_with_more_steps_keeps_the_first_schedule(tmp_path
     assert _summary_rows(out / "summary.md")["clean_loss"][0] == first["clean_loss"][0]
 
 
+def test_finetune_timm_include_matching_nothing_reports_what_convert_found(tmp_path):
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn \(Attention\): not matched by include"):
+        finetune_timm.main(["--smoke", "--include", "block.*", "--out", str(tmp_path)])
+
+
 def test_finetune_timm_adversarial_smoke_run(tmp_path):
     out = tmp_path / "adv"
     _run(RECIPES / "finetune_timm.py", "--smoke", "--variant", "outlier_removal", "--adv", "pgd",

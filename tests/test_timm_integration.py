@@ -3,6 +3,7 @@
 import copy
 import functools
 import pickle
+import re
 
 import pytest
 import torch
@@ -88,7 +89,7 @@ def test_function_preserving_conversion_keeps_outputs(architecture, variant):
     model = _model(architecture)
     x = _images(architecture)
     expected = model(x)
-    converted, summary = convert(model, variant)
+    converted, summary = convert(model, variant, if_nothing="ignore")  # a conflict swaps nothing
     assert converted is model
     conflict = _conflict(architecture, variant)
     if conflict:  # left alone, with the reason
@@ -226,8 +227,58 @@ def test_include_and_exclude_select_modules_by_name_pattern():
 def test_converting_twice_skips_the_robust_modules():
     model = _model("vit")
     convert(model, "sink")
-    _, summary = convert(model, "baseline")
+    with pytest.raises(ValueError, match=r"blocks\.1\.attn \(RobustAttention\): already a Robust"):
+        convert(model, "baseline")
+    _, summary = convert(model, "baseline", if_nothing="ignore")
     assert summary.swapped == [] and set(summary.skipped.values()) == {"already a RobustAttention"}
+
+
+def test_unknown_options_raise_before_any_module_is_swapped():
+    model = _model("vit")
+    with pytest.raises(TypeError, match=r"option\(s\) \['soft_cap'\] it does not take"):
+        convert(model, "softcap", soft_cap=3.0)
+    with pytest.raises(TypeError, match="qkv_bias"):  # taken from each module, not an option
+        convert(model, "baseline", qkv_bias=False)
+    with pytest.raises(ValueError, match="if_nothing='quiet'"):
+        convert(model, "baseline", if_nothing="quiet")
+    assert set(_attention_types(model).values()) == {"Attention"}
+    _, summary = convert(model, "softcap", softcap=3.0, probe=True, attn_drop=0.1)
+    assert summary.swapped == ATTENTION_NAMES and model.blocks[0].attn.probe
+
+
+def test_converting_nothing_raises_naming_what_was_found_unless_told_to_warn():
+    model = _model("vit")
+    with pytest.raises(ValueError, match=r"(?s)swapped no module of VisionTransformer.*"
+                       r"blocks\.0\.attn \(Attention\): not matched by include=\['block\.\*'\]"
+                       r".*blocks\.1\.attn \(Attention\): not matched"):
+        convert(model, "sigma_reparam", include="block.*")
+    with pytest.warns(UserWarning, match="swapped no module") as caught:
+        _, summary = convert(model, "sigma_reparam", include="block.*", if_nothing="warn")
+    assert caught[0].filename == __file__  # attributed to the caller
+    assert summary.swapped == [] and set(summary.skipped) == set(ATTENTION_NAMES)
+    assert set(_attention_types(model).values()) == {"Attention"}
+    with pytest.raises(ValueError, match="found no attention-like module"):
+        convert(nn.Sequential(nn.Linear(4, 4), nn.GELU()), "sigma_reparam")
+
+
+# timm attention that convert does not support: model, kwargs, name -> class of the skipped modules
+UNRECOGNISED = {
+    "convit": ("convit_tiny", {"img_size": 32, "depth": 2, "local_up_to_layer": 1},
+               {"blocks.0.attn": "GPSA", "blocks.1.attn": "MHSA"}),
+    "xcit": ("xcit_nano_12_p16_224", {"img_size": 32, "depth": 1, "cls_attn_layers": 1},
+             {"blocks.0.attn": "XCA", "cls_attn_blocks.0.attn": "ClassAttn"}),
+}
+
+
+@pytest.mark.parametrize("family", UNRECOGNISED)
+def test_unrecognised_attention_is_listed_with_its_class(family):
+    name, kwargs, expected = UNRECOGNISED[family]
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    _, summary = convert(model, "sigma_reparam", if_nothing="ignore")
+    assert summary.skipped == {module: f"{cls} is not a supported timm attention class"
+                               for module, cls in expected.items()}
+    with pytest.raises(ValueError, match=rf"{re.escape(next(iter(expected)))} \("):
+        convert(model, "sigma_reparam")
 
 
 def test_timms_own_gate_becomes_the_gated_mitigation_and_goes_back():

@@ -5,11 +5,16 @@
     model, _ = robust_attn.revert(model)            # plain timm modules, sigma folded in
     stock = timm.create_model(name); stock.load_state_dict(model.state_dict())  # strict
 
-Supported classes and their weight mapping: :mod:`.timm_adapters`. Every other
-module that looks like attention (its class name contains "Attention" or
-"Attn", or it is an ``nn.MultiheadAttention``) is left alone and reported in
-the summary with the reason, as is every module that include/exclude leave
-out or whose variant options cannot be built for it (conflicts).
+Supported classes and their weight mapping: :mod:`.timm_adapters`. A module
+looks like attention when it is an ``nn.MultiheadAttention``, its class name
+contains "Attention" or "Attn" (any case), or it has a child named ``qkv``,
+``qk``, ``q`` or ``q_proj`` (timm's GPSA, MHSA, XCA); convert considers the
+innermost such modules (a ``ClassAttentionBlock`` is searched for the
+``ClassAttn`` inside it). Every one it does not swap is left alone and reported
+in the summary with the reason (for an unsupported class, naming the class), as
+is every module that include/exclude leave out or whose variant options cannot
+be built for it (conflicts). A conversion that swaps nothing raises ValueError
+(or warns, or passes, as ``if_nothing`` says), listing those reasons.
 
 Function preservation (``preserve_function=True``, the default): options with
 a function-preserving initialisation use it, so that the converted model
@@ -30,15 +35,17 @@ lists them per module, and fine-tuning is expected.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from ..attention import RobustAttention
+from ..mitigations import MITIGATIONS
 from ..mitigations.sigma_reparam import SigmaReparam
 from ..mitigations.sinks import PRESERVING_SINK_LOGIT, SinkLogit
 from ..mitigations.spectral_qk import SpectralQK
@@ -47,6 +54,12 @@ from .timm_adapters import timm_classes, to_robust, to_timm, unexpressible, unsu
 
 # Option values replaced by their function-preserving initialisation when converting.
 PRESERVING_VALUES = {"sigma_reparam": {True: "preserve"}, "sink_logit": {True: "preserve"}}
+
+# RobustAttention arguments convert passes on; the others (dim, qkv_bias, ...) follow each module.
+PASSED_ARGUMENTS = frozenset({"qk_norm", "attn_drop", "proj_drop", "device", "dtype", "kernel",
+                              "probe", "probe_queries", "probe_spectral"})
+# Direct children that make a module look like attention: a (fused) query projection.
+QUERY_CHILDREN = frozenset({"qkv", "qk", "q", "q_proj"})
 
 Patterns = str | Sequence[str] | None
 
@@ -108,16 +121,17 @@ def _selection_reason(name: str, include: Patterns, exclude: Patterns) -> str | 
 
 def _looks_like_attention(module: nn.Module) -> bool:
     name = type(module).__name__.lower()
-    return isinstance(module, nn.MultiheadAttention) or "attention" in name or "attn" in name
+    return (isinstance(module, nn.MultiheadAttention) or "attention" in name or "attn" in name
+            or not QUERY_CHILDREN.isdisjoint(dict(module.named_children())))
 
 
-def _attention_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) of every attention-like module, not descending into them."""
-    if _looks_like_attention(module):
-        yield prefix, module
-        return
-    for name, child in module.named_children():
-        yield from _attention_modules(child, f"{prefix}.{name}" if prefix else name)
+def _attention_modules(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """(name, module) of the innermost attention-like modules; a RobustAttention is not entered."""
+    found = []
+    if not isinstance(module, RobustAttention):
+        for name, child in module.named_children():
+            found += _attention_modules(child, f"{prefix}.{name}" if prefix else name)
+    return found or ([(prefix, module)] if _looks_like_attention(module) else [])
 
 
 def _class_reason(module: nn.Module, supported: tuple[type[nn.Module], ...]) -> str | None:
@@ -168,9 +182,31 @@ def function_changes(source: nn.Module, robust: RobustAttention) -> list[str]:
     return changes
 
 
+def _check_arguments(overrides: dict[str, Any], if_nothing: str) -> None:
+    """Raise for an option convert does not take (TypeError) or a bad ``if_nothing``."""
+    if unknown := sorted(set(overrides) - set(MITIGATIONS) - PASSED_ARGUMENTS):
+        raise TypeError(f"convert got option(s) {unknown} it does not take; it takes the "
+                        f"mitigation options {sorted(MITIGATIONS)} and the RobustAttention "
+                        f"arguments {sorted(PASSED_ARGUMENTS)} (the others follow each module)")
+    if if_nothing not in ("raise", "warn", "ignore"):
+        raise ValueError(f"if_nothing={if_nothing!r}: expected 'raise', 'warn' or 'ignore'")
+
+
+def _nothing_swapped(model: nn.Module, summary: ConversionSummary) -> str:
+    """Why :func:`convert` swapped no module of (the unchanged) ``model``: each module found,
+    its class and why it was skipped."""
+    found = "".join(f"\n  {name or '(the model itself)'} ({type(model.get_submodule(name)).__name__})"
+                    f": {reason}" for name, reason in summary.skipped.items())
+    return (f"convert(..., {summary.variant!r}) swapped no module of {type(model).__name__}: "
+            + (f"it skipped every attention-like module:{found}" if found else
+               "it found no attention-like module (nn.MultiheadAttention, a class name with "
+               f"'Attention' or 'Attn', or a child named one of {sorted(QUERY_CHILDREN)})"))
+
+
 @torch.no_grad()
 def convert(model: nn.Module, variant: str, include: Patterns = None, exclude: Patterns = None,
-            preserve_function: bool = True, **overrides: Any
+            preserve_function: bool = True,
+            if_nothing: Literal["raise", "warn", "ignore"] = "raise", **overrides: Any
             ) -> tuple[nn.Module, ConversionSummary]:
     """Swap every supported timm attention module of ``model`` for ``variant``, in place.
 
@@ -182,17 +218,27 @@ def convert(model: nn.Module, variant: str, include: Patterns = None, exclude: P
             (include None: all), minus those matching an exclude pattern.
         preserve_function: use function-preserving initialisations where the
             variant has one (module docstring).
-        **overrides: RobustAttention options on top of the preset's, e.g.
-            ``softcap=30.0`` or ``probe=True``.
+        if_nothing: what happens when no module is swapped: "raise" a ValueError
+            naming every attention-like module found and why it was skipped (or
+            that none was found), "warn" the same as a UserWarning and return, or
+            "ignore" it and return.
+        **overrides: options on top of the preset's: mitigation options (e.g.
+            ``softcap=30.0``) and the RobustAttention arguments in
+            :data:`PASSED_ARGUMENTS` (e.g. ``probe=True``).
     Returns:
         ``model`` (the new module when ``model`` itself is the attention) and a
         :class:`ConversionSummary`. Modules that cannot be converted are left
         as they were and listed in ``summary.skipped``.
+    Raises:
+        TypeError: an override that is neither a mitigation option nor in
+            :data:`PASSED_ARGUMENTS`, before any module is swapped.
+        ValueError: no module was swapped (``if_nothing="raise"``).
     """
+    _check_arguments(overrides, if_nothing)
     options = conversion_options(variant, preserve_function, **overrides)
     summary = ConversionSummary(variant, options)
     supported = tuple(timm_classes().values())
-    for name, module in list(_attention_modules(model)):
+    for name, module in _attention_modules(model):
         reason = _selection_reason(name, include, exclude) or _class_reason(module, supported)
         if reason is None:
             try:
@@ -206,6 +252,11 @@ def convert(model: nn.Module, variant: str, include: Patterns = None, exclude: P
         summary.swapped.append(name)
         if changes := function_changes(module, robust):
             summary.changes_function[name] = changes
+    if not summary.swapped and if_nothing != "ignore":
+        message = _nothing_swapped(model, summary)
+        if if_nothing == "raise":
+            raise ValueError(message)
+        warnings.warn(message, stacklevel=3)  # convert's caller (under torch.no_grad's wrapper)
     return model, summary
 
 
