@@ -70,7 +70,8 @@ def forward_backward_with_scales(module, forward, x):
     - sigma_reparam: dW = (gamma / sigma) (G - <G, W_hat> u v^T / gamma), G = dL/dW_hat: the
       projection removes the component along W_hat (W_hat does not change when W is scaled),
       cancelling terms of size (gamma / sigma) |G|; for a 1 x 1 weight everything cancels
-      (W_hat = gamma sign(W)), dW = 0 exactly.
+      (W_hat = gamma sign(W)), dW = 0 exactly. d gamma = <G, W> / sigma sums every entry's
+      G_ij W_ij / sigma: terms up to max |G| sum |W| / sigma (a long, cancelling sum).
     """
     from robust_attn.mitigations.sigma_reparam import SigmaReparamLinear
 
@@ -93,16 +94,15 @@ def forward_backward_with_scales(module, forward, x):
             hook.remove()
     heads = module.num_heads
     d_out = seen["dO"].unflatten(-1, (heads, -1)).norm(dim=-1).amax(dim=-1)  # (B, N) per token
-    v = seen["qkv"].unflatten(-1, (3, heads, -1))[..., 2, :, :].norm(dim=-1).amax()
+    values = seen["qkv"].unflatten(-1, (3, heads, -1))[..., 2, :, :]
+    v = values.norm(dim=-1).amax()
     q = seen["q"].norm(dim=-1).amax() if seen["q"].numel() else seen["q"].new_zeros(())
     k = seen["k"].norm(dim=-1).amax() if seen["k"].numel() else seen["k"].new_zeros(())
     per_token = d_out * (2 * module.scale * v * (q + k) + 2)
     x_max = seen["x"].abs().amax() if seen["x"].numel() else 0.0
     scales = {"qkv.weight": float(per_token.sum() * x_max)}
-    layer = module.qkv
-    weight = layer.effective_weight() if isinstance(layer, SigmaReparamLinear) else layer.weight
     if per_token.numel():
-        scales["x"] = float(per_token.amax() * weight.detach().abs().sum(dim=0).amax())
+        scales["x"] = float(per_token.amax() * _weight(module.qkv).abs().sum(dim=0).amax())
     bias = module.proj.bias
     proj_terms = seen["dy"].abs().amax(dim=-1).sum() * (seen["a"].abs().amax()
                                                         if seen["a"].numel() else 0.0)
@@ -110,8 +110,12 @@ def forward_backward_with_scales(module, forward, x):
     if bias is not None and seen["out"].numel():
         terms = (seen["out"] - bias).abs().amax()
         scales["output"] = float(torch.maximum(terms, bias.detach().abs().amax()).detach())
-    if "outlier_removal" in module.mitigations and seen["qkv"].numel():
-        _add_outlier_removal_scales(module, seen, scales)
+    if "outlier_removal" in module.mitigations and values.numel():  # (A - U) V: terms <= max |v|
+        v_entries = values.abs().amax()
+        output_terms = _weight(module.proj).abs().sum(dim=1).amax() * v_entries
+        scales["output"] = max(scales.get("output", 0.0), float(output_terms))
+        gradient_terms = seen["dy"].abs().amax(dim=-1).sum() * v_entries
+        scales["proj.weight"] = max(scales["proj.weight"], float(gradient_terms))
     for norm in ("q_norm", "k_norm"):  # a LayerNorm's gradients sum dq (dk) terms
         for key, factor in (("weight", module.head_dim ** 0.5), ("bias", 1.0)):
             if getattr(getattr(module, norm), key, None) is not None:
@@ -119,21 +123,17 @@ def forward_backward_with_scales(module, forward, x):
     for name in ("qkv", "proj"):
         layer = getattr(module, name)
         if isinstance(layer, SigmaReparamLinear):
-            factor = float((layer.gamma.detach().float() / layer.sigma().detach()).abs())
-            scales[f"{name}.weight"] *= factor
+            sigma = layer.sigma().detach().abs()
+            # d gamma = sum_ij G_ij W_ij / sigma: terms up to max |G| |W_ij| / sigma
+            scales[f"{name}.gamma"] = scales[f"{name}.weight"] * float(
+                layer.weight.detach().float().abs().sum() / sigma)
+            scales[f"{name}.weight"] *= float(layer.gamma.detach().float().abs() / sigma)
     return result, scales
 
 
-def _add_outlier_removal_scales(module, seen, scales) -> None:
-    """The terms outlier removal's (A - U) V cancels, for the output and proj's weight gradient
-    (forward_backward_with_scales' docstring)."""
+def _weight(layer):
+    """The weight a linear layer computes with (sigma_reparam's W_hat), detached."""
     from robust_attn.mitigations.sigma_reparam import SigmaReparamLinear
 
-    heads = module.num_heads
-    v_entries = seen["qkv"].unflatten(-1, (3, heads, -1))[..., 2, :, :].abs().amax()
-    layer = module.proj
-    weight = layer.effective_weight() if isinstance(layer, SigmaReparamLinear) else layer.weight
-    output_terms = weight.detach().abs().sum(dim=1).amax() * v_entries
-    scales["output"] = max(scales.get("output", 0.0), float(output_terms))
-    gradient_terms = seen["dy"].abs().amax(dim=-1).sum() * v_entries
-    scales["proj.weight"] = max(scales.get("proj.weight", 0.0), float(gradient_terms))
+    return (layer.effective_weight() if isinstance(layer, SigmaReparamLinear)
+            else layer.weight).detach()
