@@ -1,5 +1,5 @@
 """The README's claims table: each preset's claim against collapse at initialisation
-(robust_attn.claims), and its measured health over seeds next to the baseline's.
+(robust_attn.studies.claims), and its measured health over seeds next to the baseline's.
 
     python benchmarks/claims_table.py [--quick] [--out benchmarks/results]
 
@@ -12,10 +12,10 @@ tests) uses depth 4, width 32, 16 tokens and seeds 0-15.
 Each cell is the distribution over seeds of the worst layer's normalised entropy
 H and of the output's res(X): median and 10th-90th percentile (stdlib
 ``statistics.quantiles``, inclusive method), and the cell's verdict by the
-claims rule (:data:`robust_attn.claims.HOLD_SHARE`): a failure is shown where
+claims rule (:data:`robust_attn.studies.claims.HOLD_SHARE`): a failure is shown where
 fewer than 95 % of the seeds keep its measure at or above its bound.
 
-Every draw comes from the setting's seed (robust_attn.stack.measure_stack), and
+Every draw comes from the setting's seed (robust_attn.studies.stack.measure_stack), and
 nothing time- or load-dependent is written: the same command writes the same
 files, byte for byte.
 
@@ -41,8 +41,14 @@ from pathlib import Path
 import torch
 
 from robust_attn import list_variants
-from robust_attn.claims import CLAIMS, ENTROPY, HOLD_SHARE, Claim, describe_setting
-from robust_attn.stack import ENTROPY_COLLAPSE, RANK_COLLAPSE, StackHealth, StackSetting, measure_stack
+from robust_attn.studies.claims import CLAIMS, ENTROPY, HOLD_SHARE, Claim, describe_setting
+from robust_attn.studies.stack import (
+    ENTROPY_COLLAPSE,
+    RANK_COLLAPSE,
+    StackHealth,
+    StackSetting,
+    measure_stack,
+)
 
 if __package__:  # imported as benchmarks.claims_table, by the tests
     from .machine import machine

@@ -42,7 +42,7 @@ def vit_small(quick: bool) -> tuple[torch.nn.Module, str]:
 
         from robust_attn import convert
     except ImportError:
-        from robust_attn.stack import AttentionStack
+        from robust_attn.studies.stack import AttentionStack
 
         return AttentionStack(2 if quick else 12, 384, 6, residual=True), "attention stack"
     depth = 2 if quick else 12

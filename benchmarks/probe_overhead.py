@@ -18,7 +18,7 @@ from machine import machine
 from output import write
 
 from robust_attn import set_probe_enabled
-from robust_attn.stack import AttentionStack
+from robust_attn.studies.stack import AttentionStack
 
 
 def step_seconds(stack: AttentionStack, x: torch.Tensor, probe: bool) -> float:

@@ -1,7 +1,7 @@
 """Scores of an early-warning code over labelled runs: recall, lead time, false alarms.
 
 A run's *timeline* for a code is, per sampled step, the set of (layer, head)
-keys the code was raised for after that step (robust_attn.early_warnings.replay).
+keys the code was raised for after that step (robust_attn.health.early_warnings.replay).
 Over a set of runs (labels from recipes/_failure.py):
 
     recall        share of failed runs whose first warning came at a sampled step
@@ -95,7 +95,7 @@ def score(runs: Sequence[Run]) -> Score:
 
 def persist(raw: Timeline, persistence: int, immediate: bool = False) -> Timeline:
     """A timeline of raw rule firings under hysteresis: a key counts at sample k when it fired
-    at each of samples k - persistence + 1 .. k (as robust_attn.early_warnings.check does)."""
+    at each of samples k - persistence + 1 .. k (as robust_attn.health.early_warnings.check does)."""
     if immediate or persistence <= 1:
         return raw
     out = []

@@ -74,7 +74,7 @@ from _text import VOCAB, TextCorpus
 from torch import Tensor
 
 import robust_attn
-from robust_attn.distributed import forward_together
+from robust_attn.health.distributed import forward_together
 
 DEFAULT_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 # The text task's default sweep: Wortsman et al.'s comparison set plus the both-collapse preset

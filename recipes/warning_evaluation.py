@@ -3,7 +3,7 @@
 
 1. Load every run of ``--corpus``: its label (recipes/_failure.py's loss-only
    verdict), train.csv (every step's loss) and health.csv, read back as a
-   :class:`robust_attn.monitor.MonitorReport`.
+   :class:`robust_attn.health.monitor.MonitorReport`.
 2. Calibrate on the calibration seeds only: for each warm-up in WARMUPS and
    hysteresis in PERSISTENCES, and per code over its grid of thresholds
    (GRIDS), replay the rule after every sampled step and score it
@@ -14,7 +14,7 @@
    those with which most codes meet the targets (then the highest summed
    recall, then the fewest healthy runs warned).
 3. Score the chosen thresholds on the held-out seeds with
-   :func:`robust_attn.early_warnings.replay`, exactly as a monitor checked
+   :func:`robust_attn.health.early_warnings.replay`, exactly as a monitor checked
    after every sample would warn. Codes that miss a target there are
    "informational".
 
@@ -42,8 +42,8 @@ from _logging import markdown_table, read_csv
 from _warning_scores import TARGETS, Run, Timeline, persist, score
 
 import robust_attn
-from robust_attn.early_warnings import IMMEDIATE, RULES, Thresholds, check, replay
-from robust_attn.monitor import MonitorReport, presets_in_use
+from robust_attn.health.early_warnings import IMMEDIATE, RULES, Thresholds, check, replay
+from robust_attn.health.monitor import MonitorReport, presets_in_use
 
 WARMUPS = (0, 50, 100)
 PERSISTENCES = (1, 2, 3)

@@ -2,14 +2,14 @@
 
 from . import metrics, sparse
 from .attention import RobustAttention, load_upgrading
-from .distributed import reduce_health
-from .early_warnings import HealthWarning, Thresholds
-from .guard import NonFiniteError, nonfinite_guard
+from .health.distributed import reduce_health
+from .health.early_warnings import HealthWarning, Thresholds
+from .health.guard import NonFiniteError, nonfinite_guard
+from .health.monitor import HealthMonitor, MonitorReport, attention_maps
+from .health.probe import AttentionHealth, health_probe, set_probe_enabled
 from .integrations import convert, layer, revert
 from .mitigations import DefeatedMitigationWarning
-from .monitor import HealthMonitor, MonitorReport, attention_maps
 from .presets import create, list_variants, preset_options
-from .probe import AttentionHealth, health_probe, set_probe_enabled
 
 __version__ = "0.1.0"
 

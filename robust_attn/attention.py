@@ -57,8 +57,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from . import probe as health_probe
 from .config import AttentionConfig
+from .health import probe as health_probe
 from .kernels import check_kernel_name, select_kernel
 from .logit_limit import all_finite, refuse_overflowing_logits, refuse_overflowing_norm_input
 from .mitigations import MITIGATIONS, Mitigation
@@ -116,7 +116,7 @@ class RobustAttention(nn.Module):
         kernel: 'auto' (default), 'sdpa', 'flex', 'xformers' or 'eager'; see
             :mod:`robust_attn.kernels`. Setting timm's ``fused_attn = False``
             selects 'eager' as in timm.
-        probe: record :class:`~robust_attn.probe.AttentionHealth` in ``.health``
+        probe: record :class:`~robust_attn.health.probe.AttentionHealth` in ``.health``
             at each forward (None: follow :func:`robust_attn.set_probe_enabled`).
         probe_queries: the probe's bound on sampled query rows per head.
         probe_spectral: the probe also measures the attention matrix's spectral

@@ -7,7 +7,7 @@
     robust-attn bench [NAME [ARGS ...]]
 
 ``doctor --builtin`` (the default) measures, at initialisation, a deep stack
-of each variant (robust_attn.stack) under several query/key weight scales,
+of each variant (robust_attn.studies.stack) under several query/key weight scales,
 with and without residual connections: the per-layer health of the first
 variant, a summary of every variant, the early warnings of one monitored
 training step of each stack, a JSON report, a PNG of per-layer entropy and
@@ -24,7 +24,7 @@ column, one row per step), replays the early warnings after every sampled
 step as the monitor would have raised them, prints each code's first step and
 evidence, and draws the health curves with those steps marked.
 
-``diagram`` draws the trainability diagram (robust_attn.diagnostics) of each
+``diagram`` draws the trainability diagram (robust_attn.studies.diagnostics) of each
 variant; ``bench`` lists the benchmarks of a source checkout or runs one.
 """
 
@@ -43,24 +43,24 @@ from statistics import fmean
 
 import torch
 
-from .diagnostics import (
+from .health.early_warnings import HealthWarning, check, replay
+from .health.monitor import HealthMonitor, MonitorReport, presets_in_use
+from .integrations import convert
+from .presets import create, list_variants
+from .studies.diagnostics import (
     DEFAULT_ALPHAS,
     DEFAULT_BETAS,
     NORM_POSITIONS,
     Architecture,
     trainability_diagram,
 )
-from .early_warnings import HealthWarning, check, replay
-from .integrations import convert
-from .monitor import HealthMonitor, MonitorReport, presets_in_use
-from .plotting import (
+from .studies.plotting import (
     plot_attention_maps,
     plot_health_curves,
     plot_stack_health,
     plot_trainability_diagrams,
 )
-from .presets import create, list_variants
-from .stack import (
+from .studies.stack import (
     ENTROPY_COLLAPSE,
     RANK_COLLAPSE,
     StackHealth,
@@ -148,7 +148,7 @@ def _training_step(model: torch.nn.Module, inputs: torch.Tensor):
 
 
 def _builtin_step(setting: StackSetting, kernel: str):
-    """The stack of ``setting``, built as robust_attn.stack.measure_stack builds it (each preset as
+    """The stack of ``setting``, built as robust_attn.studies.stack.measure_stack builds it (each preset as
     users build it), after one monitored training step on the loss mean(X_L^2): its StackHealth
     (measure_stack's numbers, from the same forward), warnings and attention maps."""
     generator = torch.Generator().manual_seed(setting.seed)
@@ -193,7 +193,7 @@ def doctor_builtin(args: argparse.Namespace) -> int:
     print(_summary_table(reports))
 
     print("\nEarly warnings of one training step of each stack on the loss mean(X_L^2) "
-          "(HealthMonitor; codes and thresholds: robust_attn.early_warnings):")
+          "(HealthMonitor; codes and thresholds: robust_attn.health.early_warnings):")
     print(_table(["variant", "stack", "sqk", "warnings", "try"],
                  [[s.variant, _stack_name(s), f"{s.qk_scale:g}",
                    *_warning_cell(found)] for s, found in zip(settings, warnings, strict=True)]))

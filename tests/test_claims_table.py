@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks import claims_table
 from robust_attn import list_variants
-from robust_attn.claims import CLAIMS, ENTROPY, HOLD_SHARE, RANK
+from robust_attn.studies.claims import CLAIMS, ENTROPY, HOLD_SHARE, RANK
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

@@ -1,4 +1,4 @@
-"""Every preset's claim against collapse (robust_attn.claims), shown beside the baseline on the same
+"""Every preset's claim against collapse (robust_attn.studies.claims), shown beside the baseline on the same
 draw, and the invariants every preset keeps.
 
 Claims: for each guarantee, hypothesis draws a stack from the guarantee's setting
@@ -22,7 +22,9 @@ from hypothesis import strategies as st
 import robust_attn.attention
 from benchmarks.claims_table import measure
 from robust_attn import create, list_variants
-from robust_attn.claims import (
+from robust_attn.kernels import KERNELS, select_kernel
+from robust_attn.kernels.eager import attention_logits, attention_weights
+from robust_attn.studies.claims import (
     BASELINE_ENTROPY_COLLAPSE,
     BASELINE_RANK_COLLAPSE,
     CLAIMS,
@@ -31,9 +33,7 @@ from robust_attn.claims import (
     ROBUST_HOLDS,
     Setting,
 )
-from robust_attn.kernels import KERNELS, select_kernel
-from robust_attn.kernels.eager import attention_logits, attention_weights
-from robust_attn.stack import ENTROPY_COLLAPSE, RANK_COLLAPSE, StackSetting, measure_stack
+from robust_attn.studies.stack import ENTROPY_COLLAPSE, RANK_COLLAPSE, StackSetting, measure_stack
 from robust_attn.testing import assert_no_entropy_collapse, assert_no_rank_collapse
 from robust_attn.testing import strategies as ras
 
@@ -58,7 +58,7 @@ def claim_settings(variant: str, setting: Setting):
 
 
 def test_every_preset_states_a_claim():
-    assert sorted(CLAIMS) == list_variants(), "record every preset's claim in robust_attn/claims.py"
+    assert sorted(CLAIMS) == list_variants(), "record every preset's claim in robust_attn/studies/claims.py"
 
 
 @pytest.mark.parametrize(("variant", "guarantee"), GUARANTEES)
@@ -110,7 +110,7 @@ def test_preset_still_fails_where_it_claims_nothing(variant, failure):
     measured = value(measure(witness))
     assert measured < THRESHOLDS[failure], (
         f"{variant} shows no {failure} in its witness ({name} {measured:.3g}): measure where "
-        f"it holds and record it as a guarantee in robust_attn/claims.py")
+        f"it holds and record it as a guarantee in robust_attn/studies/claims.py")
 
 
 @pytest.mark.parametrize("setting", ROBUST_HOLDS, ids=["with-residual", "attention-only"])

@@ -19,8 +19,8 @@ import pytest
 import torch
 from torch import nn
 
-from robust_attn.integrations.rope_attention import RobustAttentionRope
-from robust_attn.integrations.timm import convert
+from robust_attn.integrations.timm.convert import convert
+from robust_attn.integrations.timm.rope_attention import RobustAttentionRope
 from robust_attn.kernels import SparseFallbackWarning, select_kernel
 from robust_attn.presets import create, list_variants, preset_options
 from robust_attn.problem import AttentionProblem
@@ -156,7 +156,7 @@ def test_a_converted_timm_model_with_rope_compiles_and_equals_eager():
 
 def test_the_probe_compiles_and_measures_what_eager_measures():
     """probe=True under fullgraph: the probe's non-finite counts and spectral gap avoid data-dependent
-    branches when compiling (robust_attn/probe.py), so health is recorded from inside the graph."""
+    branches when compiling (robust_attn/health/probe.py), so health is recorded from inside the graph."""
     torch.manual_seed(0)
     module = create("softcap", dim=DIM, num_heads=HEADS, probe=True, probe_spectral=True).eval()
     x = torch.randn(2, TOKENS, DIM)

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from robust_attn.diagnostics import (
+from robust_attn.studies.diagnostics import (
     Architecture,
     attention_update,
     measure_cell,
@@ -18,7 +18,7 @@ from robust_attn.diagnostics import (
     theory_layers,
     trainability_diagram,
 )
-from robust_attn.stack import (
+from robust_attn.studies.stack import (
     AttentionStack,
     StackSetting,
     construct_stack,
@@ -115,7 +115,7 @@ def test_diagram_shows_qk_norm_widening_the_healthy_region(tmp_path):
     assert {(d["beta"], d["alpha"]) for d in report["disagreements"]} == \
         {(c.beta, c.alpha) for c in baseline.disagreements()}
     pytest.importorskip("matplotlib")
-    from robust_attn.plotting import plot_trainability_diagrams
+    from robust_attn.studies.plotting import plot_trainability_diagrams
 
     path = plot_trainability_diagrams([baseline, qk_norm], tmp_path / "diagram.png")
     assert path.stat().st_size > 10_000

@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from robust_attn import HealthMonitor, create, list_variants
-from robust_attn.distributed import all_reduce, reduce_health
+from robust_attn.health.distributed import all_reduce, reduce_health
 
 THOROUGH = os.environ.get("ROBUST_ATTN_PROFILE") == "thorough"
 WORLD_SIZES = (2, 3) if THOROUGH else (2,)

@@ -1,7 +1,7 @@
 """Issue 16, finding 7: an overflow refusal on one DDP rank never desynchronises the group.
 
 Two gloo ranks train a DDP module for STEPS steps through
-:func:`robust_attn.distributed.forward_together`; at step REFUSED_STEP some ranks feed an x
+:func:`robust_attn.health.distributed.forward_together`; at step REFUSED_STEP some ranks feed an x
 whose logits overflow, so RobustAttention refuses it there (``RuntimeError("x: ...")``).
 Every rank must skip that step (and only it), and the weights must end equal on both ranks and
 equal to one process training on the global batch without that step. Another exception on
@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from robust_attn import create
-from robust_attn.distributed import StepFailedElsewhere, forward_together
+from robust_attn.health.distributed import StepFailedElsewhere, forward_together
 
 WORLD, DIM, HEADS, TOKENS, ITEMS_PER_RANK, STEPS, REFUSED_STEP, LR = 2, 16, 2, 8, 2, 4, 1, 0.05
 PRESETS = ("baseline", "sigma_reparam")

@@ -9,8 +9,8 @@ import torch
 
 from robust_attn import HealthMonitor
 from robust_attn.cli import main
-from robust_attn.early_warnings import IMMEDIATE
-from robust_attn.stack import AttentionStack, init_stack_weights
+from robust_attn.health.early_warnings import IMMEDIATE
+from robust_attn.studies.stack import AttentionStack, init_stack_weights
 
 
 def write_run(directory, variant="baseline", nan_from=12, steps=16):

@@ -2,7 +2,7 @@
 
 Most cases are monitor reports built by hand, so each rule is tested at its threshold; the
 collapse rules are also run end to end on deep attention stacks at initialisation
-(robust_attn.stack), baseline collapsing beside the variant that cures it under the same draw.
+(robust_attn.studies.stack), baseline collapsing beside the variant that cures it under the same draw.
 """
 
 import copy
@@ -13,8 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from robust_attn import HealthMonitor, RobustAttention, early_warnings, list_variants
-from robust_attn.early_warnings import (
+from robust_attn import HealthMonitor, RobustAttention, list_variants
+from robust_attn.health import early_warnings
+from robust_attn.health.early_warnings import (
     MITIGATIONS,
     RULES,
     Thresholds,
@@ -23,8 +24,8 @@ from robust_attn.early_warnings import (
     robust_band,
     slope,
 )
-from robust_attn.monitor import LayerSeries, MonitorReport
-from robust_attn.stack import AttentionStack, init_stack_weights
+from robust_attn.health.monitor import LayerSeries, MonitorReport
+from robust_attn.studies.stack import AttentionStack, init_stack_weights
 
 HEALTHY = {"entropy": 0.8, "min_entropy": 0.6, "sink_mass": 0.05, "max_logit": 5.0,
            "head_cosine": 0.3, "head_residual": 0.8, "input_residual": 0.9, "input_cosine": 0.1,
@@ -215,7 +216,7 @@ def test_a_qk_norm_model_is_never_told_to_use_qk_norm():
     assert all("qk_norm" not in w.mitigations and "qk_norm" not in w.advice for w in warnings)
 
 
-# End to end: deep attention stacks at initialisation (robust_attn.stack), one monitored step each.
+# End to end: deep attention stacks at initialisation (robust_attn.studies.stack), one monitored step each.
 
 def monitored_step(model, x):
     with HealthMonitor(model, every=1, thresholds=AT) as monitor:

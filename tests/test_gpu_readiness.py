@@ -14,12 +14,13 @@ import torch
 import torch.nn.attention.flex_attention as torch_flex
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from robust_attn import RobustAttention, probe
+from robust_attn import RobustAttention
+from robust_attn.health import probe
+from robust_attn.health.monitor import map_similarity
+from robust_attn.health.monitor.maps import AttentionMap
 from robust_attn.kernels import KERNELS, _auto_order, flex, select_kernel, xformers
 from robust_attn.kernels.eager import eager_attention
 from robust_attn.mitigations.softcap import TanhSoftCap
-from robust_attn.monitor import map_similarity
-from robust_attn.monitor.maps import AttentionMap
 from robust_attn.problem import AttentionProblem
 
 

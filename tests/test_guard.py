@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from robust_attn import create
-from robust_attn.guard import NonFiniteError, nonfinite_guard
+from robust_attn.health.guard import NonFiniteError, nonfinite_guard
 
 
 class Log(nn.Module):

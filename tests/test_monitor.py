@@ -11,15 +11,15 @@ from torch import nn
 
 import robust_attn
 from robust_attn import HealthMonitor, RobustAttention, attention_maps, create, metrics
-from robust_attn.monitor import (
+from robust_attn.health.monitor import (
     HEAD_METRICS,
     LAYER_METRICS,
     MonitorReport,
     map_similarity,
     presets_in_use,
 )
-from robust_attn.monitor.maps import AttentionMap
-from robust_attn.stack import AttentionStack, init_stack_weights
+from robust_attn.health.monitor.maps import AttentionMap
+from robust_attn.studies.stack import AttentionStack, init_stack_weights
 
 
 def small_stack(depth=3, dim=32, heads=2, residual=True, qk_scale=2.0):
@@ -208,7 +208,7 @@ def test_monitors_a_converted_timm_model():
 
 def test_health_curves_picture(tmp_path):
     pytest.importorskip("matplotlib")
-    from robust_attn.plotting import plot_health_curves
+    from robust_attn.studies.plotting import plot_health_curves
 
     stack = small_stack()
     with HealthMonitor(stack, every=1) as monitor:

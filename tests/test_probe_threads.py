@@ -12,7 +12,7 @@ import threading
 import torch
 
 from robust_attn import create, health_probe, set_probe_enabled
-from robust_attn.probe import probe_enabled_everywhere
+from robust_attn.health.probe import probe_enabled_everywhere
 
 DIM, HEADS = 16, 2
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from robust_attn import RobustAttention
-from robust_attn.stack import (
+from robust_attn.studies.stack import (
     ENTROPY_COLLAPSE,
     RANK_COLLAPSE,
     AttentionStack,

@@ -12,7 +12,7 @@ from torch import nn
 import robust_attn
 from robust_attn import RobustAttention, convert, layer, list_variants, revert
 from robust_attn.integrations import PresetAttention, RobustAttentionRope
-from robust_attn.integrations import attn_layer as layer_module
+from robust_attn.integrations.timm import attn_layer as layer_module
 from robust_attn.mitigations.rope import RopeLayout, apply_rotary
 
 timm = pytest.importorskip("timm")
@@ -39,7 +39,7 @@ ARCHITECTURES = {
                                                  "qkv_fused": False}, 28, "EvaAttention"),
 }
 ATTENTION_NAMES = ["blocks.0.attn", "blocks.1.attn"]
-# Variants with a function-preserving conversion, per robust_attn.integrations.timm.
+# Variants with a function-preserving conversion, per robust_attn.integrations.timm.convert.
 PRESERVING = ["baseline", "sigma_reparam", "sink", "spectral_qk"]
 ROPE = ("vit_rope", "vit_rope_unfused", "eva02", "eva02_unfused")
 

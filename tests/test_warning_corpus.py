@@ -17,8 +17,8 @@ from _failure import judge  # noqa: E402
 from _logging import read_csv  # noqa: E402
 from _text import VOCAB, TextCorpus, encode  # noqa: E402
 
-from robust_attn.early_warnings import replay  # noqa: E402
-from robust_attn.monitor import MonitorReport  # noqa: E402
+from robust_attn.health.early_warnings import replay  # noqa: E402
+from robust_attn.health.monitor import MonitorReport  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import warning_evaluation  # noqa: E402
 from _warning_scores import Run, persist, score  # noqa: E402
 
 from robust_attn import HealthMonitor  # noqa: E402
-from robust_attn.early_warnings import INFORMATIONAL, Thresholds, replay  # noqa: E402
-from robust_attn.stack import AttentionStack, init_stack_weights  # noqa: E402
+from robust_attn.health.early_warnings import INFORMATIONAL, Thresholds, replay  # noqa: E402
+from robust_attn.studies.stack import AttentionStack, init_stack_weights  # noqa: E402
 
 RESULTS = ROOT / "recipes/results/warning_evaluation/evaluation.json"
 
@@ -50,7 +50,7 @@ def test_persistence_needs_consecutive_firings():
 
 def test_calibration_shortcut_equals_the_monitor_replay():
     """persist(raw_timeline(...)) is how calibration scores hysteresis cheaply: it must equal
-    what robust_attn.early_warnings.replay raises."""
+    what robust_attn.health.early_warnings.replay raises."""
     torch.manual_seed(0)
     stack = AttentionStack(2, 16, 2, residual=True)
     init_stack_weights(stack, 4.0, torch.Generator().manual_seed(0))

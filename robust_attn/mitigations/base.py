@@ -36,7 +36,7 @@ class Mitigation(nn.Module):
     # the result does not depend on the order of the options: corrections that complete the
     # attention output (outlier removal) keep 0; transforms of the finished output (gates) use 1.
     output_order: ClassVar[int] = 0
-    # How robust_attn.distributed.reduce_health combines each health() quantity across ranks:
+    # How robust_attn.health.distributed.reduce_health combines each health() quantity across ranks:
     # "mean" unless named here ("min" or "max", e.g. a bound that holds for the worst sequence).
     health_reductions: ClassVar[Mapping[str, str]] = {}
 

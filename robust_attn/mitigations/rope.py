@@ -22,7 +22,7 @@ forward of ``timm.layers.AttentionRope`` / ``timm.models.eva.EvaAttention``):
 It runs after q_norm / k_norm and before key/value extras, so prepended sink
 keys stay unrotated (position-free), and the probe measures rotated q and k.
 No parameters and no health of its own. ``RobustAttentionRope``
-(:mod:`robust_attn.integrations.rope_attention`) hands each forward's
+(:mod:`robust_attn.integrations.timm.rope_attention`) hands each forward's
 embedding to it; with no embedding (``rope=None``) it is the identity, as in timm.
 """
 

@@ -1,6 +1,6 @@
 """Sparse attention patterns as composable FlexAttention-style mask functions.
 
-    from robust_attn.sparse import SlidingWindow, GlobalTokens, RandomBlocks
+    from . import SlidingWindow, GlobalTokens, RandomBlocks
     pattern = SlidingWindow(128) | GlobalTokens(2) | RandomBlocks(64, count=2, seed=0)
     RobustAttention(dim, num_heads, sparsity=pattern)
 

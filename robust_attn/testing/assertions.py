@@ -15,19 +15,19 @@ tokens become alike. Measured on the output tokens X (N, C) with
 
     res(X) = ||X - 1 mean(X)^T||_F / ||X||_F   >= bound
 
-The default bounds are the thresholds of :mod:`robust_attn.stack`'s verdicts,
-so a model passes exactly when :attr:`robust_attn.stack.StackHealth.verdict`
+The default bounds are the thresholds of :mod:`robust_attn.studies.stack`'s verdicts,
+so a model passes exactly when :attr:`robust_attn.studies.stack.StackHealth.verdict`
 would call it healthy.
 
-Each assertion takes either a :class:`~robust_attn.stack.StackHealth` (from
-:func:`robust_attn.stack.measure_stack`) or a model and its inputs. A model is
+Each assertion takes either a :class:`~robust_attn.studies.stack.StackHealth` (from
+:func:`robust_attn.studies.stack.measure_stack`) or a model and its inputs. A model is
 an ``nn.Module``, or a bound method of one such as a timm model's
 ``forward_features`` (whose output is the (B, N, C) tokens). It is run once in
 eval mode, without gradients, with the health probe on
 (:func:`robust_attn.health_probe`); its training flags are restored afterwards::
 
     import torch
-    from robust_attn.testing import assert_no_entropy_collapse, assert_no_rank_collapse
+    from . import assert_no_entropy_collapse, assert_no_rank_collapse
 
     def test_my_vit_has_not_collapsed_at_init():
         model = timm.create_model("vit_small_patch16_224", attn_layer=MyRobustAttention)
@@ -50,9 +50,9 @@ import torch
 from torch import Tensor, nn
 
 from ..attention import RobustAttention
+from ..health.probe import AttentionHealth, health_probe
 from ..metrics import token_residual
-from ..probe import AttentionHealth, health_probe
-from ..stack import ENTROPY_COLLAPSE, RANK_COLLAPSE, StackHealth
+from ..studies.stack import ENTROPY_COLLAPSE, RANK_COLLAPSE, StackHealth
 
 Model = nn.Module | Callable[..., Any]
 _LISTED = 6  # layers named in an entropy-collapse message

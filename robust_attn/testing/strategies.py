@@ -2,7 +2,7 @@
 composing).
 
     from hypothesis import given
-    from robust_attn.testing import strategies as ras
+    from . import strategies as ras
 
     @given(ras.attention_shapes(), ras.seeds)
     def test_my_layer(shape, seed): ...
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from hypothesis import strategies as st
 
-from ..stack import StackSetting
+from ..studies.stack import StackSetting
 
 seeds = st.integers(min_value=0, max_value=2**31 - 1)
 
@@ -155,10 +155,10 @@ def token_inputs(draw, shape: AttentionShape, scales=unit_scale, layouts=input_l
     return in_layout(values.to(dtype), layout, draw(st.sampled_from(divisors)))
 
 
-# The collapse setting: deep stacks of attention at initialisation (robust_attn.stack).
+# The collapse setting: deep stacks of attention at initialisation (robust_attn.studies.stack).
 #
 #     from hypothesis import given
-#     from robust_attn.stack import measure_stack
+#     from robust_attn.studies.stack import measure_stack
 #     from robust_attn.testing import assert_no_entropy_collapse, strategies as ras
 #
 #     @given(ras.stack_settings("qk_norm", qk_scales=ras.qk_scales(6, 32)))
@@ -184,7 +184,7 @@ QK_SCALES = (0.5, 32.0)
 def qk_scales(min_value: float = QK_SCALES[0], max_value: float = QK_SCALES[1]):
     """The factor s on the std of W_q and W_k, log-uniform over [min_value, max_value].
 
-    The attention logits scale as s^2 (robust_attn.stack), so collapse depends
+    The attention logits scale as s^2 (robust_attn.studies.stack), so collapse depends
     on log s: a log-uniform draw spends as many examples on [0.5, 4] as on [4, 32].
     """
     if not 0 < min_value <= max_value:
@@ -210,13 +210,13 @@ def stack_settings(draw, variant: str = "baseline", *, depths=stack_depths, head
                    head_dims=stack_head_dims, tokens=stack_tokens, batches=stack_batches,
                    qk_scales=stack_qk_scales, residual=stack_residual, norms=stack_norms,
                    seeds=seeds) -> StackSetting:
-    """A :class:`robust_attn.stack.StackSetting` of ``variant``: depth in [8, 48], width
+    """A :class:`robust_attn.studies.stack.StackSetting` of ``variant``: depth in [8, 48], width
     heads x head_dim <= 64, 4 to 32 tokens, batch 1 or 2, an initial QK scale in [0.5, 32],
     with or without residual connections, pre-LN (``norms``: "pre" or "post"). Each keyword
     is a strategy that replaces a part.
 
     The defaults keep a depth-48 stack under a second on a CPU; measure a
-    setting with :func:`robust_attn.stack.measure_stack`.
+    setting with :func:`robust_attn.studies.stack.measure_stack`.
     """
     num_heads = draw(heads)
     return StackSetting(variant=variant, depth=draw(depths), dim=num_heads * draw(head_dims),

@@ -109,7 +109,7 @@ def assert_gradients_close(actual: dict[str, Tensor | None], expected: dict[str,
 
 
 def max_abs_logit(health) -> float:
-    """The largest |finite allowed logit| an :class:`robust_attn.probe.AttentionHealth` saw (its
+    """The largest |finite allowed logit| an :class:`robust_attn.health.probe.AttentionHealth` saw (its
     ``max_logit`` per head; 0 if none is finite): the L of the error model."""
     finite = health.max_logit[torch.isfinite(health.max_logit)]
     return finite.abs().max().item() if finite.numel() else 0.0

@@ -21,7 +21,7 @@ generator seeded from it inside ``torch.random.fork_rng`` (the caller's global
 random state is left as it was). The same setting always measures the same.
 
 :func:`init_stack_weights` is another init, used by the trainability diagrams
-(:mod:`robust_attn.diagnostics`) only: the Gaussian draw of Giorlandino & Goldt's
+(:mod:`robust_attn.studies.diagnostics`) only: the Gaussian draw of Giorlandino & Goldt's
 theory, W_q, W_k ~ N(0, sqk^2 / C), W_v, W_o ~ N(0, 1 / C), biases zero.
 
 Verdicts use the thresholds below: entropy collapse when some layer's mean
@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from .metrics import token_residual
-from .presets import create
+from ..metrics import token_residual
+from ..presets import create
 
 ENTROPY_COLLAPSE = 0.1
 RANK_COLLAPSE = 0.01

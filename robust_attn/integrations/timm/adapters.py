@@ -39,8 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attention import RobustAttention
-from ..mitigations.sigma_reparam import SigmaReparamLinear
+from ...attention import RobustAttention
+from ...mitigations.sigma_reparam import SigmaReparamLinear
 from .rope_attention import RobustAttentionRope
 
 # Mitigations a timm module holds after revert: folded into weights, a loss only, or its own RoPE

@@ -21,7 +21,7 @@ does not reach them); ``close`` gives the previous switches back.
 With ``reduce_across_ranks=True`` and an initialised torch.distributed
 default group, each sampled step's readings (and the losses since the
 previous sample) are reduced over the ranks of ``process_group`` (None: the
-default group) with :func:`robust_attn.distributed.all_reduce`: means over the
+default group) with :func:`robust_attn.health.distributed.all_reduce`: means over the
 ranks, except the largest logit (max), the lowest entropy (min) and the
 non-finite counts (sum). Every rank must then call ``step`` equally often.
 """
@@ -34,9 +34,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ...mitigations import SinkLogit, SinkTokens
 from ..distributed import all_reduce, pack, unpack
 from ..early_warnings import HealthWarning, Thresholds, check
-from ..mitigations import SinkLogit, SinkTokens
 from .in_use import presets_in_use
 from .maps import attention_modules
 from .report import HEAD_METRICS, LAYER_METRICS, LayerSeries, MonitorReport
@@ -54,7 +54,7 @@ class HealthMonitor:
         every: sampling period in steps (default 10).
         reduce_across_ranks: all-reduce the readings over torch.distributed ranks.
         process_group: the ranks to reduce over (None: the default group).
-        thresholds: the early-warning thresholds (:class:`robust_attn.early_warnings.Thresholds`).
+        thresholds: the early-warning thresholds (:class:`robust_attn.health.early_warnings.Thresholds`).
         keep_maps: keep the attention maps of the latest sampled step for
             :meth:`attention_maps` (memory: one sampled map per module).
     """
@@ -118,13 +118,13 @@ class HealthMonitor:
 
     def attention_maps(self) -> dict[str, Tensor]:
         """Each module's attention map (H, Nq', Nk) of the first batch item at the latest sampled
-        step, as :func:`robust_attn.monitor.attention_maps` gives them (needs ``keep_maps``)."""
+        step, as :func:`robust_attn.health.monitor.attention_maps` gives them (needs ``keep_maps``)."""
         if not self.keep_maps:
             raise RuntimeError("construct the HealthMonitor with keep_maps=True to keep maps")
         return dict(self._maps)
 
     def warnings(self) -> list[HealthWarning]:
-        """The early warnings the series so far raise (:mod:`robust_attn.early_warnings`); their
+        """The early warnings the series so far raise (:mod:`robust_attn.health.early_warnings`); their
         suggestions leave out the presets the model already uses (:attr:`in_use`)."""
         return check(self.report(), self.thresholds, in_use=self.in_use)
 

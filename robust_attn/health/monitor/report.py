@@ -93,7 +93,7 @@ _REDUCTIONS = {"last": lambda series: series[-1] if series else math.nan,
 
 @dataclass
 class MonitorReport:
-    """Everything a :class:`~robust_attn.monitor.HealthMonitor` gathered.
+    """Everything a :class:`~robust_attn.health.monitor.HealthMonitor` gathered.
 
     every: the sampling period; steps: the sampled step numbers (0-based,
     counted by ``step()`` calls); losses: the loss fed at every step (None when

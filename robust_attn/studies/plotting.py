@@ -89,7 +89,7 @@ def plot_attention_maps(maps: dict[str, torch.Tensor], path: Path, title: str = 
                         max_layers: int = 6, max_heads: int = 8) -> Path:
     """Attention maps (H, Nq, Nk) per layer (rows, evenly chosen) and head (columns).
 
-    ``maps`` as :func:`robust_attn.monitor.attention_maps` returns them; each
+    ``maps`` as :func:`robust_attn.health.monitor.attention_maps` returns them; each
     panel is one head's weights, queries down, keys across, on a colour scale
     from 0 to that panel's largest weight (its colourbar beside it).
     """
@@ -128,7 +128,7 @@ HEALTH_CURVES = (("entropy", "attention entropy (mean over heads)", "linear"),
 
 def _layer_curve(series, metric: str) -> list[float]:
     """A layer's series: per-head metrics reduced over heads (max for logits, else the mean)."""
-    from .monitor.report import HEAD_METRICS
+    from ..health.monitor.report import HEAD_METRICS
 
     values = getattr(series, metric)
     if metric not in HEAD_METRICS:
@@ -139,7 +139,7 @@ def _layer_curve(series, metric: str) -> list[float]:
 
 def plot_health_curves(report, path: Path, curves=HEALTH_CURVES,
                        marks: dict[str, int] | None = None) -> Path:
-    """Per-layer health over training from a :class:`~robust_attn.monitor.MonitorReport`:
+    """Per-layer health over training from a :class:`~robust_attn.health.monitor.MonitorReport`:
     one panel per metric (colour = depth) and the loss at every step. marks: label -> step,
     drawn as a dashed vertical line in every panel (e.g. the first step of each warning)."""
     plt = pyplot()
@@ -204,7 +204,7 @@ def _theory_boundaries(plt, axis, diagram, resolution: int = 80) -> None:
 
 
 def plot_trainability_diagrams(diagrams, path: Path) -> Path:
-    """One panel per :class:`~robust_attn.diagnostics.TrainabilityDiagram`: cells coloured by the
+    """One panel per :class:`~robust_attn.studies.diagnostics.TrainabilityDiagram`: cells coloured by the
     measured verdict, the theory's boundaries (black lines) where the diagram has theory, and an x
     on each cell where measurement and theory disagree."""
     from matplotlib.patches import Patch

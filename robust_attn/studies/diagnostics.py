@@ -4,8 +4,8 @@ After Giorlandino & Goldt (2025), "Two failure modes of deep transformers and
 how to avoid them: a unified theory of signal propagation at initialisation"
 (arXiv:2505.24333, ICLR 2026). For an architecture (depth, width, heads,
 tokens, pre- or post-LN) and a variant, :func:`trainability_diagram` builds
-the stack of :mod:`robust_attn.stack` for every (beta, alpha), initialises it
-with :func:`robust_attn.stack.init_stack_weights`, runs one batch with the
+the stack of :mod:`robust_attn.studies.stack` for every (beta, alpha), initialises it
+with :func:`robust_attn.studies.stack.init_stack_weights`, runs one batch with the
 probe on, and classifies the cell with the stack's verdict (entropy collapse:
 worst layer's mean normalised entropy < ENTROPY_COLLAPSE; rank collapse:
 final res < RANK_COLLAPSE; "healthy"; "both"). The blocks, with LN the
@@ -58,7 +58,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from .metrics import token_cosine_similarity
+from ..metrics import token_cosine_similarity
 from .stack import (
     NORM_POSITIONS,
     AttentionStack,

@@ -44,13 +44,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..attention import RobustAttention
-from ..mitigations import MITIGATIONS
-from ..mitigations.sigma_reparam import SigmaReparam
-from ..mitigations.sinks import PRESERVING_SINK_LOGIT, SinkLogit
-from ..mitigations.spectral_qk import SpectralQK
-from ..presets import preset_options
-from .timm_adapters import timm_classes, to_robust, to_timm, unexpressible, unsupported_reason
+from ...attention import RobustAttention
+from ...mitigations import MITIGATIONS
+from ...mitigations.sigma_reparam import SigmaReparam
+from ...mitigations.sinks import PRESERVING_SINK_LOGIT, SinkLogit
+from ...mitigations.spectral_qk import SpectralQK
+from ...presets import preset_options
+from .adapters import timm_classes, to_robust, to_timm, unexpressible, unsupported_reason
 
 # Option values replaced by their function-preserving initialisation when converting.
 PRESERVING_VALUES = {"sigma_reparam": {True: "preserve"}, "sink_logit": {True: "preserve"}}

@@ -1,9 +1,9 @@
 """Attention maps as the probe saw them, and how alike two layers' maps are.
 
-The probe (:mod:`robust_attn.probe`) recomputes, for a bounded subsample of
+The probe (:mod:`robust_attn.health.probe`) recomputes, for a bounded subsample of
 query rows, the attention weights of the problem the kernel solved (q and k
 after every mitigation, masks, score modifiers), whichever kernel ran, but
-keeps only statistics; within :func:`robust_attn.probe.keeping_maps` it also
+keeps only statistics; within :func:`robust_attn.health.probe.keeping_maps` it also
 keeps the sampled (B', H, Nq', Nk) weights and the allowed-key mask it computed,
 in call order: exactly what the probe measured (same rows, same batch items).
 """
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...attention import RobustAttention
 from .. import probe
-from ..attention import RobustAttention
 
 
 @dataclass(frozen=True)

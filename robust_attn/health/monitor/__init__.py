@@ -7,7 +7,7 @@
     monitor.warnings(); monitor.report().to_dict(); monitor.to_csv("health.csv")
 
 :func:`attention_maps` runs a model once and returns each attention module's
-map as the probe saw it (for pictures, :mod:`robust_attn.plotting`).
+map as the probe saw it (for pictures, :mod:`robust_attn.studies.plotting`).
 """
 
 from .health_monitor import HealthMonitor

@@ -1,6 +1,6 @@
 """What each preset claims against collapse at initialisation, as data: the README's claims table.
 
-The two failure modes, measured on :mod:`robust_attn.stack`'s deep stacks at
+The two failure modes, measured on :mod:`robust_attn.studies.stack`'s deep stacks at
 initialisation, each layer built exactly as ``create(preset, dim, num_heads)``
 builds it, W_q and W_k multiplied by sqk (docs/collapse-setting.md):
 
@@ -28,7 +28,7 @@ baseline shows it.
 Each claim starts from its source's claim and is then measured; where our
 measurement disagrees, the claim is narrowed or is 'neither', and ``note``
 says what the source claims and what we measured. The bounds are the
-thresholds of the stack's verdicts (``robust_attn.stack.ENTROPY_COLLAPSE``,
+thresholds of the stack's verdicts (``robust_attn.studies.stack.ENTROPY_COLLAPSE``,
 ``RANK_COLLAPSE``), so "addresses" means "the verdict stays healthy".
 """
 

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..attention import RobustAttention
-from ..mitigations.rope import RopeLayout
+from ...attention import RobustAttention
+from ...mitigations.rope import RopeLayout
 
 
 class RobustAttentionRope(RobustAttention):

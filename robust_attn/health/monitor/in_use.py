@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..attention import RobustAttention
-from ..presets import list_variants, preset_options
+from ...attention import RobustAttention
+from ...presets import list_variants, preset_options
 
 
 def _has_option(module: RobustAttention, option: str) -> bool:

@@ -16,7 +16,7 @@ process group the readings come back unchanged, so single-process code needs no
 branch.
 
 :func:`reduce_health` applies these rules to an
-:class:`~robust_attn.probe.AttentionHealth`, field by field:
+:class:`~robust_attn.health.probe.AttentionHealth`, field by field:
 
     entropy, sink_mass, sparsity   mean over every rank's sampled query rows: each rank's
                                    value weighted by its sampled_queries. When each rank's
@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .mitigations import MITIGATIONS
+from ..mitigations import MITIGATIONS
 from .probe import AttentionHealth
 
 T = TypeVar("T")

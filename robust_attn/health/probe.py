@@ -36,9 +36,9 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from . import metrics
-from .kernels.eager import attention_logits
-from .problem import AttentionProblem
+from .. import metrics
+from ..kernels.eager import attention_logits
+from ..problem import AttentionProblem
 
 DEFAULT_MAX_QUERIES = 256
 _enabled_everywhere = False  # the process-wide default

@@ -1,6 +1,6 @@
 """Early warnings: the signs of trouble the literature knows, read from a monitor's report.
 
-Each rule reads a :class:`~robust_attn.monitor.MonitorReport` and returns
+Each rule reads a :class:`~robust_attn.health.monitor.MonitorReport` and returns
 :class:`HealthWarning` values: a code, the layer and head (None where the
 warning is about the whole model), the evidence (the recent values and the
 steps they come from) and the presets that address it, best first. Level

@@ -3,10 +3,10 @@
 While a SampledStep is open, each monitored module's probe is on and a forward
 hook records the module's input and output statistics (res and cosine of the
 tokens entering it, the branch gain) and compares the attention map the probe
-sampled (:func:`robust_attn.probe.keeping_maps`) with the map of the
+sampled (:func:`robust_attn.health.probe.keeping_maps`) with the map of the
 attention call before it; only that one previous map is held (and, with
 ``keep_maps``, each module's first batch item). ``collect`` turns the modules'
-:class:`~robust_attn.probe.AttentionHealth` and those statistics into one
+:class:`~robust_attn.health.probe.AttentionHealth` and those statistics into one
 tensor per metric; ``close`` removes every hook and switches the probes off,
 so steps that are not sampled run the plain forward.
 """
@@ -18,8 +18,9 @@ from contextlib import ExitStack
 import torch
 from torch import Tensor
 
-from .. import metrics, probe
-from ..attention import RobustAttention
+from ... import metrics
+from ...attention import RobustAttention
+from .. import probe
 from .maps import AttentionMap, map_similarity
 
 

@@ -28,8 +28,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
 
-from ..attention import RobustAttention
-from ..presets import preset_options
+from ...attention import RobustAttention
+from ...presets import preset_options
 
 _LayerKey = tuple[str, tuple[tuple[str, Any], ...]]
 
