@@ -49,6 +49,7 @@ from unittest import mock
 import torch
 
 import robust_attn
+from robust_attn.health.records import recording
 from robust_attn.kernels import KERNELS, flex
 from robust_attn.kernels.eager import attention_logits, eager_attention
 from robust_attn.mitigations.softcap import TanhSoftCap
@@ -159,17 +160,14 @@ def check_kernels(device: torch.device, quick: bool, seconds: float) -> dict:
 
 
 @contextlib.contextmanager
-def _recorded_kernels():
-    chosen = []
-    select = robust_attn.attention.select_kernel
+def _recorded_kernels(module: torch.nn.Module):
+    """The kernels ``module``'s calls ran on inside the block (from its observers' records)."""
+    with recording(module) as records:
+        yield records
 
-    def recording(*args, **kwargs):
-        kernel = select(*args, **kwargs)
-        chosen.append(kernel.name)
-        return kernel
 
-    with mock.patch.object(robust_attn.attention, "select_kernel", recording):
-        yield chosen
+def _kernels(records) -> list[str]:
+    return [record.attended.kernel for _, record in records]
 
 
 def check_auto(device: torch.device, quick: bool) -> dict:
@@ -182,10 +180,11 @@ def check_auto(device: torch.device, quick: bool) -> dict:
         module = robust_attn.RobustAttention(128, num_heads=2, **options).to(device)
         for case, kwargs in (("none", {}), ("mask", dict(attn_mask=allowed.to(device))),
                              ("causal", dict(is_causal=True))):
-            with _recorded_kernels() as chosen:
+            with _recorded_kernels(module) as records:
                 for grad in (False, True):
                     with torch.set_grad_enabled(grad):
                         module(x, **kwargs)
+            chosen = _kernels(records)
             rows.append(dict(preset=preset, case=case, inference=chosen[0], training=chosen[1]))
     summary = "; ".join(f"{r['preset']}/{r['case']}: {r['inference']}, {r['training']} (train)"
                         for r in rows)
@@ -213,8 +212,9 @@ def check_sink(device: torch.device, quick: bool) -> dict:
     module = robust_attn.RobustAttention(512, num_heads=8, sink_logit=True).to(device, dtype)
     x = torch.randn(batch, tokens, 512, device=device, dtype=dtype)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile, \
-            _recorded_kernels() as chosen:
+            _recorded_kernels(module) as records:
         module(x).sum().backward()
+    chosen = _kernels(records)
     ops = sorted({event.name for event in profile.events()
                   if "scaled_dot_product" in event.name or "efficient_attention" in event.name
                   or "flash_attention" in event.name or "cudnn_attention" in event.name})
@@ -301,8 +301,9 @@ def check_compiled(device: torch.device, quick: bool) -> dict:
     out = compiled(x, is_causal=True)
     out.square().sum().backward()
     compiled_grad, x.grad = x.grad, None
-    with _recorded_kernels() as chosen:
+    with _recorded_kernels(module) as records:
         expected = module(x, is_causal=True)
+    chosen = _kernels(records)
     expected.square().sum().backward()
     error = max((out - expected).abs().max().item(), (compiled_grad - x.grad).abs().max().item())
     return dict(ok=error < 1e-3, summary=f"softcap, causal, fullgraph: max error {error:.1e} "

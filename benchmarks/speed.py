@@ -31,8 +31,6 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +38,7 @@ import torch
 import torch._dynamo
 
 import robust_attn
-from robust_attn import attention as attention_module
+from robust_attn.health.records import recording
 
 from .machine import machine
 from .measure import Clock, inference_step, interleaved, median, training_step
@@ -132,23 +130,6 @@ def build(case: Case, shape: Shape, device: torch.device, dtype: torch.dtype) ->
     return torch.compile(module) if case.compiled else module
 
 
-@contextmanager
-def kernels_used() -> Iterator[list[str]]:
-    """The kernels RobustAttention picks while inside (by wrapping its select_kernel)."""
-    used, original = [], attention_module.select_kernel
-
-    def recording(*args):
-        kernel = original(*args)
-        used.append(kernel.name)
-        return kernel
-
-    attention_module.select_kernel = recording
-    try:
-        yield used
-    finally:
-        attention_module.select_kernel = original
-
-
 def error_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
@@ -201,13 +182,13 @@ class Bench:
 
     def _first_call(self, case: Case) -> str:
         """Call the case once; the kernel(s) it ran on."""
-        if case.compiled:  # a wrapped select_kernel would be traced into the graph
+        if case.compiled:  # an observer would be traced into the graph
             self.step(case.name)
             return "compiled"
-        with kernels_used() as kernels:
+        with recording(self.modules[case.name]) as records:
             self.step(case.name)
-        if kernels:
-            return "/".join(dict.fromkeys(kernels))
+        if records:
+            return "/".join(dict.fromkeys(record.attended.kernel for _, record in records))
         return "sdpa (timm)" if self.modules[case.name].fused_attn else "eager (timm)"
 
     def run(self, repeats: int) -> dict[str, list[dict]]:

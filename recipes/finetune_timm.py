@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from _adversarial import adversarial_inputs
 from _distributed import Distributed, init_distributed, shutdown
-from _health import attention_health, summarize
+from _health import summarize
 from _logging import MetricsLog, markdown_table, progress
 from _optim import adamw, warmup_cosine_schedule
 from _smoke import add_smoke_flag, parse_with_smoke
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
             log.write("train", row)
             log.scalars(step, {f"train/{k}": v for k, v in row.items() if k != "step"})
             if (step - start) % args.log_every == 0:  # a step the monitor sampled
-                last.update(summarize(attention_health(model)))
+                last.update(summarize(monitor.latest_health()))
                 log.scalars(step, {f"health/{name}": last[name] for name in HEALTH_COLUMNS})
                 for name in HEALTH_COLUMNS:
                     first.setdefault(name, last[name])

@@ -7,6 +7,7 @@ from .health.early_warnings import HealthWarning, Thresholds
 from .health.guard import NonFiniteError, nonfinite_guard
 from .health.monitor import HealthMonitor, MonitorReport, attention_maps
 from .health.probe import AttentionHealth, health_probe, set_probe_enabled
+from .health.records import recording
 from .integrations import convert, layer, revert
 from .mitigations import DefeatedMitigationWarning
 from .presets import create, list_variants, preset_options
@@ -32,6 +33,7 @@ __all__ = [
     "metrics",
     "nonfinite_guard",
     "preset_options",
+    "recording",
     "reduce_health",
     "revert",
     "set_probe_enabled",

@@ -49,44 +49,45 @@ stateful ones show in the keys. A state dict without the record (timm's, a plain
 
 from __future__ import annotations
 
-import sys
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Final
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
+from .call import Attended, AttentionCall, AttentionRecord, Observer, ObserverEntry
 from .config import AttentionConfig
 from .health import probe as health_probe
-from .kernels import check_kernel_name, select_kernel
+from .kernels import check_kernel_name
 from .logit_limit import all_finite, refuse_overflowing_logits, refuse_overflowing_norm_input
 from .mitigations import MITIGATIONS, Mitigation
-from .mitigations.qk_norm import qk_norm_layers
+from .mitigations.base import LayerSpec
 from .problem import SOFTMAX, AttentionProblem
 
 
-def _build_mitigations(options: dict[str, Any], config: AttentionConfig,
-                       qk_norm: bool) -> dict[str, Mitigation]:
+def _build_mitigations(options: dict[str, Any], config: AttentionConfig) -> dict[str, Mitigation]:
     unknown = sorted(set(options) - set(MITIGATIONS))
     if unknown:
         raise TypeError(f"RobustAttention got unknown option(s) {unknown}; "
                         f"known mitigation options: {sorted(MITIGATIONS)}")
     built = {name: MITIGATIONS[name].from_option(value, config) for name, value in options.items()}
     built = {name: mitigation for name, mitigation in built.items() if mitigation is not None}
-    enabled = set(built) | ({"qk_norm"} if qk_norm else set())
     for name, mitigation in built.items():
         for other, reason in type(mitigation).conflicts.items():
-            if other in enabled:
+            if other in built:
                 raise ValueError(f"options {name!r} and {other!r} conflict: {reason}")
-    normalizers = [name for name, m in built.items() if m.normalizer() is not None]
-    if len(normalizers) > 1:
-        raise ValueError(f"options {normalizers} conflict: each replaces the softmax")
-    linears = [name for name, m in built.items()
-               if type(m).make_linear is not Mitigation.make_linear]
-    if len(linears) > 1:
-        raise ValueError(f"options {linears} conflict: each replaces the qkv and proj layers")
+    for stage, default, what in (("normalizer", Mitigation.normalizer, "replaces the softmax"),
+                                 ("attend", Mitigation.attend, "solves the problem its own way")):
+        overriding = [name for name, m in built.items() if getattr(type(m), stage) is not default]
+        if len(overriding) > 1:
+            raise ValueError(f"options {overriding} conflict: each {what}")
     return dict(sorted(built.items(), key=lambda item: item[1].output_order))  # stable
+
+
+_DEFAULT_LAYERS = {"qkv": "linear", "proj": "linear", "q_norm": "identity", "k_norm": "identity"}
 
 
 def _check_positive_int(name: str, value: Any) -> int:
@@ -175,60 +176,119 @@ class RobustAttention(nn.Module):
         self.probe_spectral = probe_spectral
         self.health: health_probe.AttentionHealth | None = None
 
-        self.mitigations = nn.ModuleDict(_build_mitigations(mitigations, config, qk_norm))
-        self.qkv = self._linear(dim, config.attn_dim * 3, qkv_bias)
-        self.q_norm, self.k_norm = qk_norm_layers(qk_norm, config)
+        # qk_norm is timm's constructor argument and a mitigation like the others.
+        self.mitigations = nn.ModuleDict(_build_mitigations({"qk_norm": qk_norm, **mitigations},
+                                                            config))
+        self.layer_builders: dict[str, str] = {}  # role -> the option that built its layer
+        head = config.head_dim
+        self.qkv = self._layer(LayerSpec("qkv", dim, config.attn_dim * 3, qkv_bias))
+        self.q_norm = self._layer(LayerSpec("q_norm", head, head))
+        self.k_norm = self._layer(LayerSpec("k_norm", head, head))
         self.attn_drop = nn.Dropout(_check_probability("attn_drop", attn_drop))
         self.norm = config.norm_layer(config.attn_dim, **config.factory_kwargs) if scale_norm \
             else nn.Identity()
-        self.proj = self._linear(config.attn_dim, config.dim_out, proj_bias)
+        self.proj = self._layer(LayerSpec("proj", config.attn_dim, config.dim_out, proj_bias))
         self.proj_drop = nn.Dropout(_check_probability("proj_drop", proj_drop))
+        self._observers: OrderedDict[int, ObserverEntry] = OrderedDict()
         self._register_state_dict_hook(_record_options)
+        self.register_load_state_dict_post_hook(_explain_absent_state)
 
-    def _linear(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
-        for mitigation in self.mitigations.values():
-            layer = mitigation.make_linear(in_features, out_features, bias, self.config)
-            if layer is not None:
-                return layer
-        return nn.Linear(in_features, out_features, bias=bias, **self.config.factory_kwargs)
+    def _layer(self, spec: LayerSpec) -> nn.Module:
+        """The layer for ``spec.role``: the one a mitigation builds, else the default."""
+        built = {name: layer for name, mitigation in self.mitigations.items()
+                 if (layer := mitigation.make_layer(spec, self.config)) is not None}
+        if len(built) > 1:
+            raise ValueError(f"options {sorted(built)} conflict: each replaces the "
+                             f"{spec.role} layer")
+        if built:
+            (option, layer), = built.items()
+            self.layer_builders[spec.role] = option
+            return layer
+        if _DEFAULT_LAYERS[spec.role] == "identity":
+            return nn.Identity()
+        return nn.Linear(spec.in_features, spec.out_features, bias=spec.bias,
+                         **self.config.factory_kwargs)
+
+    def register_observer(self, fn: Observer, *, health: bool = False, maps: bool = False,
+                          lse: bool = False) -> RemovableHandle:
+        """Call ``fn(module, record)`` after every forward with its
+        :class:`~robust_attn.call.AttentionRecord`. ``health``: the record carries the probe's
+        measurement (computed for this call whatever the probe switch); ``maps``: also the
+        sampled attention map; ``lse``: the kernel returns each row's log-sum-exp
+        (``record.attended.lse``; auto then picks a kernel that gives it). Returns a handle
+        whose ``remove()`` detaches it. Observers are how the monitor and
+        :func:`~robust_attn.health.monitor.attention_maps` watch a module: no global state."""
+        handle = RemovableHandle(self._observers)
+        self._observers[handle.id] = ObserverEntry(fn, health=health, maps=maps, lse=lse)
+        return handle
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        return self.attention(x, attn_mask, is_causal)
+
+    def attention(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
+                  rope: Tensor | None = None) -> Tensor:
+        """The forward, with the per-call inputs subclasses add (``rope``: RobustAttentionRope)."""
         self._check_input(x, attn_mask)
         q, k, v = rearrange(self.qkv(x), "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.num_heads)
+        call = AttentionCall(x, _kernel_mask(attn_mask, q.dtype), bool(is_causal), rope,
+                             self.kernel if self.fused_attn else "eager",
+                             self.attn_drop.p if self.training else 0.0)
         x_finite = all_finite(x)
         if self.normalises_qk:
             refuse_overflowing_norm_input(q, k, x_finite)
         q, k = self.q_norm(q), self.k_norm(k)
         for mitigation in self.mitigations.values():
-            q, k = mitigation.transform_qk(q, k)
+            q, k = mitigation.transform_qk(q, k, call)
         refuse_overflowing_logits(q, k, self.scale, x_finite)  # the tokens' own (sinks are weights)
-        problem = AttentionProblem(q, k, v, self.scale, _kernel_mask(attn_mask, q.dtype),
-                                   bool(is_causal), self._score_mods(), self._normalizer())
+        problem = AttentionProblem(q, k, v, self.scale, call.attn_mask, call.is_causal,
+                                   self._score_mods(), self._normalizer())
         del q, k, v  # the problem holds them: extend_keys' copies may free the originals
         for mitigation in self.mitigations.values():
-            problem = mitigation.extend_keys(problem)
+            problem = mitigation.extend_keys(problem, call)
 
-        dropout_p = self.attn_drop.p if self.training else 0.0
-        if problem.num_queries == 0:  # no tokens: an empty output (the kernels need a query row)
-            out = problem.v[..., :0, :]
-        else:
-            kernel = select_kernel(self.kernel if self.fused_attn else "eager", problem, dropout_p)
-            out = kernel.run(problem, dropout_p)
+        observers = tuple(self._observers.values())
+        attended = self._attend(problem, call, lse=any(entry.lse for entry in observers))
         for mitigation in self.mitigations.values():  # sorted by output_order at construction
-            out = mitigation.transform_output(out, problem, x)
-        if self.probe_active:
-            self.health = health_probe.measure(problem, out, self._mitigation_health(),
-                                               self.probe_queries, self.probe_spectral)
+            attended = attended.with_out(mitigation.transform_output(attended, call))
+        health, attention_map = self._measure(attended, call, observers)
 
-        x = rearrange(out, "b h n d -> b n (h d)")
-        x = self.norm(x)
-        x = self.proj(x)
-        return self.proj_drop(x)
+        x = rearrange(attended.out, "b h n d -> b n (h d)")
+        x = self.proj_drop(self.proj(self.norm(x)))
+        if observers:
+            record = AttentionRecord(call, attended, x, health, attention_map)
+            for entry in observers:
+                entry.fn(self, record)
+        return x
+
+    def _attend(self, problem: AttentionProblem, call: AttentionCall, lse: bool) -> Attended:
+        """The attend stage: a mitigation's own way of solving (at most one has one), else the
+        kernel; with each row's log-sum-exp when an observer or a mitigation needs it."""
+        for mitigation in self.mitigations.values():
+            attended = mitigation.attend(problem, call)
+            if attended is not None:
+                return attended
+        lse = lse or any(m.needs_lse for m in self.mitigations.values())
+        return call.attend(problem, lse=lse)
+
+    def _measure(self, attended: Attended, call: AttentionCall, observers: tuple[ObserverEntry, ...]):
+        """The probe's measurement when the probe is on or an observer asks for it, as
+        (health, attention map or None); (None, None) otherwise. Only an active probe writes
+        ``self.health``: the one module attribute a forward writes (the documented record)."""
+        probe_on = self.probe_active
+        keep_map = any(entry.maps for entry in observers)
+        if not (probe_on or keep_map or any(entry.health for entry in observers)):
+            return None, None
+        health, attention_map = health_probe.measure(
+            attended.problem, attended.out, self._mitigation_health(call), self.probe_queries,
+            self.probe_spectral, keep_map=keep_map)
+        if probe_on:
+            self.health = health
+        return health, attention_map
 
     @property
     def normalises_qk(self) -> bool:
         """Whether q and k pass through a normalisation layer (qk_norm)."""
-        return not (isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity))
+        return "qk_norm" in self.mitigations
 
     @property
     def probe_active(self) -> bool:
@@ -272,18 +332,17 @@ class RobustAttention(nn.Module):
         """Per option, the state_dict keys (relative to this module) holding its mitigation's state.
 
         A mitigation's own parameters and persistent buffers (``mitigations.<option>.*``),
-        the extra state of the qkv and proj layers it built (sigma_reparam's ``qkv.gamma``,
-        ``qkv.u``, ...; none once folded), and for ``qk_norm`` the q_norm and k_norm layers.
+        and the state of the layers it built beyond what the default layer has (sigma_reparam's
+        ``qkv.gamma``, ``qkv.u``, ...: not ``weight`` and ``bias``, which nn.Linear has; none
+        once folded; qk_norm's ``q_norm.weight``, ...: every key, the default being nn.Identity).
         Options without state are left out.
         """
-        keys = {"qk_norm": [f"{norm}.{key}" for norm in ("q_norm", "k_norm")
-                            for key in getattr(self, norm).state_dict()]}
-        for name, mitigation in self.mitigations.items():
-            keys[name] = [f"mitigations.{name}.{key}" for key in mitigation.state_dict()]
-            if type(mitigation).make_linear is not Mitigation.make_linear:
-                keys[name] += [f"{layer}.{key}" for layer in ("qkv", "proj")
-                               for key in getattr(self, layer).state_dict()
-                               if key not in ("weight", "bias")]
+        keys = {name: [f"mitigations.{name}.{key}" for key in mitigation.state_dict()]
+                for name, mitigation in self.mitigations.items()}
+        for role, option in self.layer_builders.items():
+            default_keys = ("weight", "bias") if _DEFAULT_LAYERS[role] == "linear" else ()
+            keys[option] += [f"{role}.{key}" for key in getattr(self, role).state_dict()
+                             if key not in default_keys]
         return {name: names for name, names in keys.items() if names}
 
     def _absent_mitigations(self, state_dict: Mapping[str, Any], prefix: str) -> dict[str, list[str]]:
@@ -322,21 +381,8 @@ class RobustAttention(nn.Module):
                 f"it with the checkpoint's values, or, to change them on purpose, load "
                 f"dict(state_dict), which drops the recorded options.")
         absent = self._absent_mitigations(state_dict, prefix)
-        if absent and _loading_strictly():
-            keys = [prefix + key for names in absent.values() for key in names]
-            foreign = self._foreign_keys(state_dict, prefix)
-            if foreign:  # saved with other mitigations: load_upgrading would refuse it too
-                error_msgs.append(
-                    f"{where} has mitigation(s) {sorted(absent)} whose state the state dict lacks "
-                    f"({', '.join(keys)}), and the state dict holds state this module lacks "
-                    f"({', '.join(foreign)}): it was saved with other options (another preset). "
-                    f"Build the module with the checkpoint's options.")
-            else:
-                error_msgs.append(
-                    f"{where} has mitigation(s) {sorted(absent)} whose state the state dict lacks "
-                    f"({', '.join(keys)}): it was saved before they were added. To load it, "
-                    f"keeping their fresh state, call robust_attn.load_upgrading(model, "
-                    f"state_dict).")
+        if absent:  # explained by _explain_absent_state once the keys are known to be missing
+            self._absent_on_load = (prefix, absent, self._foreign_keys(state_dict, prefix))
 
     def _score_mods(self) -> tuple:
         return tuple(mod for m in self.mitigations.values() if (mod := m.score_mod()) is not None)
@@ -348,9 +394,9 @@ class RobustAttention(nn.Module):
                 return normalizer
         return SOFTMAX
 
-    def _mitigation_health(self) -> dict[str, Tensor]:
+    def _mitigation_health(self, call: AttentionCall) -> dict[str, Tensor]:
         return {f"{name}.{key}": value.detach() for name, m in self.mitigations.items()
-                for key, value in m.health().items()}
+                for key, value in m.health(call).items()}
 
     def _check_input(self, x: Tensor, attn_mask: Tensor | None) -> None:
         if not isinstance(x, Tensor) or x.dim() != 3:
@@ -415,19 +461,50 @@ def _record_options(module: RobustAttention, state_dict, prefix: str, local_meta
     local_metadata[_OPTIONS_KEY] = module.saved_options()
 
 
-def _loading_strictly() -> bool:
-    """The ``strict`` argument of the nn.Module.load_state_dict call under way (False if none).
+class ExplainedKey(str):
+    """A missing state-dict key that explains itself: equal (and hashing equal) to the key, so
+    ``load_state_dict(strict=False)``'s missing_keys compare as before, while printing it (the
+    message of a strict load's RuntimeError) adds why it is missing and what to do."""
 
-    load_state_dict passes strict=True to every module's _load_from_state_dict and applies its
-    own ``strict`` to the collected keys afterwards, so the caller's argument is read from its
-    frame: RobustAttention explains missing mitigation state in strict loads only.
-    """
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is nn.Module.load_state_dict.__code__:
-            return bool(frame.f_locals.get("strict", True))
-        frame = frame.f_back
-    return False
+    def __new__(cls, key: str, explanation: str) -> ExplainedKey:
+        explained = super().__new__(cls, key)
+        explained.explanation = explanation
+        return explained
+
+    def __str__(self) -> str:
+        return f"{str.__str__(self)} ({self.explanation})"
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
+def _explain_absent_state(module: RobustAttention, incompatible_keys) -> None:
+    """load_state_dict post hook: the missing keys of mitigations whose state the state dict
+    lacks (recorded by ``_load_from_state_dict`` of the same load) explain themselves. torch's
+    public hook, instead of reading the caller's ``strict`` from its stack frame: a strict load
+    raises with the explanation in its message, a non-strict one returns the same keys."""
+    absent_on_load = module.__dict__.pop("_absent_on_load", None)
+    if absent_on_load is None:
+        return
+    prefix, absent, foreign = absent_on_load
+    where = f"module {prefix[:-1]!r}" if prefix else type(module).__name__
+    keys = [prefix + key for names in absent.values() for key in names]
+    if foreign:  # saved with other mitigations: load_upgrading would refuse it too
+        explanation = (
+            f"{where} has mitigation(s) {sorted(absent)} whose state the state dict lacks "
+            f"({', '.join(keys)}), and the state dict holds state this module lacks "
+            f"({', '.join(foreign)}): it was saved with other options (another preset). "
+            f"Build the module with the checkpoint's options")
+    else:
+        explanation = (
+            f"{where} has mitigation(s) {sorted(absent)} whose state the state dict lacks "
+            f"({', '.join(keys)}): it was saved before they were added. To load it, keeping "
+            f"their fresh state, call robust_attn.load_upgrading(model, state_dict)")
+    missing = incompatible_keys.missing_keys
+    for index, key in enumerate(missing):
+        if key in keys:
+            missing[index] = ExplainedKey(key, explanation)
+            return  # one explanation per module
 
 
 def load_upgrading(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, list[str]]:
@@ -469,6 +546,5 @@ def load_upgrading(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str,
     model.load_state_dict(state_dict, strict=False)
     for module, absent in upgrades.values():
         for option in absent:
-            if option in module.mitigations:  # qk_norm has nothing derived from weights
-                module.mitigations[option].reset_from_weights()
+            module.mitigations[option].reset_from_weights()
     return {name: sorted(absent) for name, (_, absent) in upgrades.items()}

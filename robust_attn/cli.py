@@ -152,7 +152,7 @@ def _builtin_step(setting: StackSetting, kernel: str):
     users build it), after one monitored training step on the loss mean(X_L^2): its StackHealth
     (measure_stack's numbers, from the same forward), warnings and attention maps."""
     generator = torch.Generator().manual_seed(setting.seed)
-    stack = build_stack(setting, generator, kernel=kernel)
+    stack = build_stack(setting, generator, kernel=kernel, probe=True)
     x = torch.randn(setting.batch, setting.tokens, setting.dim, generator=generator)
     hidden, _, warnings, maps = _training_step(stack, x)
     layers = [layer_health(index, attention, state.detach()) for index, (attention, state)

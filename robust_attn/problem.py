@@ -21,6 +21,16 @@ when Nq == Nk.)
 A sparsity pattern (:mod:`robust_attn.sparse`) is aligned the same way: it
 covers the Nq query tokens, which are the last Nq keys, and the prepended keys
 stay visible to every query (:meth:`robust_attn.sparse.Pattern.problem_mask_mod`).
+
+Score modifiers are aligned the same way too. The problem counts the keys
+prepended in front of the tokens' own (``prepended_keys``: sink tokens, a sink
+logit's key). A position-free modifier (softcap) sees every key, prepended ones
+included, at its kernel index. A positional one (its ``positional`` attribute is
+True: ALiBi's distance bias) sees token positions, q_pos = q_idx + (Nk - P - Nq)
+and kv_pos = kv_idx - P with P = prepended_keys, and is not applied to the
+prepended keys at all, which have no position: their scores stay as they are.
+:meth:`AttentionProblem.score_mod` composes them into one FlexAttention-style
+function that every kernel applies.
 """
 
 from __future__ import annotations
@@ -37,6 +47,11 @@ if TYPE_CHECKING:
     from .sparse import Pattern
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def is_positional(score_mod: ScoreMod) -> bool:
+    """Whether ``score_mod`` depends on token positions (its ``positional`` attribute)."""
+    return bool(getattr(score_mod, "positional", False))
 
 
 @dataclass(frozen=True)
@@ -72,6 +87,8 @@ class AttentionProblem:
         (sigmoid attention).
     pattern: a sparsity pattern (robust_attn.sparse), applied like a mask
         (aligned as described in the module docstring); None allows every pair.
+    prepended_keys: how many of the keys were prepended in front of the tokens' own
+        (sinks); positional score modifiers skip them (module docstring).
     """
 
     q: Tensor
@@ -83,6 +100,7 @@ class AttentionProblem:
     score_mods: tuple[ScoreMod, ...] = ()
     normalizer: Callable[[Tensor], Tensor] = SOFTMAX
     pattern: Pattern | None = None
+    prepended_keys: int = 0
 
     @property
     def num_queries(self) -> int:
@@ -101,6 +119,30 @@ class AttentionProblem:
         """A mask, causality or a pattern may block keys, so a row may have none allowed.
         (Score modifiers change scores; they do not block.)"""
         return self.attn_mask is not None or self.causal or self.pattern is not None
+
+    def score_mod(self) -> ScoreMod | None:
+        """The score modifiers as one function of (score, b, h, q_idx, kv_idx) at kernel indices,
+        positional ones re-indexed to token positions and kept off the prepended keys (module
+        docstring); None when there is none. It captures only the modifiers and two integers,
+        so FlexAttention can compile it."""
+        mods = self.score_mods
+        if not mods:
+            return None
+        prepended = self.prepended_keys
+        query_offset = self.num_keys - prepended - self.num_queries
+
+        def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            for mod in mods:
+                if not is_positional(mod):
+                    score = mod(score, b, h, q_idx, kv_idx)
+                elif prepended == 0:
+                    score = mod(score, b, h, q_idx + query_offset, kv_idx)
+                else:
+                    moved = mod(score, b, h, q_idx + query_offset, kv_idx - prepended)
+                    score = torch.where(kv_idx >= prepended, moved, score)
+            return score
+
+        return score_mod
 
     def normalize(self, logits: Tensor) -> Tensor:
         """The weights of masked ``logits``: the normalizer, or torch.softmax for softmax when

@@ -9,20 +9,17 @@ test fails saying so) and the preset must stay at or above it.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import replace
 from operator import attrgetter
-from unittest import mock
 
 import pytest
 import torch
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-import robust_attn.attention
 from benchmarks.claims_table import measure
 from robust_attn import create, list_variants
-from robust_attn.kernels import KERNELS, select_kernel
+from robust_attn.kernels import KERNELS
 from robust_attn.kernels.eager import attention_logits, attention_weights
 from robust_attn.studies.claims import (
     BASELINE_ENTROPY_COLLAPSE,
@@ -151,19 +148,6 @@ def test_sigma_reparam_preserving_init_collapses_like_the_baseline():
 
 # Invariants of every preset, on the module as users build it.
 
-@contextmanager
-def recorded_problems():
-    """The AttentionProblems RobustAttention hands its kernel, in call order."""
-    problems = []
-
-    def select(kernel, problem, dropout_p):
-        problems.append(problem)
-        return select_kernel(kernel, problem, dropout_p)
-
-    with mock.patch.object(robust_attn.attention, "select_kernel", select):
-        yield problems
-
-
 def build(variant: str, shape: ras.AttentionShape, seed: int, kernel: str = "eager"):
     """The preset's module (eval mode) and an input, both from ``seed``."""
     torch.manual_seed(seed)
@@ -172,10 +156,13 @@ def build(variant: str, shape: ras.AttentionShape, seed: int, kernel: str = "eag
 
 
 def solve(module, x, attn_mask=None):
-    """The module's output and the problem it solved."""
-    with recorded_problems() as problems, torch.no_grad():
+    """The module's output and the problem it solved (from an observer's record)."""
+    records = []
+    handle = module.register_observer(lambda _, record: records.append(record))
+    with torch.no_grad():
         out = module(x, attn_mask=attn_mask)
-    return out, problems[0]
+    handle.remove()
+    return out, records[0].attended.problem
 
 
 shapes = ras.attention_shapes(head_dims=(3, 8, 12))

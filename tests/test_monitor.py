@@ -38,19 +38,20 @@ def train(model, monitor, x, steps, feed_loss=True):
         optimizer.zero_grad()
 
 
-def test_probes_and_hooks_are_on_only_for_sampled_steps():
+def test_observers_are_attached_only_for_sampled_steps_and_switches_stay_untouched():
     stack = small_stack()
     seen = []
     stack.layers[1].register_forward_pre_hook(
-        lambda module, args: seen.append((module.probe_active, len(module._forward_hooks))))
+        lambda module, args: seen.append((len(module._observers), module.probe, module.health)))
     x = torch.randn(2, 8, 32)
     with HealthMonitor(stack, every=3) as monitor:
         train(stack, monitor, x, 7)
     report = monitor.report()
     assert report.steps == [0, 3, 6]
-    assert [probe for probe, _ in seen] == [True, False, False, True, False, False, True]
-    assert all(hooks == 0 for probe, hooks in seen if not probe)  # only our pre-hook
-    assert all(hooks > 0 for probe, hooks in seen if probe)
+    assert [observers for observers, _, _ in seen] == [1, 0, 0, 1, 0, 0, 1]
+    assert all(probe is None and health is None for _, probe, health in seen)  # the user's own
+    assert stack.layers[1].health is None and not stack.layers[1]._observers
+    assert set(monitor.latest_health()) == set(monitor.modules)
     assert len(report.losses) == 7 and all(isinstance(loss, float) for loss in report.losses)
 
 

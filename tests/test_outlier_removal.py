@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from robust_attn import DefeatedMitigationWarning, RobustAttention, create
+from robust_attn.call import AttentionCall
 from robust_attn.kernels import select_kernel
 from robust_attn.mitigations.outlier_removal import uniform_attention_output
 from robust_attn.problem import AttentionProblem
@@ -65,7 +66,7 @@ def reference(problem):
 def outlier_removed(problem, kernel="auto"):
     """What the module computes on the fused path: kernel(q, k, v) - U V."""
     out = select_kernel(kernel, problem, 0.0).run(problem, 0.0)
-    return out - uniform_attention_output(problem)
+    return out - uniform_attention_output(problem, AttentionCall(None, kernel=kernel))
 
 
 def _with_grad(problem):

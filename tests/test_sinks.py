@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from robust_attn import RobustAttention, create
+from robust_attn.call import AttentionCall
 from robust_attn.kernels import select_kernel
 from robust_attn.kernels.eager import attention_weights
 from robust_attn.mitigations.sinks import PRESERVING_SINK_LOGIT
@@ -156,7 +157,7 @@ def _extended_problem(module, x, attn_mask=None, causal=False):
                                score_mods=tuple(filter(None, (m.score_mod()
                                                               for m in module.mitigations.values()))))
     for mitigation in module.mitigations.values():
-        problem = mitigation.extend_keys(problem)
+        problem = mitigation.extend_keys(problem, AttentionCall(x))
     return problem
 
 

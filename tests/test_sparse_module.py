@@ -5,6 +5,7 @@ import torch
 
 import robust_attn
 from robust_attn import RobustAttention
+from robust_attn.call import AttentionCall
 from robust_attn.kernels import select_kernel
 from robust_attn.sparse import BlockLocal, GlobalTokens, GridWindow, SlidingWindow, Strided
 
@@ -36,7 +37,7 @@ def test_presets_run_their_structured_kernel(name, kernel):
     x = torch.randn(1, 1024, 32)
     q = torch.randn(1, 2, 1024, 16)
     problem = module.mitigations["sparsity"].extend_keys(
-        robust_attn.problem.AttentionProblem(q, q, q, module.scale))
+        robust_attn.problem.AttentionProblem(q, q, q, module.scale), AttentionCall(x))
     assert select_kernel("auto", problem, 0.0).name == kernel
     assert module(x).shape == x.shape
 

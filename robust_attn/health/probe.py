@@ -1,7 +1,8 @@
 """The health probe: attention health recomputed from a module's own q and k, on any kernel.
 
-When the probe is on, RobustAttention hands it the AttentionProblem it just
-solved (q and k after every mitigation, the masks, the score modifiers) and
+When the probe is on, or an observer asks for health
+(:meth:`RobustAttention.register_observer`), RobustAttention hands it the
+AttentionProblem it just solved (q and k after every mitigation, the masks, the score modifiers) and
 the kernel's output. Under no_grad the probe recomputes the attention weights
 for a bounded subsample of query rows with the eager reference
 (:func:`robust_attn.kernels.eager.attention_logits`), so it measures exactly
@@ -44,7 +45,6 @@ DEFAULT_MAX_QUERIES = 256
 _enabled_everywhere = False  # the process-wide default
 _enabled_here: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
     "robust_attn_probe_enabled", default=None)  # a health_probe block's setting, None outside
-_kept_maps: list[list[tuple[Tensor, Tensor]]] = []
 
 
 def set_probe_enabled(enabled: bool) -> None:
@@ -74,16 +74,13 @@ def health_probe(enabled: bool = True) -> Iterator[None]:
         _enabled_here.reset(token)
 
 
-@contextmanager
-def keeping_maps() -> Iterator[list[tuple[Tensor, Tensor]]]:
-    """Within the block, every measurement also appends the sampled attention weights it computed
-    and their allowed-key mask, ((B', H, Nq', Nk) each), in call order (not thread safe)."""
-    kept: list[tuple[Tensor, Tensor]] = []
-    _kept_maps.append(kept)
-    try:
-        yield kept
-    finally:
-        _kept_maps.remove(kept)
+@dataclass(frozen=True)
+class AttentionMap:
+    """Sampled attention weights (B', H, Nq', Nk) of one call and where keys were allowed (bool):
+    exactly the rows and batch items the probe measured."""
+
+    weights: Tensor
+    allowed: Tensor
 
 
 @dataclass
@@ -179,8 +176,10 @@ def count_nonfinite(tensor: Tensor) -> Tensor:
 
 @torch.no_grad()
 def measure(problem: AttentionProblem, out: Tensor, extras: dict[str, Tensor],
-            max_queries: int = DEFAULT_MAX_QUERIES, spectral: bool = False) -> AttentionHealth:
-    """Health of one attention call from its problem and its output (B, H, Nq, Dv)."""
+            max_queries: int = DEFAULT_MAX_QUERIES, spectral: bool = False,
+            keep_map: bool = False) -> tuple[AttentionHealth, AttentionMap | None]:
+    """Health of one attention call from its problem and its output (B, H, Nq, Dv), and, when
+    ``keep_map``, the sampled attention map it was measured on (else None)."""
     sub, query_index, sub_out = _sample(problem, out, max_queries)
     logits = attention_logits(sub, query_index).float()
     allowed = ~torch.isneginf(logits)  # nan logits stay 'allowed', so their nan shows
@@ -188,9 +187,7 @@ def measure(problem: AttentionProblem, out: Tensor, extras: dict[str, Tensor],
     # Rows of sigmoid attention are not distributions: judge where each row puts its weight.
     shares = weights if sub.is_softmax else weights / weights.sum(dim=-1, keepdim=True)
     entropy = metrics.attention_entropy(shares, allowed)
-    for kept in _kept_maps:
-        kept.append((weights, allowed))
-    return AttentionHealth(
+    health = AttentionHealth(
         entropy=_per_head(entropy),
         min_entropy=entropy.transpose(0, 1).flatten(1).amin(dim=1),
         sink_mass=_per_head(metrics.sink_mass(weights)),
@@ -205,3 +202,4 @@ def measure(problem: AttentionProblem, out: Tensor, extras: dict[str, Tensor],
         sampled_queries=weights.shape[0] * weights.shape[2],
         extras=extras,
     )
+    return health, AttentionMap(weights, allowed) if keep_map else None

@@ -42,7 +42,7 @@ import torch
 
 from ..problem import AttentionProblem
 from ..sparse.pattern import describe
-from .base import Kernel
+from .base import Kernel, KernelOutput
 from .block_diagonal import BLOCK_DIAGONAL
 from .block_sparse import BLOCK_SPARSE
 from .chunked import CHUNKED
@@ -97,16 +97,18 @@ def _auto_order(problem: AttentionProblem) -> tuple[Kernel, ...]:
     return *STRUCTURED, SDPA, CHUNKED
 
 
-def select_kernel(kernel: str, problem: AttentionProblem, dropout_p: float) -> Kernel:
-    """The kernel named (checked that it can run the problem) or, for 'auto', the first that can."""
+def select_kernel(kernel: str, problem: AttentionProblem, dropout_p: float,
+                  lse: bool = False) -> Kernel:
+    """The kernel named (checked that it can run the problem, and give each row's log-sum-exp
+    when ``lse``) or, for 'auto', the first that can."""
     if kernel != "auto":
-        reason = KERNELS[kernel].unsupported(problem, dropout_p)
+        reason = KERNELS[kernel].unsupported(problem, dropout_p, lse)
         if reason is not None:
             raise ValueError(f"kernel={kernel!r} cannot run here: {reason}")
         return KERNELS[kernel]
     reasons = {}
     for candidate in _auto_order(problem):
-        reason = candidate.unsupported(problem, dropout_p)
+        reason = candidate.unsupported(problem, dropout_p, lse)
         if reason is None:
             break
         reasons[candidate.name] = reason
@@ -119,5 +121,15 @@ def select_kernel(kernel: str, problem: AttentionProblem, dropout_p: float) -> K
     return candidate
 
 
-__all__ = ["KERNELS", "KERNEL_CHOICES", "STRUCTURED", "Kernel", "SparseFallbackWarning",
-           "check_kernel_name", "select_kernel"]
+def solve(kernel: str, problem: AttentionProblem, dropout_p: float = 0.0,
+          lse: bool = False) -> tuple[str, KernelOutput]:
+    """Select the kernel (as :func:`select_kernel`) and solve: (the kernel's name, its output).
+    A problem without query rows needs no kernel: ("none", an empty output)."""
+    if problem.num_queries == 0:
+        return "none", EAGER.solve(problem, dropout_p, lse)
+    chosen = select_kernel(kernel, problem, dropout_p, lse)
+    return chosen.name, chosen.solve(problem, dropout_p, lse)
+
+
+__all__ = ["KERNELS", "KERNEL_CHOICES", "STRUCTURED", "Kernel", "KernelOutput",
+           "SparseFallbackWarning", "check_kernel_name", "select_kernel", "solve"]

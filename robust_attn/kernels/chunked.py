@@ -62,7 +62,13 @@ from torch.utils.checkpoint import checkpoint
 
 from ..problem import AttentionProblem
 from .base import Kernel
-from .eager import eager_attention, masked_logits, scaled_scores
+from .eager import (
+    attention_logits,
+    eager_attention,
+    masked_logits,
+    row_logsumexp,
+    scaled_scores,
+)
 
 WHOLE_MATRIX_SCORES_PER_Q = 4
 BLOCK_SCORES_PER_Q = 1 / 8
@@ -184,7 +190,8 @@ def _needs_autograd(problem: AttentionProblem) -> bool:
         return True
     score = problem.q.new_zeros(1, 1, 1, 1)
     index = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=score.device)
-    for score_mod in problem.score_mods:
+    score_mod = problem.score_mod()
+    if score_mod is not None:
         score = score_mod(score, index, index, index, index)
     return problem.normalizer(score).requires_grad
 
@@ -224,4 +231,21 @@ def chunked_attention(problem: AttentionProblem, dropout_p: float = 0.0, *,
     return torch.cat(outputs[::-1], dim=-2)
 
 
-CHUNKED = Kernel("chunked", chunked_attention, lambda problem, dropout_p: None)
+@torch.no_grad()
+def chunked_logsumexp(problem: AttentionProblem) -> Tensor:
+    """Each row's log-sum-exp (B, H, Nq) in float32, block of rows by block (one more pass over
+    the scores, without gradients: the contract's lse is a constant for autograd)."""
+    step = rows_per_block(problem)
+    return torch.cat([row_logsumexp(attention_logits(
+        problem, torch.arange(start, min(start + step, problem.num_queries),
+                              device=problem.q.device)))
+        for start in range(0, problem.num_queries, step)], dim=-1)
+
+
+def chunked_attention_with_lse(problem: AttentionProblem,
+                               dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+    return chunked_attention(problem, dropout_p), chunked_logsumexp(problem)
+
+
+CHUNKED = Kernel("chunked", chunked_attention, lambda problem, dropout_p: None,
+                 run_with_lse=chunked_attention_with_lse)

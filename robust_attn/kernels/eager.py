@@ -42,11 +42,10 @@ def masked_logits(problem: AttentionProblem, scores: Tensor,
                   query_index: Tensor | None = None) -> Tensor:
     """The score modifiers, the mask, causal and the pattern applied to ``scores`` = scale q k^T of
     the given query rows (all when None): the logits, -inf where blocked."""
-    if problem.score_mods:
-        grid = _index_grid(scores.shape[0], scores.shape[1], problem.query_index(query_index),
-                           problem.num_keys)
-        for score_mod in problem.score_mods:
-            scores = score_mod(scores, *grid)
+    score_mod = problem.score_mod()
+    if score_mod is not None:
+        scores = score_mod(scores, *_index_grid(scores.shape[0], scores.shape[1],
+                                                problem.query_index(query_index), problem.num_keys))
     mask = problem.attn_mask
     if mask is not None:
         if query_index is not None and mask.shape[-2] != 1:
@@ -68,11 +67,25 @@ def attention_weights(problem: AttentionProblem, query_index: Tensor | None = No
     return problem.normalize(attention_logits(problem, query_index))
 
 
+def row_logsumexp(logits: Tensor) -> Tensor:
+    """log sum_j exp(s_ij) per row of masked ``logits`` (..., Nq, Nk), in float32; -inf for a row
+    with no allowed key (torch.logsumexp gives that for an all -inf row)."""
+    return torch.logsumexp(logits.detach().float(), dim=-1)
+
+
 def eager_attention(problem: AttentionProblem, dropout_p: float = 0.0) -> Tensor:
-    weights = attention_weights(problem)
+    return eager_attention_with_lse(problem, dropout_p, lse=False)[0]
+
+
+def eager_attention_with_lse(problem: AttentionProblem, dropout_p: float = 0.0,
+                             lse: bool = True) -> tuple[Tensor, Tensor | None]:
+    """The output and, when ``lse``, each row's log-sum-exp, from one materialised score matrix."""
+    logits = attention_logits(problem)
+    weights = problem.normalize(logits)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p)
-    return weights @ problem.v
+    return weights @ problem.v, row_logsumexp(logits) if lse else None
 
 
-EAGER = Kernel("eager", eager_attention, lambda problem, dropout_p: None)
+EAGER = Kernel("eager", eager_attention, lambda problem, dropout_p: None,
+               run_with_lse=eager_attention_with_lse)

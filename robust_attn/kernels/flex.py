@@ -36,6 +36,11 @@ import weakref
 import torch
 from torch import Tensor
 
+try:  # torch >= 2.8
+    from torch.nn.attention.flex_attention import AuxRequest
+except ImportError:
+    AuxRequest = None
+
 from ..problem import AttentionProblem, ScoreMod
 from ..sparse.pattern import Pattern, structural_mask_mod
 from .base import Kernel
@@ -99,15 +104,15 @@ def _expanded(mask: Tensor, problem: AttentionProblem) -> Tensor:
 
 
 def _score_mod(problem: AttentionProblem) -> ScoreMod | None:
-    mods = problem.score_mods
+    mods = problem.score_mod()
     mask = problem.attn_mask
     bias = _expanded(mask, problem) if mask is not None and mask.dtype != torch.bool else None
-    if not mods and bias is None:
+    if mods is None and bias is None:
         return None
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        for mod in mods:
-            score = mod(score, b, h, q_idx, kv_idx)
+        if mods is not None:
+            score = mods(score, b, h, q_idx, kv_idx)
         if bias is None:
             return score
         # Blocked (-inf) entries are left to the BlockMask; adding them here too would
@@ -250,17 +255,31 @@ def flex_attention(problem: AttentionProblem, dropout_p: float = 0.0,
                    dynamic: bool | None = None) -> Tensor:
     """FlexAttention of the problem; ``dynamic``: compile with symbolic sizes (default: off the
     CPU, see :func:`_compiled_flex_attention`)."""
+    return _flex(problem, dropout_p, dynamic, lse=False)[0]
+
+
+def flex_attention_with_lse(problem: AttentionProblem,
+                            dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
+    """The output and each row's log-sum-exp (FlexAttention's ``AuxRequest(lse=True)``)."""
+    return _flex(problem, dropout_p, None, lse=True)
+
+
+def _flex(problem: AttentionProblem, dropout_p: float, dynamic: bool | None,
+          lse: bool) -> tuple[Tensor, Tensor | None]:
     if dynamic is None:
         dynamic = problem.q.device.type != "cpu"
     arguments = dict(score_mod=_score_mod(problem), block_mask=_block_mask(problem),
                      scale=problem.scale)
+    if lse:
+        arguments["return_aux"] = AuxRequest(lse=True)
     if torch.compiler.is_compiling():  # compiled with the caller's graph
         from torch.nn.attention.flex_attention import flex_attention as uncompiled
 
-        return uncompiled(problem.q, problem.k, problem.v, **arguments)
+        return _with_lse(uncompiled(problem.q, problem.k, problem.v, **arguments), lse)
     try:
         with torch._dynamo.config.patch(specialize_float=True, recompile_limit=RECOMPILE_LIMIT):
-            return _compiled_flex_attention(dynamic)(problem.q, problem.k, problem.v, **arguments)
+            return _with_lse(_compiled_flex_attention(dynamic)(problem.q, problem.k, problem.v,
+                                                               **arguments), lse)
     except torch._dynamo.exc.FailOnRecompileLimitHit:
         warnings.warn(
             f"FlexAttention reached its recompile limit (robust_attn.kernels.flex.RECOMPILE_LIMIT "
@@ -271,7 +290,16 @@ def flex_attention(problem: AttentionProblem, dropout_p: float = 0.0,
             FlexRecompileWarning, stacklevel=2)
         from .chunked import CHUNKED
 
-        return CHUNKED.run(problem, dropout_p)
+        solved = CHUNKED.solve(problem, dropout_p, lse=lse)
+        return solved.out, solved.lse
+
+
+def _with_lse(result, lse: bool) -> tuple[Tensor, Tensor | None]:
+    """(out, lse) from FlexAttention's result: ``out`` alone, or ``(out, AuxOutput)``."""
+    if not lse:
+        return result, None
+    out, aux = result
+    return out, aux.lse
 
 
 _CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -298,4 +326,6 @@ def _unsupported(problem: AttentionProblem, dropout_p: float) -> str | None:
     return None
 
 
-FLEX = Kernel("flex", flex_attention, _unsupported)
+FLEX = Kernel("flex", flex_attention, _unsupported,
+              run_with_lse=flex_attention_with_lse if AuxRequest is not None else None,
+              no_lse="this torch's FlexAttention has no AuxRequest (torch >= 2.8 has)")

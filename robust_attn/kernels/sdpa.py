@@ -77,4 +77,5 @@ def _unsupported(problem: AttentionProblem, dropout_p: float) -> str | None:
     return None
 
 
-SDPA = Kernel("sdpa", sdpa_attention, _unsupported)
+SDPA = Kernel("sdpa", sdpa_attention, _unsupported,
+              no_lse="torch.nn.functional.scaled_dot_product_attention returns no log-sum-exp")

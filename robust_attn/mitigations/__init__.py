@@ -5,6 +5,7 @@ from __future__ import annotations
 from .base import DefeatedMitigationWarning, Mitigation
 from .gated import Gated
 from .outlier_removal import OutlierRemoval
+from .qk_norm import QKNorm
 from .rope import RotaryEmbedding
 from .sigma_reparam import (
     FoldedTrainingWarning,
@@ -20,11 +21,11 @@ from .sparsity import Sparsity
 from .spectral_qk import SpectralQK
 
 MITIGATIONS: dict[str, type[Mitigation]] = {cls.option: cls for cls in (
-    SoftCap, SinkTokens, SinkLogit, Gated, OutlierRemoval, Sigmoid, SigmaReparam, SpectralQK,
-    Sparsity, RotaryEmbedding,
+    QKNorm, SoftCap, SinkTokens, SinkLogit, Gated, OutlierRemoval, Sigmoid, SigmaReparam,
+    SpectralQK, Sparsity, RotaryEmbedding,
 )}
 
 __all__ = ["MITIGATIONS", "DefeatedMitigationWarning", "FoldedTrainingWarning", "Gated",
-           "Mitigation", "OutlierRemoval", "RotaryEmbedding", "Sigmoid", "SinkLogit", "SinkTokens",
+           "Mitigation", "OutlierRemoval", "QKNorm", "RotaryEmbedding", "Sigmoid", "SinkLogit", "SinkTokens",
            "SoftCap", "Sparsity", "SigmaReparam", "SigmaReparamLinear", "SpectralQK",
            "fold_sigma_reparam", "sigma_reparametrize"]

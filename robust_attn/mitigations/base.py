@@ -1,9 +1,10 @@
-"""The mitigation pipeline's extension points.
+"""The mitigation pipeline's extension points (docs/architecture.md).
 
 RobustAttention runs (the README's pipeline):
 
-    x -> projections -> split heads -> q/k transforms -> key/value extras
-      -> scores (score_mod, normalizer) -> kernel -> output transforms -> merge heads -> proj
+    x -> projections -> split heads -> q_norm/k_norm -> q/k transforms -> key/value extras
+      -> scores (score_mod, normalizer) -> attend (a kernel) -> output transforms
+      -> merge heads -> norm -> proj
     side outputs: auxiliary losses, health
 
 A mitigation is an ``nn.Module`` that owns its parameters and overrides only
@@ -12,17 +13,47 @@ on by one keyword option of RobustAttention (its ``option``) and built by
 ``from_option(value, config)``, which returns None when the value turns it off.
 ``conflicts`` names the options it cannot be combined with, and why; the
 module refuses such combinations at construction.
+
+Per-call data reaches the stages in the :class:`~robust_attn.call.AttentionCall`
+(the module input, the mask, the RoPE embedding, the kernel choice); a stage
+never stores it on a module. Layers are built by role (:class:`LayerSpec`:
+"qkv", "proj", "q_norm", "k_norm").
+
+Facts about a mitigation live on its class, and the rest of the library reads
+them instead of special-casing it: the option values that keep a converted
+model's function (``preserving_values``) and whether a built one does
+(:meth:`Mitigation.keeps_function`), whether timm's Attention can hold it on
+revert (:meth:`Mitigation.timm_expressible`), how many keys it prepends
+(:meth:`Mitigation.prepended_keys`), the presets it defines (``presets``), the
+advice early warnings give for it (``advice``) and its claims (``claims``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
 from ..config import AttentionConfig
 from ..problem import AttentionProblem, ScoreMod
+
+if TYPE_CHECKING:
+    from ..call import Attended, AttentionCall
+    from ..claim import Claim
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A layer RobustAttention builds: its role ("qkv", "proj": linear layers; "q_norm",
+    "k_norm": per-head normalisations, nn.Identity unless a mitigation builds them), widths and
+    bias."""
+
+    role: str
+    in_features: int
+    out_features: int
+    bias: bool = False
 
 
 class DefeatedMitigationWarning(UserWarning):
@@ -36,9 +67,22 @@ class Mitigation(nn.Module):
     # the result does not depend on the order of the options: corrections that complete the
     # attention output (outlier removal) keep 0; transforms of the finished output (gates) use 1.
     output_order: ClassVar[int] = 0
-    # How robust_attn.health.distributed.reduce_health combines each health() quantity across ranks:
-    # "mean" unless named here ("min" or "max", e.g. a bound that holds for the worst sequence).
+    # How robust_attn.health.distributed.reduce_health combines each health() quantity across
+    # ranks: "mean" unless named here ("min" or "max", e.g. a bound that holds for the worst
+    # sequence).
     health_reductions: ClassVar[Mapping[str, str]] = {}
+    # The kernel must return each row's log-sum-exp for this mitigation's stages (Attended.lse).
+    needs_lse: ClassVar[bool] = False
+
+    # Facts (module docstring). Option values that convert replaces by function-preserving ones.
+    preserving_values: ClassVar[Mapping[Any, Any]] = {}
+    # Presets this mitigation defines: name -> RobustAttention options.
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    # Early-warning code -> why this mitigation's preset (``advice_preset``) helps.
+    advice: ClassVar[Mapping[str, str]] = {}
+    advice_preset: ClassVar[str | None] = None
+    # The claims of the presets it defines (robust_attn.claim.Claim), measured by studies/.
+    claims: ClassVar[tuple[Claim, ...]] = ()
 
     @classmethod
     def from_option(cls, value: Any, config: AttentionConfig) -> Mitigation | None:
@@ -49,20 +93,21 @@ class Mitigation(nn.Module):
             raise ValueError(f"{cls.option}={value!r}: expected True, False or None")
         return cls(config)
 
-    # Stage: projections. A Linear replacement for qkv and proj (e.g. sigma-reparametrised).
-    def make_linear(self, in_features: int, out_features: int, bias: bool,
-                    config: AttentionConfig) -> nn.Module | None:
+    # Stage: layers. A replacement for the layer ``spec.role`` (e.g. sigma-reparametrised qkv and
+    # proj, qk_norm's q_norm and k_norm), or None for the default.
+    def make_layer(self, spec: LayerSpec, config: AttentionConfig) -> nn.Module | None:
         return None
 
-    # Stage: q/k transforms, on heads (B, H, N, D), after timm's q_norm / k_norm.
-    def transform_qk(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    # Stage: q/k transforms, on heads (B, H, N, D), after q_norm / k_norm.
+    def transform_qk(self, q: Tensor, k: Tensor, call: AttentionCall) -> tuple[Tensor, Tensor]:
         return q, k
 
     # Stage: key/value extras (sink tokens, registers, a zero key), and their mask columns.
-    def extend_keys(self, problem: AttentionProblem) -> AttentionProblem:
+    def extend_keys(self, problem: AttentionProblem, call: AttentionCall) -> AttentionProblem:
         return problem
 
-    # Stage: scores. A FlexAttention-style score_mod applied to scale * q k^T, or None.
+    # Stage: scores. A FlexAttention-style score_mod applied to scale * q k^T, or None. Mark it
+    # ``positional = True`` to see token positions (robust_attn.problem).
     def score_mod(self) -> ScoreMod | None:
         return None
 
@@ -70,9 +115,14 @@ class Mitigation(nn.Module):
     def normalizer(self) -> Callable[[Tensor], Tensor] | None:
         return None
 
-    # Stage: output transforms, on the kernel's output (B, H, N, Dv); x is the module input.
-    def transform_output(self, out: Tensor, problem: AttentionProblem, x: Tensor) -> Tensor:
-        return out
+    # Stage: attend. Solves the problem in its own way (differential attention's two maps), with
+    # call.attend for each kernel call; None: the kernel solves it. At most one mitigation may.
+    def attend(self, problem: AttentionProblem, call: AttentionCall) -> Attended | None:
+        return None
+
+    # Stage: output transforms, on the solved problem (its out: B, H, N, Dv); returns the new out.
+    def transform_output(self, attended: Attended, call: AttentionCall) -> Tensor:
+        return attended.out
 
     # After the host's weights were freshly drawn by a custom init: apply the mitigation's own
     # initialisation of them (e.g. spectral_qk's concentrated QK spectrum). Not after a load.
@@ -84,12 +134,18 @@ class Mitigation(nn.Module):
     def reset_from_weights(self) -> None:
         return None
 
+    # After an optimiser step (robust_attn.after_optimizer_step): act on the updated weights
+    # (QK-clip's rescaling).
+    def after_optimizer_step(self) -> None:
+        return None
+
     # Side output: a loss the user adds to the task loss, or None.
     def auxiliary_loss(self) -> Tensor | None:
         return None
 
-    # Side output: the mitigation's own health quantities, read by the probe (no grad).
-    def health(self) -> dict[str, Tensor]:
+    # Side output: the mitigation's own health quantities, read by the probe (no grad), for the
+    # call measured; with call=None (outside a forward) those of its weights alone.
+    def health(self, call: AttentionCall | None = None) -> dict[str, Tensor]:
         return {}
 
     # Checkpoints: what the option's value changes in the function computed, beyond the state
@@ -98,3 +154,17 @@ class Mitigation(nn.Module):
     # set the initial state (sigma_reparam="preserve") or the training loss are left out: True.
     def saved_value(self) -> Any:
         return True
+
+    # Fact: keys prepended in front of the tokens' own (sinks), visible to every query.
+    def prepended_keys(self) -> int:
+        return 0
+
+    # Fact: whether this mitigation, as built, computes what ``source`` (the module it was
+    # converted from) computed. Default: it changes the function.
+    def keeps_function(self, source: nn.Module) -> bool:
+        return False
+
+    # Fact: whether timm's Attention can hold it on revert (folded into weights, a loss only, a
+    # layer timm has). ``host`` is the RobustAttention that holds it.
+    def timm_expressible(self, host: nn.Module) -> bool:
+        return False

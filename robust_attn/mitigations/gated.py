@@ -27,20 +27,23 @@ timm: ``timm.layers.Attention(gated=True)`` is ``gated="elementwise"``: the same
 ``mitigations.gated.gate``; timm applies it after ``scale_norm`` where this module
 applies it before (the same when ``scale_norm=False``, the default).
 
-Health: ``mean``, the mean gate value per head at the latest forward.
+Health: ``mean``, the mean gate value per head for the call measured (recomputed from
+the call's input when the probe measures: nothing is kept from the forward).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
 from ..config import AttentionConfig
-from ..problem import AttentionProblem
 from .base import Mitigation
+
+if TYPE_CHECKING:
+    from ..call import Attended, AttentionCall
 
 GATE_MODES = ("elementwise", "headwise")
 
@@ -55,7 +58,6 @@ class Gated(Mitigation):
         self.num_heads = config.num_heads
         width = config.attn_dim if mode == "elementwise" else config.num_heads
         self.gate = nn.Linear(config.dim, width, bias=config.qkv_bias, **config.factory_kwargs)
-        self._mean: Tensor | None = None
 
     @classmethod
     def from_option(cls, value: Any, config: AttentionConfig) -> Gated | None:
@@ -71,14 +73,25 @@ class Gated(Mitigation):
     def saved_value(self) -> str:
         return self.mode
 
-    def transform_output(self, out: Tensor, problem: AttentionProblem, x: Tensor) -> Tensor:
-        gate = rearrange(torch.sigmoid(self.gate(x)), "b n (h d) -> b h n d", h=self.num_heads)
-        if not torch.compiler.is_exporting():  # an exported program has no module state to set
-            self._mean = gate.detach().mean(dim=(0, 2, 3), dtype=torch.float32)  # for health()
-        return out * gate
+    def gates(self, x: Tensor) -> Tensor:
+        """sigmoid(x W_g + b_g) per head: (B, H, N, D) elementwise, (B, H, N, 1) headwise."""
+        return rearrange(torch.sigmoid(self.gate(x)), "b n (h d) -> b h n d", h=self.num_heads)
 
-    def health(self) -> dict[str, Tensor]:
-        return {} if self._mean is None else {"mean": self._mean}
+    def transform_output(self, attended: Attended, call: AttentionCall) -> Tensor:
+        return attended.out * self.gates(call.x)
+
+    def health(self, call: AttentionCall | None = None) -> dict[str, Tensor]:
+        if call is None:
+            return {}
+        return {"mean": self.gates(call.x).mean(dim=(0, 2, 3), dtype=torch.float32)}
+
+    def keeps_function(self, source: nn.Module) -> bool:
+        return getattr(source, "gate", None) is not None  # the source's own gate, moved over
+
+    def timm_expressible(self, host: nn.Module) -> bool:
+        """timm's gated=True is an elementwise gate applied after scale_norm: the same only
+        without scale_norm."""
+        return self.mode == "elementwise" and isinstance(host.norm, nn.Identity)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}"

@@ -19,10 +19,11 @@ U V is computed without materialising U:
     no mask        the mean of v over the keys
     causal only    cumulative sums of v over the keys divided by the counts (sums
                    in float32 or wider; lower-right aligned like the causal mask)
-    any mask or    the kernel on the same problem with zero queries, the mask
-    sparsity       reduced to allowed / blocked and no score modifiers: softmax of
-    pattern        equal scores is uniform over the allowed keys (SDPA never
-                   materialises it; a pattern keeps its structured kernel)
+    any mask or    the module's kernel choice (``AttentionCall.attend``) on the same
+    sparsity       problem with zero queries, the mask reduced to allowed / blocked
+    pattern        and no score modifiers: softmax of equal scores is uniform over the
+                   allowed keys (SDPA never materialises it; a pattern keeps its
+                   structured kernel)
 
 ``outlier_removal=True``. It addresses rank collapse, not entropy collapse (with W_q, W_k
 scaled up, A still concentrates: docs/collapse-setting.md).
@@ -40,14 +41,17 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..config import AttentionConfig
-from ..kernels import select_kernel
 from ..problem import SOFTMAX, AttentionProblem
 from .base import DefeatedMitigationWarning, Mitigation
+
+if TYPE_CHECKING:
+    from ..call import Attended, AttentionCall
 
 
 def mean_over_all_keys(v: Tensor) -> Tensor:
@@ -66,19 +70,20 @@ def mean_over_causal_keys(v: Tensor, num_queries: int) -> Tensor:
     return means.to(v.dtype)
 
 
-def mean_over_allowed_keys(problem: AttentionProblem) -> Tensor:
-    """(B, H, Nq, Dv): each query's uniform attention over its allowed keys, run as a kernel."""
+def uniform_problem(problem: AttentionProblem) -> AttentionProblem:
+    """The problem whose softmax attention is each query's uniform attention over its allowed
+    keys: zero queries, the mask reduced to allowed / blocked, no score modifiers."""
     mask = problem.attn_mask
     allowed = mask > -math.inf if mask is not None and mask.is_floating_point() else mask
-    uniform = problem.with_(q=torch.zeros_like(problem.q), attn_mask=allowed, score_mods=(),
-                            normalizer=SOFTMAX)
-    return select_kernel("auto", uniform, 0.0).run(uniform, 0.0)
+    return problem.with_(q=torch.zeros_like(problem.q), attn_mask=allowed, score_mods=(),
+                         normalizer=SOFTMAX)
 
 
-def uniform_attention_output(problem: AttentionProblem) -> Tensor:
-    """U V for the problem's masks, broadcastable to (B, H, Nq, Dv)."""
+def uniform_attention_output(problem: AttentionProblem, call: AttentionCall) -> Tensor:
+    """U V for the problem's masks, broadcastable to (B, H, Nq, Dv); with a mask or a pattern,
+    solved on the call's kernel choice (without dropout)."""
     if problem.attn_mask is not None or problem.pattern is not None:
-        return mean_over_allowed_keys(problem)
+        return call.attend(uniform_problem(problem), dropout_p=0.0).out
     if problem.causal:
         return mean_over_causal_keys(problem.v, problem.num_queries)
     return mean_over_all_keys(problem.v)
@@ -98,5 +103,5 @@ class OutlierRemoval(Mitigation):
                 "collapse in rank; pass proj_bias=False (the outlier_removal preset does)",
                 DefeatedMitigationWarning, stacklevel=4)
 
-    def transform_output(self, out: Tensor, problem: AttentionProblem, x: Tensor) -> Tensor:
-        return out - uniform_attention_output(problem)
+    def transform_output(self, attended: Attended, call: AttentionCall) -> Tensor:
+        return attended.out - uniform_attention_output(attended.problem, call)

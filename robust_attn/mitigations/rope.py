@@ -21,23 +21,24 @@ forward of ``timm.layers.AttentionRope`` / ``timm.models.eva.EvaAttention``):
 
 It runs after q_norm / k_norm and before key/value extras, so prepended sink
 keys stay unrotated (position-free), and the probe measures rotated q and k.
-No parameters and no health of its own. ``RobustAttentionRope``
-(:mod:`robust_attn.integrations.timm.rope_attention`) hands each forward's
-embedding to it; with no embedding (``rope=None``) it is the identity, as in timm.
+No parameters and no health of its own. The embedding comes with each call
+(``AttentionCall.rope``: ``RobustAttentionRope``, :mod:`robust_attn.integrations.timm.rope_attention`,
+passes its ``rope`` argument); with no embedding (``rope=None``) it is the identity, as in timm.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from ..config import AttentionConfig
 from .base import Mitigation
+
+if TYPE_CHECKING:
+    from ..call import AttentionCall
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,6 @@ class RotaryEmbedding(Mitigation):
     def __init__(self, layout: RopeLayout):
         super().__init__()
         self.layout = layout
-        self._embedding: Tensor | None = None
 
     @classmethod
     def from_option(cls, value: Any, config: AttentionConfig) -> RotaryEmbedding | None:
@@ -98,20 +98,16 @@ class RotaryEmbedding(Mitigation):
     def saved_value(self) -> tuple[int, bool]:
         return (self.layout.num_prefix_tokens, self.layout.rotate_half)
 
-    @contextmanager
-    def using(self, embedding: Tensor | None) -> Iterator[None]:
-        """The embedding ``cat([sin, cos], -1)`` that transform_qk applies inside the block."""
-        self._embedding = embedding
-        try:
-            yield
-        finally:
-            self._embedding = None
-
-    def transform_qk(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        if self._embedding is None:
+    def transform_qk(self, q: Tensor, k: Tensor, call: AttentionCall) -> tuple[Tensor, Tensor]:
+        if call.rope is None:
             return q, k
-        return (apply_rotary(q, self._embedding, self.layout),
-                apply_rotary(k, self._embedding, self.layout))
+        return apply_rotary(q, call.rope, self.layout), apply_rotary(k, call.rope, self.layout)
+
+    def keeps_function(self, source) -> bool:
+        return True  # the source's own RoPE (timm's AttentionRope, EvaAttention)
+
+    def timm_expressible(self, host) -> bool:
+        return True
 
     def extra_repr(self) -> str:
         return (f"num_prefix_tokens={self.layout.num_prefix_tokens}, "

@@ -75,9 +75,8 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -85,11 +84,12 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from ..config import AttentionConfig
-from ..problem import AttentionProblem
-from .base import Mitigation
+from .base import LayerSpec, Mitigation
 
-# RobustAttention builds qkv first, then proj (attention.py, RobustAttention.__init__).
-_LAYER_ROLES = ("qkv", "proj")
+if TYPE_CHECKING:
+    from ..call import AttentionCall
+
+_LAYER_ROLES = ("qkv", "proj")  # the layers it reparametrises
 
 
 def _autocast_off(tensor: Tensor):
@@ -343,6 +343,7 @@ class SigmaReparam(Mitigation):
     """
 
     option = "sigma_reparam"
+    preserving_values = {True: "preserve"}
     health_reductions = {"entropy_bound": "min"}  # the bound of the weakest sequence
 
     def __init__(self, config: AttentionConfig, preserve: bool) -> None:
@@ -352,7 +353,6 @@ class SigmaReparam(Mitigation):
         self.attn_dim = config.attn_dim
         # Plain dict, not submodules: RobustAttention owns the layers and their state_dict keys.
         self._layers: dict[str, SigmaReparamLinear] = {}
-        self._input: weakref.ref[Tensor] | None = None
         self.folded = False  # set by fold_sigma_reparam: qkv and proj are plain nn.Linear now
 
     @classmethod
@@ -363,11 +363,12 @@ class SigmaReparam(Mitigation):
             raise ValueError(f"sigma_reparam={value!r}: expected True, 'preserve', False or None")
         return cls(config, preserve=value == "preserve")
 
-    def make_linear(self, in_features: int, out_features: int, bias: bool,
-                    config: AttentionConfig) -> SigmaReparamLinear:
-        layer = SigmaReparamLinear(in_features, out_features, bias, preserve=self.preserve,
-                                   **config.factory_kwargs)
-        self._layers[_LAYER_ROLES[len(self._layers)]] = layer
+    def make_layer(self, spec: LayerSpec, config: AttentionConfig) -> SigmaReparamLinear | None:
+        if spec.role not in _LAYER_ROLES:
+            return None
+        layer = SigmaReparamLinear(spec.in_features, spec.out_features, spec.bias,
+                                   preserve=self.preserve, **config.factory_kwargs)
+        self._layers[spec.role] = layer
         return layer
 
     def train(self, mode: bool = True) -> SigmaReparam:
@@ -387,13 +388,8 @@ class SigmaReparam(Mitigation):
             else:
                 layer.warm_start()
 
-    def transform_output(self, out: Tensor, problem: AttentionProblem, x: Tensor) -> Tensor:
-        # The one stage that sees the module input: a weak reference for health()'s ||X||.
-        self._input = weakref.ref(x)
-        return out
-
     @torch.no_grad()
-    def health(self) -> dict[str, Tensor]:
+    def health(self, call: AttentionCall | None = None) -> dict[str, Tensor]:
         stats = {}
         for role, layer in self._layers.items():
             stats[f"{role}.sigma"] = layer.sigma()
@@ -401,10 +397,9 @@ class SigmaReparam(Mitigation):
         w_q, w_k, _ = self._layers["qkv"].effective_weight().float().split(self.attn_dim)
         stats["q.spectral_norm"] = spectral_norm(self._with_bias_column(w_q))
         stats["k.spectral_norm"] = spectral_norm(w_k)
-        x = self._input() if self._input is not None else None
-        if x is not None:
+        if call is not None:  # the bound needs the call's input X
             stats["entropy_bound"] = self._entropy_bound(
-                x.float(), stats["q.spectral_norm"] * stats["k.spectral_norm"])
+                call.x.float(), stats["q.spectral_norm"] * stats["k.spectral_norm"])
         return stats
 
     def _with_bias_column(self, w_q: Tensor) -> Tensor:
@@ -421,8 +416,11 @@ class SigmaReparam(Mitigation):
         logit_scale = self.scale * qk_norm_product * input_norms
         return attention_entropy_lower_bound(logit_scale, x.shape[-2]).amin()
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "_input": None}  # a weak reference does not pickle
+    def keeps_function(self, source: nn.Module) -> bool:
+        return self.preserve  # gamma = sigma(W): W_hat = W
+
+    def timm_expressible(self, host: nn.Module) -> bool:
+        return True  # folded into plain weights on revert
 
     def extra_repr(self) -> str:
         return f"preserve={self.preserve}"

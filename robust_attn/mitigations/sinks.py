@@ -66,7 +66,7 @@ on the sink. A user mask only gains allowed columns in front (None stays None).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +75,9 @@ from torch import Tensor, nn
 from ..config import AttentionConfig
 from ..problem import AttentionProblem
 from .base import Mitigation
+
+if TYPE_CHECKING:
+    from ..call import AttentionCall
 
 PRESERVING_SINK_LOGIT = -40.0
 SINK_TOKEN_INIT_STD = 0.02
@@ -95,7 +98,7 @@ def prepend_keys(problem: AttentionProblem, keys: Tensor, values: Tensor,
         return torch.cat([extra.expand(batch, -1, -1, -1), tokens], dim=-2)
 
     return problem.with_(k=in_front(keys, problem.k), v=in_front(values, problem.v),
-                         attn_mask=mask)
+                         attn_mask=mask, prepended_keys=problem.prepended_keys + keys.shape[-2])
 
 
 def allowed_in_front(mask: Tensor | None, count: int, num_keys: int) -> Tensor | None:
@@ -147,11 +150,14 @@ class SinkTokens(Mitigation):
     def count(self) -> int:
         return self.key.shape[1]
 
-    def extend_keys(self, problem: AttentionProblem) -> AttentionProblem:
+    def extend_keys(self, problem: AttentionProblem, call: AttentionCall) -> AttentionProblem:
         return prepend_keys(problem, self.key, self.value,
                             allowed_in_front(problem.attn_mask, self.count, problem.num_keys))
 
-    def health(self) -> dict[str, Tensor]:
+    def prepended_keys(self) -> int:
+        return self.count
+
+    def health(self, call: AttentionCall | None = None) -> dict[str, Tensor]:
         return {"key_norm": self.key.float().norm(dim=-1).mean(dim=-1),
                 "value_norm": self.value.float().norm(dim=-1).mean(dim=-1)}
 
@@ -170,6 +176,7 @@ class SinkLogit(Mitigation):
 
     option = "sink_logit"
     conflicts = {"sigmoid": SIGMOID_CONFLICT}
+    preserving_values = {True: "preserve"}
     INITIAL_LOGITS = {True: 0.0, "preserve": PRESERVING_SINK_LOGIT}
 
     def __init__(self, initial: float, learned: bool, config: AttentionConfig):
@@ -212,7 +219,7 @@ class SinkLogit(Mitigation):
     def saved_value(self) -> str:
         return "learned" if self.learned else "off_by_one"
 
-    def extend_keys(self, problem: AttentionProblem) -> AttentionProblem:
+    def extend_keys(self, problem: AttentionProblem, call: AttentionCall) -> AttentionProblem:
         """The sink as a key: a channel of ones on q, of zeros on k, and a key (0, s_h / scale)
         with a zero value in front (module docstring)."""
         heads, width = problem.k.shape[1], problem.k.shape[-1]
@@ -223,7 +230,14 @@ class SinkLogit(Mitigation):
         return prepend_keys(with_channel, sink_key, zero_value,
                             allowed_in_front(problem.attn_mask, 1, problem.num_keys))
 
-    def health(self) -> dict[str, Tensor]:
+    def prepended_keys(self) -> int:
+        return 1
+
+    def keeps_function(self, source: nn.Module) -> bool:
+        """A learned logit at or below PRESERVING_SINK_LOGIT adds nothing within float32."""
+        return self.learned and bool((self.logit <= PRESERVING_SINK_LOGIT).all())
+
+    def health(self, call: AttentionCall | None = None) -> dict[str, Tensor]:
         return {"logit": self.logit.float()}
 
     def extra_repr(self) -> str:

@@ -19,12 +19,15 @@ over the allowed keys, and counts queries left with no key (``empty_queries``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import AttentionConfig
 from ..problem import AttentionProblem
 from ..sparse import Pattern
 from .base import Mitigation
+
+if TYPE_CHECKING:
+    from ..call import AttentionCall
 
 
 class Sparsity(Mitigation):
@@ -46,7 +49,7 @@ class Sparsity(Mitigation):
     def saved_value(self) -> str:
         return repr(self.pattern)
 
-    def extend_keys(self, problem: AttentionProblem) -> AttentionProblem:
+    def extend_keys(self, problem: AttentionProblem, call: AttentionCall) -> AttentionProblem:
         pattern = self.pattern if problem.pattern is None else problem.pattern & self.pattern
         return problem.with_(pattern=pattern)
 

@@ -59,7 +59,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..config import AttentionConfig
-from .base import Mitigation
+from .base import LayerSpec, Mitigation
 
 DEFAULT_WEIGHT = 0.01  # our choice, not tuned
 # Largest loss weight (our choice): the spread is O(1) at a fresh init, so a larger weight makes the
@@ -139,11 +139,10 @@ class SpectralQK(Mitigation):
                              f"[0, {MAX_WEIGHT:g}] such as {DEFAULT_WEIGHT}, False or None")
         return cls(config, float(value))
 
-    def make_linear(self, in_features: int, out_features: int, bias: bool,
-                    config: AttentionConfig) -> nn.Linear | None:
-        if self._layers:  # RobustAttention builds qkv first; proj stays RobustAttention's default
+    def make_layer(self, spec: LayerSpec, config: AttentionConfig) -> nn.Linear | None:
+        if spec.role != "qkv":  # proj stays RobustAttention's default
             return None
-        qkv = nn.Linear(in_features, out_features, bias, **config.factory_kwargs)
+        qkv = nn.Linear(spec.in_features, spec.out_features, spec.bias, **config.factory_kwargs)
         concentrate_qk_spectrum_(qkv.weight, self.num_heads)
         self._layers["qkv"] = qkv
         return qkv
@@ -160,11 +159,17 @@ class SpectralQK(Mitigation):
         return self.loss_weight * eigenvalue_spread(self._products()).mean()
 
     @torch.no_grad()
-    def health(self) -> dict[str, Tensor]:
+    def health(self, call=None) -> dict[str, Tensor]:
         products = self._products()
         mean, variance = eigenvalue_moments(products)
         return {"eigenvalue_mean": mean, "eigenvalue_variance": variance,
                 "spread": eigenvalue_spread(products)}
+
+    def keeps_function(self, source: nn.Module) -> bool:
+        return True  # converted weights replace the init; the loss changes training only
+
+    def timm_expressible(self, host: nn.Module) -> bool:
+        return True  # a loss only: the weights are plain
 
     def extra_repr(self) -> str:
         return f"weight={self.loss_weight}"

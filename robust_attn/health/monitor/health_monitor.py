@@ -11,12 +11,12 @@
 
 Steps are counted by ``step()`` calls from 0; step t is sampled when
 t % every == 0. Only for the forward passes of a sampled step are the
-monitored modules' probes on and the monitor's hooks attached; on every other
-step the modules run their plain forward (probe off, no hooks) and ``step``
-only keeps the loss (detached, without a device sync). If a sampled step runs
-several forwards, the last one counts. While attached, the monitor owns the
-modules' ``probe`` switches (the global :func:`robust_attn.set_probe_enabled`
-does not reach them); ``close`` gives the previous switches back.
+monitor's observers attached (:meth:`RobustAttention.register_observer`): they
+receive each call's health; on every other step the modules run their plain
+forward and ``step`` only keeps the loss (detached, without a device sync). If
+a sampled step runs several forwards, the last one counts. The monitor never
+touches the modules' ``probe`` switches or ``health`` attributes, so several
+monitors (in several threads too) can watch one model.
 
 With ``reduce_across_ranks=True`` and an initialised torch.distributed
 default group, each sampled step's readings (and the losses since the
@@ -34,9 +34,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ...mitigations import SinkLogit, SinkTokens
 from ..distributed import all_reduce, pack, unpack
 from ..early_warnings import HealthWarning, Thresholds, check
+from ..probe import AttentionHealth
 from .in_use import presets_in_use
 from .maps import attention_modules
 from .report import HEAD_METRICS, LAYER_METRICS, LayerSeries, MonitorReport
@@ -75,7 +75,7 @@ class HealthMonitor:
         self.keep_maps = keep_maps
         self.in_use = presets_in_use(self.modules.values())
         self._maps: dict[str, Tensor] = {}
-        self._switches = {name: module.probe for name, module in self.modules.items()}
+        self._latest_health: dict[str, AttentionHealth] = {}
         self._device = next(iter(self.modules.values())).qkv.weight.device
         self._report = MonitorReport(every, layers=[
             LayerSeries(name, module.num_heads, explicit_sink=_has_explicit_sink(module))
@@ -84,8 +84,6 @@ class HealthMonitor:
         self._steps_taken = 0
         self._sampled: SampledStep | None = None
         self._closed = False
-        for module in self.modules.values():
-            module.probe = False
         self._sample_if_due()
 
     def __enter__(self) -> HealthMonitor:
@@ -101,6 +99,7 @@ class HealthMonitor:
         self._pending_losses.append(_loss_tensor(loss))
         if self._sampled is not None:
             readings = self._sampled.collect()
+            self._latest_health = dict(self._sampled.health)
             if self.keep_maps:
                 self._maps = self._sampled.maps
             self._sampled.close()
@@ -115,6 +114,11 @@ class HealthMonitor:
         """The series so far (a snapshot: later steps do not change it)."""
         self._flush_losses()
         return copy.deepcopy(self._report)
+
+    def latest_health(self) -> dict[str, AttentionHealth]:
+        """Each module's :class:`~robust_attn.AttentionHealth` at the latest sampled step (the last
+        forward of that step), by name; empty before the first sampled step ends."""
+        return dict(self._latest_health)
 
     def attention_maps(self) -> dict[str, Tensor]:
         """Each module's attention map (H, Nq', Nk) of the first batch item at the latest sampled
@@ -133,14 +137,12 @@ class HealthMonitor:
         return self.report().to_csv(path)
 
     def close(self) -> None:
-        """Detach: remove the hooks and give the modules their previous probe switches back."""
+        """Detach: remove the observers."""
         if self._closed:
             return
         if self._sampled is not None:
             self._sampled.close()
             self._sampled = None
-        for name, module in self.modules.items():
-            module.probe = self._switches[name]
         self._closed = True
 
     def _sample_if_due(self) -> None:
@@ -203,5 +205,5 @@ def _grad_norm(module: nn.Module) -> Tensor:
 
 def _has_explicit_sink(module: nn.Module) -> bool:
     """Whether the module prepends sink keys, so mass on its first key is by design."""
-    return any(isinstance(m, (SinkLogit, SinkTokens)) for m in module.mitigations.values())
+    return any(m.prepended_keys() > 0 for m in module.mitigations.values())
 

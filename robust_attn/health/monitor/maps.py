@@ -2,30 +2,23 @@
 
 The probe (:mod:`robust_attn.health.probe`) recomputes, for a bounded subsample of
 query rows, the attention weights of the problem the kernel solved (q and k
-after every mitigation, masks, score modifiers), whichever kernel ran, but
-keeps only statistics; within :func:`robust_attn.health.probe.keeping_maps` it also
-keeps the sampled (B', H, Nq', Nk) weights and the allowed-key mask it computed,
-in call order: exactly what the probe measured (same rows, same batch items).
+after every mitigation, masks, score modifiers), whichever kernel ran. An
+observer that asks for maps (``register_observer(fn, maps=True)``) receives the
+sampled (B', H, Nq', Nk) weights and the allowed-key mask with each call's
+record (:class:`~robust_attn.health.probe.AttentionMap`): exactly what the probe
+measured (same rows, same batch items).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import ExitStack
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...attention import RobustAttention
-from .. import probe
-
-
-@dataclass(frozen=True)
-class AttentionMap:
-    """Sampled attention weights (B', H, Nq', Nk) of one call and where keys were allowed (bool)."""
-
-    weights: Tensor
-    allowed: Tensor
+from ..probe import AttentionMap
 
 
 def attention_modules(model: nn.Module) -> dict[str, RobustAttention]:
@@ -41,33 +34,23 @@ def attention_maps(model: nn.Module, *args, **kwargs) -> dict[str, Tensor]:
 
     The map is the first batch item's sampled attention weights (all query rows
     when N <= the module's ``probe_queries``, else evenly spaced rows), from the
-    module's last call, whichever kernel computed it. The modules' probe
-    switches are restored afterwards.
+    module's last call, whichever kernel computed it. The modules are watched by
+    observers for this call only: their probe switches and ``health`` are untouched.
     """
-    modules = attention_modules(model)
-    switches = {name: module.probe for name, module in modules.items()}
     maps: dict[str, Tensor] = {}
-    with probe.keeping_maps() as captured:
-        hooks = [module.register_forward_hook(_first_item_into(maps, name, captured))
-                 for name, module in modules.items()]
-        try:
-            for module in modules.values():
-                module.probe = True
-            model(*args, **kwargs)
-        finally:
-            for hook in hooks:
-                hook.remove()
-            for name, module in modules.items():
-                module.probe = switches[name]
+    with ExitStack() as observers:
+        for name, module in attention_modules(model).items():
+            observers.callback(module.register_observer(_first_item_into(maps, name),
+                                                        maps=True).remove)
+        model(*args, **kwargs)
     return maps
 
 
-def _first_item_into(maps: dict[str, Tensor], name: str, captured: list[AttentionMap]):
-    def hook(module, args, output):
-        if captured:  # modules do not nest: the newest capture is this call's
-            maps[name] = captured.pop()[0][0]  # (weights, allowed): weights of item 0
+def _first_item_into(maps: dict[str, Tensor], name: str):
+    def observer(module, record) -> None:
+        maps[name] = record.attention_map.weights[0]
 
-    return hook
+    return observer
 
 
 def map_similarity(previous: AttentionMap, current: AttentionMap) -> Tensor:

@@ -1,14 +1,14 @@
-"""One sampled step: probes on, hooks gathering what the probe does not see, then the readings.
+"""One sampled step: observers gathering each module's health, then the readings.
 
-While a SampledStep is open, each monitored module's probe is on and a forward
-hook records the module's input and output statistics (res and cosine of the
-tokens entering it, the branch gain) and compares the attention map the probe
-sampled (:func:`robust_attn.health.probe.keeping_maps`) with the map of the
-attention call before it; only that one previous map is held (and, with
-``keep_maps``, each module's first batch item). ``collect`` turns the modules'
-:class:`~robust_attn.health.probe.AttentionHealth` and those statistics into one
-tensor per metric; ``close`` removes every hook and switches the probes off,
-so steps that are not sampled run the plain forward.
+While a SampledStep is open, each monitored module has an observer
+(:meth:`RobustAttention.register_observer` with health and maps) that keeps the
+call's :class:`~robust_attn.health.probe.AttentionHealth`, the module's input and
+output statistics (res and cosine of the tokens entering it, the branch gain) and
+compares the attention map the probe sampled with the map of the attention call
+before it; only that one previous map is held (and, with ``keep_maps``, each
+module's first batch item). ``collect`` turns those into one tensor per metric;
+``close`` removes the observers, so steps that are not sampled run the plain
+forward. The modules' probe switches and ``health`` attributes are never touched.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from torch import Tensor
 
 from ... import metrics
 from ...attention import RobustAttention
-from .. import probe
-from .maps import AttentionMap, map_similarity
+from ..probe import AttentionHealth, AttentionMap
+from .maps import map_similarity
 
 
 def branch_statistics(x: Tensor, output: Tensor) -> dict[str, Tensor]:
@@ -49,27 +49,25 @@ class SampledStep:
         self.modules = modules
         self.keep_maps = keep_maps
         self.inputs: dict[str, dict[str, Tensor]] = {}
+        self.health: dict[str, AttentionHealth] = {}
         self.maps: dict[str, Tensor] = {}
         self._previous_map: AttentionMap | None = None
-        self._hooks = ExitStack()
-        for module in modules.values():
-            module.probe = True
-        self._captured = self._hooks.enter_context(probe.keeping_maps())
+        self._observers = ExitStack()
         for name, module in modules.items():
-            handle = module.register_forward_hook(self._hook(name), with_kwargs=True)
-            self._hooks.callback(handle.remove)
+            handle = module.register_observer(self._observer(name), health=True, maps=True)
+            self._observers.callback(handle.remove)
 
-    def _hook(self, name: str):
-        def hook(module, args, kwargs, output):
-            x = args[0] if args else kwargs["x"]
-            current = AttentionMap(*self._captured.pop()) if self._captured else None  # this call's
-            if self.keep_maps and current is not None:
+    def _observer(self, name: str):
+        def observer(module, record) -> None:
+            current = record.attention_map
+            self.health[name] = record.health
+            if self.keep_maps:
                 self.maps[name] = current.weights[0]
             with torch.no_grad():
-                self.inputs[name] = {**branch_statistics(x, output),
+                self.inputs[name] = {**branch_statistics(record.call.x, record.output),
                                      "map_similarity": self._similarity(current)}
 
-        return hook
+        return observer
 
     def _similarity(self, current: AttentionMap | None) -> Tensor:
         """Mean over heads of map_similarity with the previous call's map; keeps this one."""
@@ -79,14 +77,11 @@ class SampledStep:
         return map_similarity(previous, current).nanmean()
 
     def close(self) -> None:
-        self._hooks.close()
-        for module in self.modules.values():
-            module.probe = False
+        self._observers.close()
 
     def collect(self) -> dict[str, dict[str, Tensor]]:
         """Per module and metric: an (H,) or () tensor; nan where the module did not run."""
-        return {name: {**_health_readings(module.health if name in self.inputs else None,
-                                          module.num_heads),
+        return {name: {**_health_readings(self.health.get(name), module.num_heads),
                        **self.inputs.get(name, _no_inputs())}
                 for name, module in self.modules.items()}
 

@@ -43,10 +43,6 @@ from ...attention import RobustAttention
 from ...mitigations.sigma_reparam import SigmaReparamLinear
 from .rope_attention import RobustAttentionRope
 
-# Mitigations a timm module holds after revert: folded into weights, a loss only, or its own RoPE
-# (plus an elementwise gate without scale_norm: see unexpressible).
-REVERTIBLE = frozenset({"sigma_reparam", "spectral_qk", "rope"})
-
 
 @dataclass(frozen=True)
 class TimmOrigin:
@@ -233,9 +229,9 @@ def _timm_gate(robust: RobustAttention) -> nn.Linear | None:
 
 
 def unexpressible(robust: RobustAttention) -> list[str]:
-    """The mitigations of ``robust`` that its timm class cannot express (revert would drop them)."""
-    return [name for name in robust.mitigations if name not in REVERTIBLE
-            and not (name == "gated" and _timm_gate(robust) is not None)]
+    """The mitigations of ``robust`` that its timm class cannot express (revert would drop them):
+    each mitigation says (Mitigation.timm_expressible)."""
+    return [name for name, m in robust.mitigations.items() if not m.timm_expressible(robust)]
 
 
 def to_timm(robust: RobustAttention) -> nn.Module:

@@ -46,14 +46,8 @@ from torch import nn
 
 from ...attention import RobustAttention
 from ...mitigations import MITIGATIONS
-from ...mitigations.sigma_reparam import SigmaReparam
-from ...mitigations.sinks import PRESERVING_SINK_LOGIT, SinkLogit
-from ...mitigations.spectral_qk import SpectralQK
 from ...presets import preset_options
 from .adapters import timm_classes, to_robust, to_timm, unexpressible, unsupported_reason
-
-# Option values replaced by their function-preserving initialisation when converting.
-PRESERVING_VALUES = {"sigma_reparam": {True: "preserve"}, "sink_logit": {True: "preserve"}}
 
 # RobustAttention arguments convert passes on; the others (dim, qkv_bias, ...) follow each module.
 PASSED_ARGUMENTS = frozenset({"qk_norm", "attn_drop", "proj_drop", "device", "dtype", "kernel",
@@ -157,29 +151,22 @@ def conversion_options(variant: str, preserve_function: bool = True,
     """The options :func:`convert` builds modules with: the preset's, ``overrides``, then the
     function-preserving values when ``preserve_function``."""
     options = {**preset_options(variant), **overrides}
-    if preserve_function:
-        options = {name: PRESERVING_VALUES.get(name, {}).get(value, value)
-                   if isinstance(value, bool) else value for name, value in options.items()}
+    if preserve_function:  # each mitigation's own function-preserving values
+        options = {name: _preserving(name, value) for name, value in options.items()}
     return options
 
 
-def _keeps_function(name: str, mitigation: nn.Module, source: nn.Module) -> bool:
-    if isinstance(mitigation, SigmaReparam):
-        return mitigation.preserve
-    if isinstance(mitigation, SinkLogit):
-        return mitigation.learned and bool((mitigation.logit <= PRESERVING_SINK_LOGIT).all())
-    if name == "gated":
-        return getattr(source, "gate", None) is not None  # the source's own gate, moved over
-    return isinstance(mitigation, SpectralQK) or name == "rope"
+def _preserving(name: str, value: Any) -> Any:
+    """The function-preserving value of option ``name`` (Mitigation.preserving_values), or
+    ``value`` itself."""
+    if name not in MITIGATIONS or not isinstance(value, bool):
+        return value
+    return MITIGATIONS[name].preserving_values.get(value, value)
 
 
 def function_changes(source: nn.Module, robust: RobustAttention) -> list[str]:
     """The options of ``robust`` that make it compute otherwise than ``source`` did."""
-    changes = [name for name, m in robust.mitigations.items()
-               if not _keeps_function(name, m, source)]
-    if isinstance(source.q_norm, nn.Identity) and not isinstance(robust.q_norm, nn.Identity):
-        changes.insert(0, "qk_norm")
-    return changes
+    return [name for name, m in robust.mitigations.items() if not m.keeps_function(source)]
 
 
 def _check_arguments(overrides: dict[str, Any], if_nothing: str) -> None:

@@ -3,8 +3,9 @@
     forward(x, rope=None, attn_mask=None, is_causal=False)
 
 ``rope`` is the per-call embedding ``cat([sin, cos], -1)`` that timm's EVA
-models compute once per forward and hand to every block; the RoPE mitigation
-(:mod:`robust_attn.mitigations.rope`) applies it to q and k after q_norm/k_norm,
+models compute once per forward and hand to every block; it travels in the call
+record (``AttentionCall.rope``) to the RoPE mitigation
+(:mod:`robust_attn.mitigations.rope`), which applies it to q and k after q_norm/k_norm,
 before any other mitigation's q/k transform, exactly where timm applies it.
 
 ``key_bias=False`` matches EVA, whose key projection has no bias (timm keeps
@@ -45,8 +46,7 @@ class RobustAttentionRope(RobustAttention):
         if not self.key_bias and self.qkv.bias is not None:
             with torch.no_grad():
                 self.qkv.bias[self.attn_dim:2 * self.attn_dim].zero_()
-        with self.mitigations["rope"].using(rope):
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        return self.attention(x, attn_mask, is_causal, rope=rope)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ("" if self.key_bias else ", key_bias=False")
