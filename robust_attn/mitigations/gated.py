@@ -50,6 +50,8 @@ GATE_MODES = ("elementwise", "headwise")
 
 class Gated(Mitigation):
     option = "gated"
+    # Qiu et al. 2025's best gate (G1, elementwise), as in Qwen3-Next and timm's gated=True.
+    presets = {"gated": {"gated": "elementwise"}}
     output_order = 1  # gates the attention output, so after corrections that complete it
 
     def __init__(self, mode: str, config: AttentionConfig):

@@ -91,6 +91,16 @@ def uniform_attention_output(problem: AttentionProblem, call: AttentionCall) -> 
 
 class OutlierRemoval(Mitigation):
     option = "outlier_removal"
+    presets = {
+        # No proj bias, as in the authors' bias-free projections: (A - U) V is small at
+        # initialisation, and a bias added to every token would dominate it and make the tokens
+        # alike (rank collapse).
+        "outlier_removal": {"outlier_removal": True, "proj_bias": False},
+        # Both failures at once, chosen by measurement (docs/collapse-setting.md): qk_norm bounds
+        # the logits (no entropy collapse), outlier removal keeps the tokens apart (no rank
+        # collapse).
+        "robust": {"qk_norm": True, "outlier_removal": True, "proj_bias": False},
+    }
     conflicts = {"sigmoid": "outlier removal subtracts the uniform row from a row-stochastic "
                             "attention matrix; sigmoid attention rows do not sum to one"}
 

@@ -29,6 +29,7 @@ class QKNorm(Mitigation):
     the layers belong to RobustAttention, under timm's names)."""
 
     option = "qk_norm"
+    presets = {"qk_norm": {"qk_norm": True}}
 
     def __init__(self, config: AttentionConfig):
         super().__init__()

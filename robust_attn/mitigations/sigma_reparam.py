@@ -343,6 +343,8 @@ class SigmaReparam(Mitigation):
     """
 
     option = "sigma_reparam"
+    # W_hat = gamma W / sigma(W) on qkv and proj, gamma = 1 as in the paper.
+    presets = {"sigma_reparam": {"sigma_reparam": True}}
     preserving_values = {True: "preserve"}
     health_reductions = {"entropy_bound": "min"}  # the bound of the weakest sequence
 

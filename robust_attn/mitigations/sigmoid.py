@@ -62,6 +62,8 @@ class SigmoidWeights:
 
 class Sigmoid(Mitigation):
     option = "sigmoid"
+    # b = -log(Nk), with qk_norm as the paper recommends for stability.
+    presets = {"sigmoid": {"sigmoid": True, "qk_norm": True}}
 
     def __init__(self, bias: float | None):
         super().__init__()

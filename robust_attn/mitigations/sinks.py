@@ -175,6 +175,10 @@ class SinkLogit(Mitigation):
     """
 
     option = "sink_logit"
+    # gpt-oss's learned per-head sink logit (zero value: it can only take mass away), starting
+    # at 0 = softmax-off-by-one; H parameters. sink_tokens=k adds k learned key/value slots per
+    # layer instead (not StreamingLLM's prepended input token).
+    presets = {"sink": {"sink_logit": True}}
     conflicts = {"sigmoid": SIGMOID_CONFLICT}
     preserving_values = {True: "preserve"}
     INITIAL_LOGITS = {True: 0.0, "preserve": PRESERVING_SINK_LOGIT}

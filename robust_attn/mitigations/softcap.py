@@ -45,6 +45,7 @@ class TanhSoftCap:
 
 class SoftCap(Mitigation):
     option = "softcap"
+    presets = {"softcap": {"softcap": 50.0}}  # Gemma 2's cap
     conflicts = {"sigmoid": "soft-capping bounds softmax logits; sigmoid attention has no softmax"}
 
     def __init__(self, cap: float):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import AttentionConfig
 from ..problem import AttentionProblem
-from ..sparse import Pattern
+from ..sparse import BlockLocal, GlobalTokens, Pattern, Strided
 from .base import Mitigation
 
 if TYPE_CHECKING:
@@ -32,6 +32,14 @@ if TYPE_CHECKING:
 
 class Sparsity(Mitigation):
     option = "sparsity"
+    presets = {
+        # Blocks of 64 tokens (Parmar et al. 2018; Qiu et al. 2020) plus the first token (a ViT's
+        # class token) global (Longformer, Big Bird): the block_sparse kernel, linear in N.
+        "block_sparse": {"sparsity": BlockLocal(64) | GlobalTokens(1)},
+        # Child et al. 2019's strided pattern, (i - j) mod 8 == 0 (the paper pairs it with a local
+        # window in other layers): the strided kernel, N^2 / 8 scores.
+        "strided": {"sparsity": Strided(8)},
+    }
 
     def __init__(self, pattern: Pattern):
         super().__init__()

@@ -112,6 +112,8 @@ class SpectralQK(Mitigation):
     """
 
     option = "spectral_qk"
+    # Concentrated QK-eigenspectrum init plus its regulariser (weight 0.01).
+    presets = {"spectral_qk": {"spectral_qk": True}}
     conflicts = {
         "qk_norm": "qk_norm normalises q and k per token, so the logits no longer follow the "
                    "bilinear form x^T W_Q^h^T W_K^h x whose eigenspectrum spectral_qk shapes",

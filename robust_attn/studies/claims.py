@@ -35,36 +35,25 @@ thresholds of the stack's verdicts (``robust_attn.studies.stack.ENTROPY_COLLAPSE
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
-from .stack import ENTROPY_COLLAPSE, RANK_COLLAPSE, StackSetting
-
-HOLD_SHARE = 0.95
-ENTROPY = "entropy collapse"
-RANK = "rank collapse"
-ATTENTION_ONLY = (False,)
-EITHER_STACK = (False, True)
-
-
-@dataclass(frozen=True)
-class Setting:
-    """Stacks at initialisation: residual connections and LayerNorm positions (each value
-    listed is drawn), closed ranges of the QK weight scale sqk, the depth, the number of tokens
-    and of heads, and the head widths drawn (model width = heads x head width).
-
-    At least 8 tokens: with fewer, a layer's mean entropy is a mean over 4 to 7 query
-    rows, one near-tie row lifts it by about 0.5 / N, and even the baseline stays above
-    H = 0.1 on some draws (measured: 0.125 at 4 tokens, sqk 7.4).
-    """
-
-    residual: tuple[bool, ...]
-    qk_scales: tuple[float, float]
-    depths: tuple[int, int] = (8, 48)
-    tokens: tuple[int, int] = (8, 32)
-    heads: tuple[int, int] = (1, 4)
-    head_dims: tuple[int, ...] = (8, 12, 16)
-    norms: tuple[str, ...] = ("pre",)
+from ..claim import (
+    BASELINE_ENTROPY_COLLAPSE,
+    EITHER_STACK,
+    ENTROPY,
+    ENTROPY_COLLAPSE,
+    NO_ENTROPY_COLLAPSE,
+    OUTLIER_REMOVAL_KEEPS_RANK,
+    RANK,
+    RANK_COLLAPSE,
+    ROBUST_KEEPS_RANK,
+    Claim,
+    Guarantee,
+    Setting,
+    witness_at,
+    witnesses_at,
+)
+from ..mitigations import MITIGATIONS
 
 
 def describe_setting(setting: Setting) -> str:
@@ -79,73 +68,6 @@ def describe_setting(setting: Setting) -> str:
             f"{setting.heads[0]}-{setting.heads[1]} heads of width {head_dims}")
 
 
-@dataclass(frozen=True)
-class Guarantee:
-    """In ``setting``, the preset's measure of ``failure`` stays >= ``bound`` (the baseline's
-    falls below it): the worst-layer entropy for ENTROPY, the output's res(X) for RANK."""
-
-    failure: str
-    setting: Setting
-    bound: float
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A preset's claim at initialisation: what its source claims, what we guarantee, and for
-    each failure it does not address, a witness: a stack, inside the setting where the baseline
-    fails that way, in which the preset fails too (so 'neither' is measured, not assumed)."""
-
-    variant: str
-    source: str
-    source_claim: str
-    guarantees: tuple[Guarantee, ...] = ()
-    note: str = ""
-    witnesses: Mapping[str, StackSetting] = field(default_factory=dict, hash=False)
-
-    @property
-    def addresses(self) -> str:
-        """'entropy collapse', 'rank collapse', 'both' or 'neither'."""
-        failures = {guarantee.failure for guarantee in self.guarantees}
-        return "both" if failures == {ENTROPY, RANK} else next(iter(failures), "neither")
-
-
-# Where the baseline itself fails, on every draw (measured; see the baseline's note).
-BASELINE_ENTROPY_COLLAPSE = Setting(residual=EITHER_STACK, qk_scales=(14.0, 32.0))
-BASELINE_RANK_COLLAPSE = Setting(residual=ATTENTION_ONLY, qk_scales=(0.25, 1.25))
-
-# Where outlier removal (no proj bias) with qk_norm keeps res(X) >= 0.01 on every draw (measured,
-# and found by the thorough profile: narrower, shorter or deeper attention-only stacks sometimes
-# drift into alike tokens; see the outlier_removal claim's note). qk_norm makes sqk irrelevant.
-ROBUST_KEEPS_RANK = Setting(ATTENTION_ONLY, BASELINE_RANK_COLLAPSE.qk_scales, depths=(4, 12),
-                            tokens=(16, 256), heads=(4, 8), norms=("pre", "post"))
-# Outlier removal alone also needs logits that are not nearly zero (sqk >= 0.5: see its note).
-OUTLIER_REMOVAL_KEEPS_RANK = replace(ROBUST_KEEPS_RANK, qk_scales=(0.5, 1.25))
-
-_NO_ENTROPY_COLLAPSE = Guarantee(ENTROPY, BASELINE_ENTROPY_COLLAPSE, ENTROPY_COLLAPSE)
-
-
-# Where the robust preset keeps both bounds on every draw (tests/test_collapse_claims.py).
-ROBUST_HOLDS = (
-    Setting((True,), (0.25, 32.0), depths=(4, 48), tokens=(8, 256), heads=(1, 8),
-            norms=("pre", "post")),
-    Setting(ATTENTION_ONLY, (0.25, 32.0), depths=(4, 12), tokens=(16, 256), heads=(4, 8),
-            norms=("pre", "post")),
-)
-
-
-def _witness(variant: str, failure: str, **changes) -> StackSetting:
-    """The table's point for ``failure`` (rank: sqk 1, attention only; entropy: sqk 16, with
-    residual) at depth 24, width 64, 4 heads, 32 tokens, batch 1, seed 0, with ``changes``."""
-    point = {RANK: {"qk_scale": 1.0, "residual": False},
-             ENTROPY: {"qk_scale": 16.0, "residual": True}}[failure]
-    return StackSetting(**{"variant": variant, "depth": 24, "dim": 64, "num_heads": 4,
-                           "tokens": 32, "batch": 1, **point, **changes})
-
-
-def _witnesses(variant: str, *failures: str) -> dict[str, StackSetting]:
-    return {failure: _witness(variant, failure) for failure in failures}
-
-
 _CLAIMS = (
     Claim(
         "baseline", "Dong et al. 2021; Noci et al. 2022; Zhai et al. 2023",
@@ -156,17 +78,17 @@ _CLAIMS = (
              "sqk <= 1.25 (res < 0.01 from depth 4); entropy collapse for sqk >= 14 (H < 0.1), "
              "with or without residual, pre- or post-LN, 8 to 256 tokens. Residual connections "
              "alone keep res > 0.01.",
-        witnesses=_witnesses("baseline", RANK, ENTROPY),
+        witnesses=witnesses_at("baseline", RANK, ENTROPY),
     ),
     Claim(
         "qk_norm", "Henry et al. 2020; Dehghani et al. 2023; Wortsman et al. 2023",
         "normalising q and k bounds the attention logits, preventing the logit growth that "
         "collapses attention entropy",
-        (_NO_ENTROPY_COLLAPSE,),
+        (NO_ENTROPY_COLLAPSE,),
         note="Measured: worst-layer H 0.887 (median at every point of the table), whatever "
              "sqk: the normalised q and k no longer see the weights' scale. Not against rank "
              "collapse.",
-        witnesses=_witnesses("qk_norm", RANK),
+        witnesses=witnesses_at("qk_norm", RANK),
     ),
     Claim(
         "softcap", "Gemma Team 2024 (Gemma 2); Wortsman et al. 2023",
@@ -178,15 +100,15 @@ _CLAIMS = (
              "sqk 16) many tie there and H stays 0.2-0.45; narrow heads still collapse (one "
              "head of width 8, sqk 14, depth 48: H < 0.1, the witness). The source's claim is "
              "about logits growing in training, which the cap does bound.",
-        witnesses={RANK: _witness("softcap", RANK),
-                   ENTROPY: _witness("softcap", ENTROPY, qk_scale=14.0, depth=48, dim=8,
+        witnesses={RANK: witness_at("softcap", RANK),
+                   ENTROPY: witness_at("softcap", ENTROPY, qk_scale=14.0, depth=48, dim=8,
                                      num_heads=1, tokens=8, seed=0)},
     ),
     Claim(
         "sigma_reparam", "Zhai et al. 2023, ICML (sigmaReparam)",
         "W_hat = gamma W / sigma(W) bounds the logits' spectral scale, so attention entropy "
         "cannot collapse (their Theorem 3.1's lower bound)",
-        (_NO_ENTROPY_COLLAPSE,),
+        (NO_ENTROPY_COLLAPSE,),
         note="Where the guarantee comes from: gamma = 1 (the preset, and the paper's "
              "pseudocode), which rescales qkv to unit spectral norm whatever the weights' "
              "scale, so the initial attention no longer depends on sqk (measured worst-layer "
@@ -196,7 +118,7 @@ _CLAIMS = (
              "baseline does (tested: H < 0.1 at the entropy witness). The reparametrisation "
              "bounds logit growth in training only through what gamma learns. Not against "
              "rank collapse.",
-        witnesses=_witnesses("sigma_reparam", RANK),
+        witnesses=witnesses_at("sigma_reparam", RANK),
     ),
     Claim(
         "spectral_qk", "this library's method, inspired by Bao, Hataya & Karakida 2024, ICML "
@@ -211,7 +133,7 @@ _CLAIMS = (
              "stack collapses in rank as the baseline's does. Our loss is exactly 0 at that "
              "init, so it gives no gradient there: it only pulls a drifting spectrum back "
              "during training.",
-        witnesses=_witnesses("spectral_qk", RANK, ENTROPY),
+        witnesses=witnesses_at("spectral_qk", RANK, ENTROPY),
     ),
     Claim(
         "sink", "Miller 2023; OpenAI 2025 (gpt-oss); Xiao et al. 2024 (StreamingLLM, for the "
@@ -220,7 +142,7 @@ _CLAIMS = (
         "initialisation",
         note="Measured: as the baseline. A sink logit of 0 takes a share 1 / (N + 1) of "
              "near-uniform rows and nothing from rows with large logits.",
-        witnesses=_witnesses("sink", RANK, ENTROPY),
+        witnesses=witnesses_at("sink", RANK, ENTROPY),
     ),
     Claim(
         "gated", "Qiu et al. 2025 (Gated Attention)",
@@ -228,7 +150,7 @@ _CLAIMS = (
         "training; no claim about collapse at initialisation",
         note="Measured: as the baseline. The gate (about 0.5 at initialisation) rescales each "
              "head's output, which neither the attention entropy nor res(X) sees.",
-        witnesses=_witnesses("gated", RANK, ENTROPY),
+        witnesses=witnesses_at("gated", RANK, ENTROPY),
     ),
     Claim(
         "outlier_removal", "Nait Saada, Naderi & Tanner 2025, ICML (Mind the Gap)",
@@ -249,7 +171,7 @@ _CLAIMS = (
              "(A - U) V, quadratic in the tokens' differences, shrinks faster than the next "
              "LayerNorm (eps 1e-5) can scale it back up, so the output vanishes (X = 0, "
              "res 0). Not against entropy collapse.",
-        witnesses=_witnesses("outlier_removal", ENTROPY),
+        witnesses=witnesses_at("outlier_removal", ENTROPY),
     ),
     Claim(
         "sigmoid", "Ramapuram et al. 2025, ICLR (sigmoid self-attention)",
@@ -264,7 +186,7 @@ _CLAIMS = (
              "it. The preset includes qk_norm, which is "
              "what keeps the logits bounded. Not against rank collapse: attention-only stacks "
              "collapse in rank.",
-        witnesses=_witnesses("sigmoid", RANK),
+        witnesses=witnesses_at("sigmoid", RANK),
     ),
     Claim(
         "robust", "this library: qk_norm (Henry et al. 2020; Dehghani et al. 2023) with outlier "
@@ -293,7 +215,7 @@ _CLAIMS = (
              "baseline. With several full blocks, tokens of different blocks mix only through "
              "the global token, so each block collapses to its own mean and res(X) can stay "
              "up: a partition, not a cure; a small last block still collapses with the rest.",
-        witnesses=_witnesses("block_sparse", RANK, ENTROPY),
+        witnesses=witnesses_at("block_sparse", RANK, ENTROPY),
     ),
     Claim(
         "strided", "Child et al. 2019 (Sparse Transformers)",
@@ -307,10 +229,21 @@ _CLAIMS = (
              "16 tokens, res(X) falls below 0.01 by depth 8 (the rank witness). A partition, "
              "not a cure. Not against entropy collapse (rows of N / 8 keys still go one-hot; "
              "rows of one key count as H = 1).",
-        witnesses={RANK: _witness("strided", RANK, depth=8, dim=8, num_heads=1, tokens=16,
+        witnesses={RANK: witness_at("strided", RANK, depth=8, dim=8, num_heads=1, tokens=16,
                                   seed=6),
-                   ENTROPY: _witness("strided", ENTROPY)},
+                   ENTROPY: witness_at("strided", ENTROPY)},
     ),
 )
 
-CLAIMS: Mapping[str, Claim] = MappingProxyType({claim.variant: claim for claim in _CLAIMS})
+def _gathered() -> dict[str, Claim]:
+    """The claims above and those the mitigations own (``Mitigation.claims``), by preset."""
+    claims = {claim.variant: claim for claim in _CLAIMS}
+    for mitigation in MITIGATIONS.values():
+        for claim in mitigation.claims:
+            if claim.variant in claims:
+                raise ValueError(f"preset {claim.variant!r} has two claims ({mitigation.__name__})")
+            claims[claim.variant] = claim
+    return claims
+
+
+CLAIMS: Mapping[str, Claim] = MappingProxyType(_gathered())

@@ -36,11 +36,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from ..claim import ENTROPY_COLLAPSE, RANK_COLLAPSE, StackSetting
 from ..metrics import token_residual
 from ..presets import create
 
-ENTROPY_COLLAPSE = 0.1
-RANK_COLLAPSE = 0.01
 NORM_POSITIONS = ("pre", "post")
 
 
@@ -101,22 +100,6 @@ def init_stack_weights(stack: AttentionStack, qk_scale: float, generator: torch.
                     linear.bias.zero_()
             attention.initialise_weights()  # e.g. spectral_qk's concentrated spectrum
             attention.reset_from_weights()  # e.g. sigma_reparam's u, v from the new weights
-
-
-@dataclass(frozen=True)
-class StackSetting:
-    """One measurement: a variant's stack at one weight scale, drawn from one seed."""
-
-    variant: str = "baseline"
-    depth: int = 24
-    dim: int = 128
-    num_heads: int = 4
-    tokens: int = 64
-    batch: int = 2
-    qk_scale: float = 1.0
-    residual: bool = False
-    norm: str = "pre"
-    seed: int = 0
 
 
 @dataclass(frozen=True)
