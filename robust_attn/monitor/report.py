@@ -58,7 +58,8 @@ class SeriesSnapshot(Sequence):
     def __eq__(self, other) -> bool:
         if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
             return NotImplemented
-        return len(other) == self._length and all(a is b or a == b for a, b in zip(self, other))
+        return len(other) == self._length and all(
+            a is b or a == b for a, b in zip(self, other, strict=True))
 
     __hash__ = None
 
