@@ -14,13 +14,18 @@ With medians B, S and U of the three, the monitor at sampling period ``every`` c
 
     ratio = (S + (every - 1) U) / (every B)
 
-(one sampled step in every ``every``); S / B is the worst case, every=1. Writes
-monitor-overhead.json and monitor-overhead.md (the machine included).
+(one sampled step in every ``every``); S / B is the worst case, every=1.
+
+Then the cost of ``HealthMonitor.report()`` as the history grows: a 12-layer attention stack at
+ViT-S's head count, monitored at every step, its report taken (median of repeated calls) after 10
+and after 1000 samples, beside a deep copy of the same history (what report() did before it
+shared the series). Writes monitor-overhead.json and monitor-overhead.md (the machine included).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import statistics
 import time
@@ -28,9 +33,10 @@ from pathlib import Path
 
 import torch
 from machine import machine
-from output import write
+from output import progress, write
 
 from robust_attn import HealthMonitor
+from robust_attn.studies.stack import AttentionStack
 
 DEFAULT_EVERY = inspect.signature(HealthMonitor).parameters["every"].default
 
@@ -45,14 +51,15 @@ def vit_small(quick: bool) -> tuple[torch.nn.Module, str]:
         from robust_attn.studies.stack import AttentionStack
 
         return AttentionStack(2 if quick else 12, 384, 6, residual=True), "attention stack"
-    depth = 2 if quick else 12
-    model = timm.create_model("vit_small_patch16_224", pretrained=False, depth=depth)
+    sizes = {"depth": 2, "img_size": 64} if quick else {}  # quick: 17 tokens, not 197
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, **sizes)
     return convert(model, "baseline")[0], "timm vit_small_patch16_224 converted (baseline)"
 
 
-def inputs_for(model: torch.nn.Module, batch: int) -> torch.Tensor:
-    tokens = (batch, 197, 384)
-    return torch.randn(*((batch, 3, 224, 224) if hasattr(model, "patch_embed") else tokens))
+def inputs_for(model: torch.nn.Module, batch: int, quick: bool) -> torch.Tensor:
+    if hasattr(model, "patch_embed"):
+        return torch.randn(batch, 3, *model.patch_embed.img_size)
+    return torch.randn(batch, 17 if quick else 197, 384)
 
 
 def loss_of(output) -> torch.Tensor:
@@ -106,9 +113,10 @@ def run(quick: bool, batch: int, cycles: int, every: int) -> dict:
     model, description = vit_small(quick)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = inputs_for(model, 2 if quick else batch)
+    x = inputs_for(model, 2 if quick else batch, quick)
     cycle(model, optimizer, x, True)  # warm-up: allocator, AdamW state, first hooks
-    measured = [cycle(model, optimizer, x, index % 2 == 0) for index in range(cycles)]
+    measured = [cycle(model, optimizer, x, index % 2 == 0)
+                for index in progress(range(cycles), "monitor cycles")]
     times = {kind: [m[kind] for m in measured] for kind in ("bare", "sampled", "unsampled")}
     bare, sampled, unsampled = (statistics.median(times[kind])
                                 for kind in ("bare", "sampled", "unsampled"))
@@ -117,6 +125,31 @@ def run(quick: bool, batch: int, cycles: int, every: int) -> dict:
             "unsampled_s": unsampled, "ratio": (sampled + (every - 1) * unsampled) / (every * bare),
             "sampled_ratio": sampled / bare, "unsampled_ratio": unsampled / bare,
             "times": times, "machine": machine()}
+
+
+def median_seconds(function, repeats: int) -> float:
+    return statistics.median(timed(function) for _ in range(repeats))
+
+
+def report_cost(samples: tuple[int, ...], depth: int, repeats: int = 51) -> list[dict]:
+    """Median seconds of HealthMonitor.report(), and of a deep copy of its history, after each
+    number of samples (every=1: one sample per step) of a small ``depth``-layer stack."""
+    torch.manual_seed(0)
+    stack = AttentionStack(depth, 48, 6, residual=True)
+    x = torch.randn(1, 8, 48)
+    costs = []
+    with HealthMonitor(stack, every=1) as monitor:
+        for count in progress(samples, "report() cost"):
+            while len(monitor.report().steps) < count:
+                loss = loss_of(stack(x))
+                loss.backward()
+                monitor.step(loss)
+                stack.zero_grad(set_to_none=True)
+            history = monitor._report  # the monitor's own series: what a deep copy would copy
+            costs.append({"samples": count, "report_s": median_seconds(monitor.report, repeats),
+                          "deepcopy_s": median_seconds(lambda h=history: copy.deepcopy(h),
+                                                       repeats)})
+    return costs
 
 
 def markdown(result: dict) -> str:
@@ -135,6 +168,14 @@ def markdown(result: dict) -> str:
         f"| **default sampling, every={result['every']}**: (S + {result['every'] - 1} U) / "
         f"({result['every']} B) | | **{result['ratio']:.3f}** |",
         "",
+        f"HealthMonitor.report() as the history grows: a {result['report_depth']}-layer attention "
+        "stack, 6 heads, sampled at every step; medians of 51 calls:",
+        "",
+        "| samples | report() (ms) | deep copy of the history (ms) |",
+        "|---|---|---|",
+        *(f"| {c['samples']} | {1e3 * c['report_s']:.3f} | {1e3 * c['deepcopy_s']:.2f} |"
+          for c in result["report_cost"]),
+        "",
     ])
 
 
@@ -146,12 +187,16 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=DEFAULT_EVERY,
                         help=f"the sampling period (default: the monitor's, {DEFAULT_EVERY})")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
+                        help="folder for monitor-overhead.json and .md (default: benchmarks/results)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args.quick, args.batch, 2 if args.quick else args.cycles, args.every)
-    write(Path(args.out), "monitor-overhead", result, markdown(result))
+    depth = 2 if args.quick else 12
+    result.update(report_depth=depth,
+                  report_cost=report_cost((10, 50) if args.quick else (10, 1000), depth))
+    write(args.out, "monitor-overhead", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from machine import machine
-from output import write
+from output import progress, write
 
 from robust_attn import set_probe_enabled
 from robust_attn.studies.stack import AttentionStack
@@ -38,7 +38,7 @@ def run(quick: bool) -> dict:
     stack = AttentionStack(depth, 384, 6, residual=True)
     x = torch.randn(batch, 197, 384)
     times = {False: [], True: []}
-    for index in range(warmup + repeats):
+    for index in progress(range(warmup + repeats), "probe off/on"):
         for probe in (False, True):  # interleaved: A B A B ...
             seconds = step_seconds(stack, x, probe)
             if index >= warmup:
@@ -69,10 +69,11 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
+                        help="folder for probe-overhead.json and .md (default: benchmarks/results)")
     args = parser.parse_args()
     result = run(args.quick)
-    write(Path(args.out), "probe-overhead", result, markdown(result))
+    write(args.out, "probe-overhead", result, markdown(result))
 
 
 if __name__ == "__main__":

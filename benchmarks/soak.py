@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from machine import machine
-from output import load_average, write
+from output import load_average, progress, write
 from torch import nn
 
 import robust_attn
@@ -58,7 +58,7 @@ def run(steps: int) -> dict:
     warmup = max(1, steps // 10)
     times, memory = [], []
     with robust_attn.health_probe():
-        for step in range(steps):
+        for step in progress(range(steps), "soak steps"):
             x = torch.randn(8, 64, 64, generator=generator)
             start = time.perf_counter()
             loss = (model(x) - target).square().mean()

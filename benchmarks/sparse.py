@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from machine import machine
 from measure import Clock, PeakMemory, interleaved, median, training_step
-from output import load_average, write
+from output import load_average, progress, write
 
 from robust_attn.kernels import SparseFallbackWarning, select_kernel
 from robust_attn.problem import AttentionProblem
@@ -136,7 +136,7 @@ def prepare(name: str, pattern: Pattern | None, num_tokens: int, config: Config)
 def measure(config: Config) -> list[dict]:
     memory, clock = PeakMemory(), Clock(torch.device("cpu"))
     rows = []
-    for index, num_tokens in enumerate(config.sizes):
+    for index, num_tokens in enumerate(progress(config.sizes, "sparse sizes")):
         cases = {name: prepare(name, pattern, num_tokens, config)
                  for name, pattern in patterns(config.unit, num_tokens).items()}
         # first calls of every kernel untimed, at the first N only

@@ -1,6 +1,6 @@
 """Draw every sparsity pattern as a PNG (docs/patterns/<name>.png) with robust_attn.sparse.plot.
 
-    .venv/bin/python benchmarks/sparse_pictures.py [--out docs/patterns]
+    .venv/bin/python benchmarks/sparse_pictures.py [--quick] [--out docs/patterns]
 
 Small sizes (64 tokens; an 8 x 8 grid after one class token) so single cells are visible.
 """
@@ -24,6 +24,8 @@ from robust_attn.sparse import (
 )
 from robust_attn.sparse.plot import save_pattern_png
 
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "patterns"
+
 TOKENS = 64
 GRID, PREFIX = (8, 8), 1
 
@@ -45,9 +47,11 @@ PICTURES = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("docs/patterns"))
+    parser.add_argument("--quick", action="store_true", help="the first two patterns only")
+    parser.add_argument("--out", type=Path, default=DOCS,
+                        help="folder for the PNGs (default: the checkout's docs/patterns)")
     args = parser.parse_args()
-    for name, (pattern, tokens) in PICTURES.items():
+    for name, (pattern, tokens) in list(PICTURES.items())[:2 if args.quick else None]:
         path = save_pattern_png(pattern, tokens, args.out / f"{name}.png", title=name)
         print(path)
 

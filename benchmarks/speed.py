@@ -42,7 +42,7 @@ from robust_attn.health.records import recording
 
 from .machine import machine
 from .measure import Clock, inference_step, interleaved, median, training_step
-from .output import load_average, write
+from .output import load_average, progress, write
 from .speed_cases import (
     EVAL,
     REFERENCE,
@@ -228,7 +228,7 @@ def summarise(cases: list[Case], bench: Bench, runs: dict[str, list[dict]]) -> l
 
 def measure(plan: Plan, device: torch.device, dtype: torch.dtype, phases: dict) -> list[dict]:
     rows = []
-    for shape in plan.shapes:
+    for shape in progress(plan.shapes, f"speed shapes, {str(dtype).removeprefix('torch.')}"):
         start = time.perf_counter()
         cases = cases_for(plan, shape, device)
         bench = Bench(shape, device, dtype)

@@ -56,6 +56,7 @@ import argparse
 import json
 import math
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -118,6 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=Path("recipes/results/lr_sensitivity"))
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar (it goes to stderr, and only to a terminal)")
     add_smoke_flag(parser, SMOKE, "a few steps of a tiny sweep")
     args = parse_with_smoke(parser, argv, SMOKE)
     if args.variants is None:
@@ -373,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     task = (text_task if args.task == "text" else markov_task)(args)
     eval_tokens = task.eval_tokens.to(distributed.device)
     bar = progress(len(args.variants) * len(args.lrs) * args.steps, desc="lr sweep",
-                   enabled=distributed.is_main)
+                   enabled=distributed.is_main and not args.quiet and sys.stderr.isatty())
     start = time.perf_counter()
     runs = [train_run(variant, lr, args, task, eval_tokens, distributed, bar)
             for variant in args.variants for lr in args.lrs]

@@ -1,10 +1,10 @@
 """The robust-attn command line.
 
     robust-attn doctor [--builtin] [--variants ...] [--scales ...] [--out DIR]
-    robust-attn doctor --model TIMM_NAME [--checkpoint PATH] [--variants ...] [--out DIR]
+    robust-attn doctor --model TIMM_NAME [--checkpoint PATH] [--num-classes K] [--variants ...]
     robust-attn doctor --run DIR [--variant PRESET] [--out PNG]
     robust-attn diagram [--variants ...] [--norm pre post] [--betas ...] [--alphas ...] [--out DIR]
-    robust-attn bench [NAME [ARGS ...]]
+    robust-attn bench [--quiet] [NAME [ARGS ...]]
 
 ``doctor --builtin`` (the default) measures, at initialisation, a deep stack
 of each variant (robust_attn.studies.stack) under several query/key weight scales,
@@ -14,9 +14,10 @@ training step of each stack, a JSON report, a PNG of per-layer entropy and
 res, and each variant's attention maps.
 
 ``doctor --model`` builds a timm model (random init, or the local checkpoint
-given), converts it to each variant (robust_attn.convert), runs one training
-step on a random batch under a HealthMonitor, and prints a per-layer health
-table and the warnings per variant, with attention maps and a JSON report.
+given; ``--num-classes`` and ``--img-size`` build it to fit the checkpoint),
+converts it to each variant (robust_attn.convert), runs one training step on a
+random batch under a HealthMonitor, and prints a per-layer health table and the
+warnings per variant, with attention maps and a JSON report.
 
 ``doctor --run`` checks a finished training run after the fact: it reads the
 run's ``health.csv`` (``HealthMonitor.to_csv``) and ``train.csv`` (a ``loss``
@@ -25,7 +26,23 @@ step as the monitor would have raised them, prints each code's first step and
 evidence, and draws the health curves with those steps marked.
 
 ``diagram`` draws the trainability diagram (robust_attn.studies.diagnostics) of each
-variant; ``bench`` lists the benchmarks of a source checkout or runs one.
+variant.
+
+``bench`` lists the benchmarks of a source checkout, or runs one as
+``python -m benchmarks.NAME ARGS`` does from the checkout, in a fresh process
+(its output comes through; the exit status is the benchmark's). A benchmark is
+a module of benchmarks/ that runs as a program, i.e. has an
+``if __name__ == "__main__":`` block; the others (machine, measure, output,
+speed_cases, ...) are helpers the benchmarks import, and are not listed. Each is
+listed with the first sentence of its docstring, and each takes ``--quick`` (its
+smallest size: a smoke run of seconds) and ``--out DIR`` (where its results go);
+tests/test_cli_commands.py runs every one that way.
+
+Progress bars (tqdm) go to stderr, and only when stderr is a terminal;
+``--quiet`` turns them off (for ``bench``, give it before NAME: what follows NAME
+is the benchmark's). Bad input (a missing or unreadable checkpoint, one that
+does not fit the model, an unknown benchmark) ends in one line on stderr naming
+the argument, and exit status 2, as argparse's own errors do.
 """
 
 from __future__ import annotations
@@ -35,15 +52,18 @@ import ast
 import copy
 import csv
 import json
-import runpy
+import os
+import re
+import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
 from statistics import fmean
 
 import torch
+from tqdm import tqdm
 
-from .health.early_warnings import HealthWarning, check, replay
+from .health.early_warnings import HealthWarning, check
 from .health.monitor import HealthMonitor, MonitorReport, presets_in_use
 from .integrations import convert
 from .presets import create, list_variants
@@ -70,6 +90,23 @@ from .studies.stack import (
 )
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+class CommandError(Exception):
+    """Bad input a command found (its message names the argument): :func:`main` prints it as one
+    line on stderr and returns 2, the status argparse gives a bad argument; no traceback."""
+
+
+def _progress(iterable, args: argparse.Namespace, desc: str):
+    """``iterable`` with a progress bar on stderr (the tables go to stdout): none with --quiet, or
+    when stderr is not a terminal (logs, tests)."""
+    return tqdm(iterable, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True,
+                disable=True if args.quiet else None)
+
+
+def _say(text: str = "") -> None:
+    """print() while a progress bar runs: tqdm.write clears the bar, prints, and redraws it."""
+    tqdm.write(text, file=sys.stdout)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -163,10 +200,10 @@ def _builtin_step(setting: StackSetting, kernel: str):
 def _picture(plot, *args) -> bool:
     """``plot(*args)``, printing the path it wrote, or why there is no picture (False)."""
     try:
-        print(f"wrote {plot(*args)}")
+        _say(f"wrote {plot(*args)}")
         return True
     except ImportError as error:
-        print(f"no pictures: {error}")
+        _say(f"no pictures: {error}")
         return False
 
 
@@ -176,7 +213,8 @@ def doctor_builtin(args: argparse.Namespace) -> int:
     settings = [StackSetting(**{**base.__dict__, "variant": variant, "qk_scale": scale,
                                 "residual": residual})
                 for variant in args.variants for residual in (False, True) for scale in args.scales]
-    reports, warnings, maps = zip(*(_builtin_step(setting, args.kernel) for setting in settings),
+    reports, warnings, maps = zip(*(_builtin_step(setting, args.kernel)
+                                    for setting in _progress(settings, args, "doctor: stacks")),
                                   strict=True)
 
     print(f"Stack at initialisation: {base.depth} pre-LN attention layers, width {base.dim}, "
@@ -227,15 +265,55 @@ def _build_timm_model(args: argparse.Namespace) -> torch.nn.Module:
     try:
         import timm
     except ImportError:
-        raise SystemExit("doctor --model needs timm: pip install 'robust-attn[timm]'") from None
+        raise CommandError("--model needs timm: pip install 'robust-attn[timm]'") from None
     torch.manual_seed(args.seed)
-    kwargs = {"checkpoint_path": args.checkpoint} if args.checkpoint else {}
-    if args.img_size:
-        kwargs["img_size"] = args.img_size
+    kwargs = {name: value for name, value in (("img_size", args.img_size),
+                                              ("num_classes", args.num_classes))
+              if value is not None}
     try:
-        return timm.create_model(args.model, pretrained=False, **kwargs)
-    except RuntimeError as error:  # timm: unknown model name
-        raise SystemExit(f"cannot build timm model {args.model!r}: {error}") from None
+        model = timm.create_model(args.model, pretrained=False, **kwargs)
+    except (RuntimeError, TypeError) as error:  # an unknown name; an option the model lacks
+        raise CommandError(f"--model: cannot build timm model {args.model!r}"
+                           f"{' with ' + str(kwargs) if kwargs else ''}: {error}") from None
+    if args.checkpoint:
+        _load_checkpoint(model, Path(args.checkpoint), args.model)
+    return model
+
+
+def _load_checkpoint(model: torch.nn.Module, path: Path, name: str) -> None:
+    """Load ``path`` into ``model`` strictly, as timm.create_model(checkpoint_path=...) does, but
+    with one-line errors: a missing file, an unreadable one, one whose keys or shapes differ."""
+    from timm.models import load_checkpoint, load_state_dict
+
+    if not path.is_file():
+        raise CommandError(f"--checkpoint {path}: no such file")
+    try:
+        if path.suffix.lower() in (".npz", ".npy"):  # timm hands these to the model's own loader
+            load_checkpoint(model, str(path))
+            return
+        state = load_state_dict(str(path))  # also unwraps state_dict/model/EMA and "module."
+        mismatch = _mismatch(model.state_dict(), state)
+    except Exception as error:  # whatever torch.load or numpy raise on a file they cannot read
+        reason = re.split(r"(?<=\.)\s", (str(error).strip().splitlines() or [""])[0])[0][:200]
+        raise CommandError(f"--checkpoint {path}: cannot read it as a checkpoint "
+                           f"({type(error).__name__}{': ' + reason if reason else ''})") from None
+    if mismatch:
+        raise CommandError(f"--checkpoint {path} does not fit {name}: {mismatch} "
+                           "(--num-classes and --img-size build the model to match)")
+    model.load_state_dict(state)
+
+
+def _mismatch(expected: dict, found: dict) -> str:
+    """Why ``found`` would not load strictly where ``expected`` is the model's state dict: a few
+    keys of each kind (missing, unexpected, another shape); empty if it loads."""
+    shapes = [f"{key} {tuple(found[key].shape)} vs {tuple(value.shape)}"
+              for key, value in expected.items()
+              if key in found and tuple(getattr(found[key], "shape", ())) != tuple(value.shape)]
+    kinds = (("missing", [key for key in expected if key not in found]),
+             ("unexpected", [key for key in found if key not in expected]),
+             ("of another shape (checkpoint vs model)", shapes))
+    return "; ".join(f"{len(keys)} key(s) {kind}: {', '.join(keys[:3])}"
+                     f"{', ...' if len(keys) > 3 else ''}" for kind, keys in kinds if keys)
 
 
 def doctor_model(args: argparse.Namespace) -> int:
@@ -250,18 +328,18 @@ def doctor_model(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for variant in args.variants:
+    for variant in _progress(args.variants, args, "doctor: variants"):
         model, summary = convert(copy.deepcopy(base), variant, if_nothing="ignore")  # said below
-        print(f"\n== {variant}: {len(summary.swapped)} attention modules converted, "
-              f"{len(summary.skipped)} skipped")
+        _say(f"\n== {variant}: {len(summary.swapped)} attention modules converted, "
+             f"{len(summary.skipped)} skipped")
         if not summary.swapped:
-            print("  nothing to monitor: " + "; ".join(f"{k}: {v}" for k, v in
-                                                       summary.skipped.items()))
+            _say("  nothing to monitor: " + "; ".join(f"{k}: {v}" for k, v in
+                                                      summary.skipped.items()))
             continue
         model.train()
         _, report, warnings, maps = _training_step(model, inputs)
-        print(_layer_table(report))
-        print("warnings:\n" + "\n".join(_warning_lines(warnings)))
+        _say(_layer_table(report))
+        _say("warnings:\n" + "\n".join(_warning_lines(warnings)))
         results.append({"variant": variant, "model": args.model, "source": source,
                         "swapped": summary.swapped, "skipped": summary.skipped,
                         "changes_function": summary.changes_function,
@@ -281,7 +359,7 @@ def _run_losses(path: Path) -> list[float | None] | None:
     with path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     if not rows or "loss" not in rows[0]:
-        raise SystemExit(f"--run: {path} has no 'loss' column")
+        raise CommandError(f"--run: {path} has no 'loss' column")
     if "step" in rows[0]:
         rows.sort(key=lambda row: int(row["step"]))
     return [float(row["loss"]) if row["loss"] not in ("", "None") else None for row in rows]
@@ -298,15 +376,17 @@ def _run_variant(directory: Path, variant: str | None) -> str | None:
 def doctor_run(args: argparse.Namespace) -> int:
     directory = Path(args.run_dir)
     if not directory.is_dir():
-        raise SystemExit(f"--run {directory}: no such folder")
+        raise CommandError(f"--run {directory}: no such folder")
     losses = _run_losses(directory / "train.csv")
     try:
         report = MonitorReport.from_csv(directory / "health.csv", losses)
     except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"--run {directory}: {error}") from None
+        raise CommandError(f"--run {directory}: {error}") from None
     variant = _run_variant(directory, args.variant)
     in_use = presets_in_use([create(variant, 8, num_heads=2)]) if variant else frozenset()
-    timeline = replay(report, in_use=in_use)
+    # early_warnings.replay, one sample at a time under a progress bar
+    timeline = [(report.steps[k - 1], check(report.truncated(k), in_use=in_use))
+                for k in _progress(range(1, len(report.steps) + 1), args, "doctor: replaying")]
     first: dict[str, int] = {}
     for step, warnings in timeline:
         for warning in warnings:
@@ -339,12 +419,13 @@ def doctor_run(args: argparse.Namespace) -> int:
 def doctor(args: argparse.Namespace) -> int:
     if args.run_dir:
         if args.checkpoint:
-            raise SystemExit("--checkpoint loads weights into a timm model: not with --run")
+            raise CommandError("--checkpoint loads weights into a timm model: not with --run")
         return doctor_run(args)
     if args.variant:
-        raise SystemExit("--variant names the preset of a --run DIR: give --run too")
-    if args.checkpoint and not args.model:
-        raise SystemExit("--checkpoint loads weights into a timm model: give --model too")
+        raise CommandError("--variant names the preset of a --run DIR: give --run too")
+    for option, value in (("--checkpoint", args.checkpoint), ("--num-classes", args.num_classes)):
+        if value is not None and not args.model:
+            raise CommandError(f"{option} is for a timm model: give --model too")
     torch.set_num_threads(args.threads or (torch.get_num_threads() if args.model else 1))
     return doctor_model(args) if args.model else doctor_builtin(args)
 
@@ -357,7 +438,8 @@ def diagram(args: argparse.Namespace) -> int:
         architecture = Architecture(depth=args.depth, dim=args.width, num_heads=args.heads,
                                     tokens=args.tokens, norm=norm, seed=args.seed)
         diagrams = [trainability_diagram(variant, args.betas, args.alphas, architecture,
-                                         kernel=args.kernel) for variant in args.variants]
+                                         kernel=args.kernel)
+                    for variant in _progress(args.variants, args, f"diagram: {norm}-LN")]
         print(f"\nTrainability at initialisation, {norm}-LN: {args.depth} layers, width "
               f"{args.width}, {args.heads} heads, {args.tokens} tokens; beta = logit std / "
               "sqrt(log N), alpha = residual strength.")
@@ -385,31 +467,56 @@ def _disagreement_table(diagram) -> str:
                    for c in diagram.disagreements()])
 
 
-def _benchmarks() -> dict[str, Path]:
-    return {path.stem: path for path in sorted(BENCHMARKS.glob("*.py"))}
+def _benchmarks() -> dict[str, str]:
+    """Every benchmark of the checkout (a module with a ``__main__`` block; see the module
+    docstring) and the first sentence of its docstring, by name."""
+    found = {}
+    for path in sorted(BENCHMARKS.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        if any(isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'"
+               for node in tree.body):
+            paragraph = " ".join((ast.get_docstring(tree) or "").split("\n\n")[0].split())
+            found[path.stem] = re.split(r"(?<=\.)\s", paragraph, maxsplit=1)[0]
+    return found
 
 
 def bench(args: argparse.Namespace) -> int:
     available = _benchmarks()
     if not available:
-        print(f"no benchmarks at {BENCHMARKS}: they ship with the source repository, not the "
-              "package")
-        return 1
+        raise CommandError(f"bench: no benchmarks at {BENCHMARKS}: they ship with the source "
+                           "repository, not the package")
     if args.name is None:
-        for name, path in available.items():
-            doc = (ast.get_docstring(ast.parse(path.read_text())) or "").splitlines()
-            print(f"{name}: {doc[0] if doc else ''}")
+        for name, description in available.items():
+            print(f"{name}: {description}")
         return 0
     if args.name not in available:
-        print(f"unknown benchmark {args.name!r}; available: {sorted(available)}")
-        return 2
-    script = available[args.name]
-    sys.argv = [str(script), *args.args]
-    # As `python -m benchmarks.<name>` from the checkout (the speed suite imports its siblings
-    # relatively) with the folder on the path too (the other scripts import them absolutely).
-    sys.path[:0] = [str(script.parent.parent), str(script.parent)]
-    runpy.run_module(f"{script.parent.name}.{script.stem}", run_name="__main__", alter_sys=True)
-    return 0
+        raise CommandError(f"bench {args.name!r}: no such benchmark; available: "
+                           f"{', '.join(available)}")
+    # The speed suite imports its siblings relatively (a package), the other benchmarks
+    # absolutely (benchmarks/ on the path): both, as the Makefile runs them.
+    path = os.pathsep.join([str(BENCHMARKS.parent), str(BENCHMARKS),
+                            *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+    if args.quiet:
+        env["ROBUST_ATTN_QUIET"] = "1"  # benchmarks/output.py's progress bars
+    sys.stdout.flush()
+    with subprocess.Popen([sys.executable, "-m", f"benchmarks.{args.name}", *args.args],
+                          env=env, stdout=subprocess.PIPE, text=True) as child:
+        for line in child.stdout:  # through this process's stdout, so callers of main() see it
+            sys.stdout.write(line)
+    return child.returncode if child.returncode >= 0 else 128 - child.returncode  # as shells do
+
+
+def _count(minimum: int):
+    """An argparse type: an integer of at least ``minimum`` (argparse names the option)."""
+    def count(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    count.__name__ = "integer"  # argparse's message: "invalid integer value: 'x'"
+    return count
 
 
 def _add_architecture(parser: argparse.ArgumentParser, depth: int, width: int) -> None:
@@ -430,10 +537,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robust-attn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("--quiet", action="store_true",
+                       help="no progress bars (they go to stderr, and only to a terminal)")
     variants = dict(nargs="+", default=list_variants(), choices=list_variants(),
                     metavar="VARIANT", help=f"presets (default: all of {list_variants()})")
 
-    doctor_parser = commands.add_parser("doctor", help="health of each variant at initialisation")
+    doctor_parser = commands.add_parser("doctor", parents=[quiet],
+                                        help="health of each variant at initialisation")
     source = doctor_parser.add_mutually_exclusive_group()
     source.add_argument("--builtin", action="store_true", default=True,
                         help="measure the built-in stack (the default; nothing is downloaded)")
@@ -446,10 +557,15 @@ def build_parser() -> argparse.ArgumentParser:
                                help="with --run: the preset the run used (default: from "
                                     "label.json, if any); its mitigations are not suggested")
     doctor_parser.add_argument("--checkpoint", metavar="PATH",
-                               help="with --model: load this local checkpoint")
-    doctor_parser.add_argument("--img-size", type=int, default=None,
+                               help="with --model: load this local checkpoint (strictly: its "
+                                    "keys and shapes must be the model's)")
+    doctor_parser.add_argument("--num-classes", type=_count(0), default=None, metavar="K",
+                               help="with --model: classes of the model's head, e.g. a "
+                                    "fine-tuned checkpoint's (default: the model's; 0: no head)")
+    doctor_parser.add_argument("--img-size", type=_count(1), default=None,
                                help="with --model: input image size (default: the model's)")
-    doctor_parser.add_argument("--batch", type=int, default=4, help="with --model: batch size")
+    doctor_parser.add_argument("--batch", type=_count(1), default=4,
+                               help="with --model: batch size")
     doctor_parser.add_argument("--variants", **variants)
     doctor_parser.add_argument("--scales", nargs="+", type=float, default=[1.0, 4.0, 16.0],
                                help="query/key weight scales sqk (default: 1 4 16)")
@@ -459,7 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "PNG's path, default DIR/doctor.png)")
     doctor_parser.set_defaults(run=doctor)
 
-    diagram_parser = commands.add_parser("diagram", help="trainability diagram of each variant")
+    diagram_parser = commands.add_parser("diagram", parents=[quiet],
+                                         help="trainability diagram of each variant")
     diagram_parser.add_argument("--variants", **variants)
     diagram_parser.add_argument("--norm", nargs="+", default=["pre"], choices=NORM_POSITIONS,
                                 help="LayerNorm position(s) (default: pre)")
@@ -472,7 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="folder for trainability_<norm>.json and .png")
     diagram_parser.set_defaults(run=diagram)
 
-    bench_parser = commands.add_parser("bench", help="list the benchmarks, or run one")
+    bench_parser = commands.add_parser("bench", parents=[quiet],
+                                       help="list the benchmarks, or run one")
     bench_parser.add_argument("name", nargs="?", help="benchmark to run (none: list them)")
     bench_parser.add_argument("args", nargs=argparse.REMAINDER, help="its own arguments")
     bench_parser.set_defaults(run=bench)
@@ -486,6 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     try:
         return args.run(args)
+    except CommandError as error:
+        print(f"robust-attn {args.command}: error: {error}", file=sys.stderr)
+        return 2
     finally:  # commands may set the thread count; callers in the same process keep theirs
         torch.set_num_threads(threads)
 

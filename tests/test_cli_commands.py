@@ -1,12 +1,15 @@
-"""robust-attn doctor (built-in and timm), diagram and bench, end to end on small settings."""
+"""robust-attn doctor (built-in and timm), diagram and bench, end to end on small settings; their
+one-line errors, and their progress bars (stderr, terminals only)."""
 
+import io
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from robust_attn.cli import main
+from robust_attn.cli import BENCHMARKS, _benchmarks, main
 
 SMALL_STACK = ["--depth", "6", "--width", "32", "--heads", "2", "--tokens", "16"]
 
@@ -77,10 +80,71 @@ def test_doctor_model_says_why_no_attention_was_converted(tmp_path, capsys):
     assert "nothing to monitor: blocks.0.attn: GPSA is not a supported timm attention class" in printed
 
 
-def test_doctor_model_reports_unknown_models():
+def error_of(argv, capsys) -> str:
+    """The one line a command prints on stderr for bad input (exit status 2, no traceback)."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    printed = capsys.readouterr()
+    assert printed.err.startswith(f"robust-attn {argv[0]}: error: ") and printed.err.count("\n") == 1
+    return printed.err
+
+
+def test_doctor_model_reports_unknown_models(capsys):
     pytest.importorskip("timm")
-    with pytest.raises(SystemExit, match="cannot build timm model"):
-        main(["doctor", "--model", "no_such_model_exists", "--variants", "baseline"])
+    assert "--model: cannot build timm model 'no_such_model_exists'" in \
+        error_of(["doctor", "--model", "no_such_model_exists", "--variants", "baseline"], capsys)
+
+
+def test_doctor_checkpoint_errors_name_the_argument(tmp_path, capsys):
+    timm = pytest.importorskip("timm")
+    missing = tmp_path / "missing.pth"
+    assert f"--checkpoint {missing}: no such file" in \
+        error_of(["doctor", *TIMM_MODEL, "--checkpoint", str(missing)], capsys)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    assert f"--checkpoint {tmp_path / 'junk.pth'}: cannot read it as a checkpoint (" in \
+        error_of(["doctor", *TIMM_MODEL, "--checkpoint", str(tmp_path / "junk.pth")], capsys)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=10)
+    state = model.state_dict()
+    state["extra.weight"] = state.pop("norm.weight")
+    torch.save(state, tmp_path / "ten.pth")
+    error = error_of(["doctor", *TIMM_MODEL, "--checkpoint", str(tmp_path / "ten.pth")], capsys)
+    assert f"--checkpoint {tmp_path / 'ten.pth'} does not fit vit_tiny_patch16_224" in error
+    assert "1 key(s) missing: norm.weight" in error and "1 key(s) unexpected: extra.weight" in error
+    assert "2 key(s) of another shape (checkpoint vs model): head.weight (10, 192) vs " \
+        "(1000, 192), head.bias (10,) vs (1000,)" in error
+
+
+def test_doctor_num_classes_builds_the_head_a_checkpoint_has(tmp_path, capsys):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=10)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "ten.pth")  # timm's wrapped form
+    assert main(["doctor", *TIMM_MODEL, "--checkpoint", str(tmp_path / "ten.pth"),
+                 "--num-classes", "10", "--variants", "baseline", "--out", str(tmp_path)]) == 0
+    assert "vit_tiny_patch16_224 (checkpoint" in capsys.readouterr().out
+    assert "--num-classes is for a timm model: give --model too" in \
+        error_of(["doctor", "--num-classes", "10"], capsys)
+    with pytest.raises(SystemExit):  # argparse: a negative count
+        main(["doctor", *TIMM_MODEL, "--num-classes", "-1"])
+    assert "argument --num-classes: expected an integer >= 0, got -1" in capsys.readouterr().err
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal, as a user's is."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_progress_bars_go_to_a_terminals_stderr_unless_quiet(quiet, tmp_path, capsys, monkeypatch):
+    argv = ["doctor", "--variants", "baseline", "--scales", "1", *SMALL_STACK, "--out", str(tmp_path)]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main([*argv, *(["--quiet"] if quiet else [])]) == 0
+    assert capsys.readouterr().out == plain  # stdout is the same with or without a bar
+    assert ("doctor: stacks" in terminal.getvalue()) is not quiet
 
 
 def test_diagram_writes_json_and_png_per_norm(tmp_path, capsys):
@@ -97,9 +161,33 @@ def test_diagram_writes_json_and_png_per_norm(tmp_path, capsys):
         assert (tmp_path / f"trainability_{norm}.png").stat().st_size > 10_000
 
 
-def test_bench_lists_and_rejects(capsys):
+def test_bench_lists_benchmarks_only_with_whole_first_sentences(capsys):
     assert main(["bench"]) == 0
-    listed = capsys.readouterr().out
-    assert "monitor_overhead:" in listed and "probe_overhead:" in listed
-    assert main(["bench", "no_such_benchmark"]) == 2
-    assert "unknown benchmark" in capsys.readouterr().out
+    listed = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert {"speed", "speed_profile", "sparse", "monitor_overhead", "probe_overhead"} <= set(listed)
+    assert not {"machine", "measure", "output", "speed_cases", "speed_memory",
+                "speed_report"} & set(listed)  # helpers the benchmarks import
+    assert listed["monitor_overhead"] == (
+        "Cost of the HealthMonitor: training steps of a ViT-S with the monitor at default "
+        "sampling against none, interleaved in one process.")
+    assert all(description.endswith(".") for description in listed.values())
+    assert "bench 'no_such_benchmark': no such benchmark; available: claims_table, " in \
+        error_of(["bench", "no_such_benchmark"], capsys)
+
+
+def _results() -> dict[str, float]:
+    return {str(path): path.stat().st_mtime for path in (BENCHMARKS / "results").rglob("*")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(_benchmarks()))
+def test_every_benchmark_runs_at_its_smallest_size(name, tmp_path, capfd, monkeypatch):
+    """bench NAME --quick --out DIR: the benchmark's smoke run, in a fresh process, its results in
+    DIR and nothing written over benchmarks/results."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # small sizes: more threads only contend
+    before = _results()
+    assert main(["bench", "--quiet", name, "--quick", "--out", str(tmp_path / "out")]) == 0
+    assert any(Path(tmp_path / "out").iterdir())
+    assert capfd.readouterr().out.strip()  # its tables or paths, through robust-attn's stdout
+    assert _results() == before
+

@@ -58,15 +58,21 @@ def test_doctor_run_healthy_run_and_own_picture_path(tmp_path, capsys):
     assert "divergence" not in out and (tmp_path / "c.png").exists()
 
 
-def test_doctor_run_names_bad_input(tmp_path):
-    with pytest.raises(SystemExit, match="--run .*no such folder"):
-        main(["doctor", "--run", str(tmp_path / "missing")])
+def error_of(argv, capsys) -> str:
+    """The one line a command prints on stderr for bad input (exit status 2, no traceback)."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    printed = capsys.readouterr()
+    assert printed.err.startswith("robust-attn doctor: error: ") and printed.err.count("\n") == 1
+    return printed.err
+
+
+def test_doctor_run_names_bad_input(tmp_path, capsys):
+    assert f"--run {tmp_path / 'missing'}: no such folder" in \
+        error_of(["doctor", "--run", str(tmp_path / "missing")], capsys)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="--run .*no such health.csv"):
-        main(["doctor", "--run", str(tmp_path / "empty")])
+    assert "no such health.csv" in error_of(["doctor", "--run", str(tmp_path / "empty")], capsys)
     write_run(tmp_path / "run")
     (tmp_path / "run/train.csv").write_text("step,accuracy\n0,1\n")
-    with pytest.raises(SystemExit, match="no 'loss' column"):
-        main(["doctor", "--run", str(tmp_path / "run")])
-    with pytest.raises(SystemExit, match="--variant .*--run"):
-        main(["doctor", "--variant", "qk_norm"])
+    assert "no 'loss' column" in error_of(["doctor", "--run", str(tmp_path / "run")], capsys)
+    assert "--variant" in error_of(["doctor", "--variant", "qk_norm"], capsys)

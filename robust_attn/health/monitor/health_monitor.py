@@ -28,7 +28,6 @@ non-finite counts (sum). Every rank must then call ``step`` equally often.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -111,9 +110,11 @@ class HealthMonitor:
         self._sample_if_due()
 
     def report(self) -> MonitorReport:
-        """The series so far (a snapshot: later steps do not change it)."""
+        """The series so far (a snapshot: later steps do not change it). Its series share the
+        monitor's append-only lists (:class:`~robust_attn.health.monitor.report.SeriesSnapshot`), so
+        the cost does not grow with the run."""
         self._flush_losses()
-        return copy.deepcopy(self._report)
+        return self._report.snapshot()
 
     def latest_health(self) -> dict[str, AttentionHealth]:
         """Each module's :class:`~robust_attn.AttentionHealth` at the latest sampled step (the last

@@ -3,6 +3,12 @@
 Plain Python numbers (floats, nan where a value was not available), so a
 report pickles, compares and goes to JSON (:meth:`MonitorReport.to_dict`) or
 CSV (:meth:`MonitorReport.to_csv`) without torch.
+
+A :class:`~robust_attn.health.monitor.HealthMonitor` only ever appends to its series,
+so the report it returns shares them: each series of that report is a
+:class:`SeriesSnapshot`, a read-only view of the first values, as many as there
+were when the report was taken. Taking a report costs the same at step 10 and
+at step 10,000, and later steps do not change it.
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ from __future__ import annotations
 import csv
 import math
 import statistics
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
+from itertools import islice
 from pathlib import Path
 
 # Quantities with one value per head at each sampled step (AttentionHealth's fields).
@@ -19,6 +27,51 @@ HEAD_METRICS = ("entropy", "min_entropy", "sink_mass", "max_logit", "head_cosine
 # Quantities with one value per layer at each sampled step.
 LAYER_METRICS = ("input_residual", "input_cosine", "branch_gain", "map_similarity",
                  "grad_norm", "nonfinite")
+
+
+class SeriesSnapshot(Sequence):
+    """The first ``length`` values of an append-only list, read-only: a report's series shared
+    with the monitor that keeps appending to the list.
+
+    Behaves as a list of those values: len, indexing, slices (plain lists), iteration, ``==``
+    with lists. A value that is itself a list (one per head) is handed out as a copy, so nothing
+    done to a snapshot reaches the monitor or another snapshot. Pickling and ``copy.deepcopy``
+    give a plain list.
+    """
+
+    __slots__ = ("_values", "_length")
+
+    def __init__(self, values: list, length: int):
+        self._values, self._length = values, length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [_copy(self._values[i]) for i in range(self._length)[index]]
+        return _copy(self._values[range(self._length)[index]])
+
+    def __iter__(self) -> Iterator:
+        return map(_copy, islice(self._values, self._length))
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return len(other) == self._length and all(
+            a is b or a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None
+
+    def __reduce__(self):
+        return list, (list(self),)
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
+def _copy(value):
+    return list(value) if isinstance(value, list) else value
 
 
 @dataclass
@@ -114,10 +167,20 @@ class MonitorReport:
 
     def to_dict(self) -> dict:
         """Plain lists and numbers for any logger or JSON: the series and each layer's summary."""
-        report = asdict(self)
-        for series, layer in zip(self.layers, report["layers"], strict=True):
-            layer["summary"] = series.summary()
-        return report
+        return {"every": self.every, "steps": list(self.steps), "losses": list(self.losses),
+                "layers": [{**{f.name: _plain(getattr(series, f.name)) for f in fields(series)},
+                            "summary": series.summary()} for series in self.layers]}
+
+    def snapshot(self) -> MonitorReport:
+        """This report as it stands, sharing its lists (which must only ever be appended to):
+        each series a :class:`SeriesSnapshot` of the values so far, whatever their number."""
+        def view(values: list) -> SeriesSnapshot:
+            return SeriesSnapshot(values, len(values))
+
+        return MonitorReport(self.every, view(self.steps), view(self.losses), [
+            replace(series, **{metric: view(getattr(series, metric))
+                               for metric in HEAD_METRICS + LAYER_METRICS})
+            for series in self.layers])
 
     def to_csv(self, path: str | Path) -> Path:
         """One row per sampled step, layer and head: the per-head metrics, the layer's, the loss.
@@ -204,6 +267,11 @@ class MonitorReport:
             losses = [sampled_losses.get(step) for step in range(steps[-1] + 1)]
         every = steps[1] - steps[0] if len(steps) > 1 else 1
         return cls(every, steps, list(losses), list(layers.values()))
+
+
+def _plain(value):
+    """A series as nested plain lists (JSON); names, head counts and flags as they are."""
+    return [_copy(item) for item in value] if isinstance(value, (list, SeriesSnapshot)) else value
 
 
 def _slice_series(series: LayerSeries, start: int, stop: int) -> LayerSeries:
