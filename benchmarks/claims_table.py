@@ -41,14 +41,9 @@ from pathlib import Path
 import torch
 
 from robust_attn import list_variants
-from robust_attn.studies.claims import CLAIMS, ENTROPY, HOLD_SHARE, Claim, describe_setting
-from robust_attn.studies.stack import (
-    ENTROPY_COLLAPSE,
-    RANK_COLLAPSE,
-    StackHealth,
-    StackSetting,
-    measure_stack,
-)
+from robust_attn.claim import ENTROPY, ENTROPY_COLLAPSE, HOLD_SHARE, RANK_COLLAPSE, Claim, StackSetting
+from robust_attn.studies.claims import CLAIMS, describe_setting
+from robust_attn.studies.stack import StackHealth, measure_stack
 
 if __package__:  # imported as benchmarks.claims_table, by the tests
     from .machine import machine

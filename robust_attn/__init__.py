@@ -10,6 +10,7 @@ from .health.probe import AttentionHealth, health_probe, set_probe_enabled
 from .health.records import recording
 from .integrations import convert, layer, revert
 from .mitigations import DefeatedMitigationWarning
+from .optimizer_steps import after_optimizer_step, attach_to_optimizer
 from .presets import create, list_variants, preset_options
 
 __version__ = "0.1.0"
@@ -23,6 +24,8 @@ __all__ = [
     "NonFiniteError",
     "RobustAttention",
     "Thresholds",
+    "after_optimizer_step",
+    "attach_to_optimizer",
     "attention_maps",
     "convert",
     "create",

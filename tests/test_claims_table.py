@@ -11,7 +11,8 @@ import pytest
 
 from benchmarks import claims_table
 from robust_attn import list_variants
-from robust_attn.studies.claims import CLAIMS, ENTROPY, HOLD_SHARE, RANK
+from robust_attn.claim import ENTROPY, HOLD_SHARE, RANK
+from robust_attn.studies.claims import CLAIMS
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

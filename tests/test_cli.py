@@ -4,8 +4,9 @@ import json
 
 import pytest
 
+from robust_attn.claim import StackSetting
 from robust_attn.cli import main
-from robust_attn.studies.stack import StackSetting, measure_stack
+from robust_attn.studies.stack import measure_stack
 
 
 def test_doctor_prints_tables_and_writes_report_and_picture(tmp_path, capsys):

@@ -19,18 +19,21 @@ from hypothesis import strategies as st
 
 from benchmarks.claims_table import measure
 from robust_attn import create, list_variants
-from robust_attn.kernels import KERNELS
-from robust_attn.kernels.eager import attention_logits, attention_weights
-from robust_attn.studies.claims import (
+from robust_attn.claim import (
     BASELINE_ENTROPY_COLLAPSE,
     BASELINE_RANK_COLLAPSE,
-    CLAIMS,
     ENTROPY,
+    ENTROPY_COLLAPSE,
     RANK,
+    RANK_COLLAPSE,
     ROBUST_HOLDS,
     Setting,
+    StackSetting,
 )
-from robust_attn.studies.stack import ENTROPY_COLLAPSE, RANK_COLLAPSE, StackSetting, measure_stack
+from robust_attn.kernels import KERNELS
+from robust_attn.kernels.eager import attention_logits, attention_weights
+from robust_attn.studies.claims import CLAIMS
+from robust_attn.studies.stack import measure_stack
 from robust_attn.testing import assert_no_entropy_collapse, assert_no_rank_collapse
 from robust_attn.testing import strategies as ras
 

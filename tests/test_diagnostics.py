@@ -8,6 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from robust_attn.claim import StackSetting
 from robust_attn.studies.diagnostics import (
     Architecture,
     attention_update,
@@ -18,13 +19,7 @@ from robust_attn.studies.diagnostics import (
     theory_layers,
     trainability_diagram,
 )
-from robust_attn.studies.stack import (
-    AttentionStack,
-    StackSetting,
-    construct_stack,
-    init_stack_weights,
-    layer_health,
-)
+from robust_attn.studies.stack import AttentionStack, construct_stack, init_stack_weights, layer_health
 
 SMALL = Architecture(depth=6, dim=32, num_heads=2, tokens=16)
 

@@ -11,14 +11,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from robust_attn import RobustAttention
-from robust_attn.studies.stack import (
-    ENTROPY_COLLAPSE,
-    RANK_COLLAPSE,
-    AttentionStack,
-    StackSetting,
-    build_stack,
-    measure_stack,
-)
+from robust_attn.claim import ENTROPY_COLLAPSE, RANK_COLLAPSE, StackSetting
+from robust_attn.studies.stack import AttentionStack, build_stack, measure_stack
 from robust_attn.testing import assert_no_entropy_collapse, assert_no_rank_collapse
 from robust_attn.testing import strategies as ras
 

@@ -58,13 +58,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
+from ..claim import StackSetting
 from ..metrics import token_cosine_similarity
 from .stack import (
     NORM_POSITIONS,
     AttentionStack,
     LayerHealth,
     StackHealth,
-    StackSetting,
     construct_stack,
     init_stack_weights,
     layer_health,

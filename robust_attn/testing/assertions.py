@@ -50,9 +50,10 @@ import torch
 from torch import Tensor, nn
 
 from ..attention import RobustAttention
+from ..claim import ENTROPY_COLLAPSE, RANK_COLLAPSE
 from ..health.probe import AttentionHealth, health_probe
 from ..metrics import token_residual
-from ..studies.stack import ENTROPY_COLLAPSE, RANK_COLLAPSE, StackHealth
+from ..studies.stack import StackHealth
 
 Model = nn.Module | Callable[..., Any]
 _LISTED = 6  # layers named in an entropy-collapse message

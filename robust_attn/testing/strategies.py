@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from hypothesis import strategies as st
 
-from ..studies.stack import StackSetting
+from ..claim import StackSetting
 
 seeds = st.integers(min_value=0, max_value=2**31 - 1)
 
