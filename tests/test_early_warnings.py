@@ -16,13 +16,14 @@ from torch import nn
 from robust_attn import HealthMonitor, RobustAttention, list_variants
 from robust_attn.health import early_warnings
 from robust_attn.health.early_warnings import (
-    MITIGATIONS,
+    GENERAL_ADVICE,
     RULES,
     Thresholds,
     check,
     replay,
     robust_band,
     slope,
+    suggestions,
 )
 from robust_attn.health.monitor import LayerSeries, MonitorReport
 from robust_attn.studies.stack import AttentionStack, init_stack_weights
@@ -108,8 +109,8 @@ CASES = {
 
 
 def test_every_rule_has_cases_and_presets_that_exist():
-    assert set(CASES) == set(RULES) == set(MITIGATIONS)
-    for presets, advice in MITIGATIONS.values():
+    assert set(CASES) == set(RULES) == set(GENERAL_ADVICE)
+    for presets, advice in ((suggestions(code), GENERAL_ADVICE[code]) for code in RULES):
         assert presets and set(presets) <= set(list_variants()) and advice
 
 
@@ -118,7 +119,7 @@ def test_warning_fires_on_the_problem(code):
     found = [w for w in check(CASES[code][0], AT) if w.code == code]
     assert found, f"{code} did not fire"
     for warning in found:
-        assert warning.mitigations == tuple(MITIGATIONS[code][0]) and warning.message
+        assert warning.mitigations == tuple(suggestions(code)) and warning.message
         assert warning.evidence["steps"] and len(warning.evidence["steps"]) == \
             len(warning.evidence["values"])
         assert warning.to_dict()["code"] == code
@@ -194,13 +195,13 @@ def test_informational_codes_say_so(monkeypatch):
 
 @pytest.mark.parametrize("code", sorted(CASES))
 def test_suggestions_never_name_a_preset_in_use(code):
-    for preset in MITIGATIONS[code][0]:
+    for preset in suggestions(code):
         found = [w for w in check(CASES[code][0], AT, in_use={preset}) if w.code == code]
         assert found
         for warning in found:
             assert preset not in warning.mitigations
-            assert MITIGATIONS[code][0][preset] not in warning.advice  # nor its reason
-            assert set(warning.mitigations) == set(MITIGATIONS[code][0]) - {preset}
+            assert suggestions(code)[preset] not in warning.advice  # nor its reason
+            assert set(warning.mitigations) == set(suggestions(code)) - {preset}
 
 
 def test_a_qk_norm_model_is_never_told_to_use_qk_norm():

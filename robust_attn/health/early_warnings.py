@@ -64,6 +64,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..mitigations import MITIGATIONS as MITIGATION_CLASSES
+
 if TYPE_CHECKING:
     from .monitor.report import LayerSeries, MonitorReport
 
@@ -125,45 +127,30 @@ class HealthWarning:
         return f"{self.code}{where}{label}: {self.message}{tries}. {self.advice}"
 
 
-# code -> ({preset: why it helps}, best first; advice that names no preset)
-MITIGATIONS: dict[str, tuple[dict[str, str], str]] = {
-    "entropy_collapse": ({"sigma_reparam": "sigma-reparametrised W_q, W_k bound the logits' "
-                          "growth (Zhai et al. 2023)", "qk_norm": "qk_norm bounds them outright"},
-                         "or lower the learning rate"),
-    "entropy_falling": ({"sigma_reparam": "sigma-reparametrised W_q, W_k bound the logits' "
-                         "growth (Zhai et al. 2023)", "qk_norm": "qk_norm bounds them outright"},
-                        "as for entropy collapse, before it happens"),
-    "logit_growth": ({"qk_norm": "qk-layernorm stops attention logit growth (Wortsman et al. "
-                      "2023)", "softcap": "softcap bounds logits at 50"},
-                     "or lower the learning rate"),
-    "rank_collapse": ({"outlier_removal": "removing the uniform part A - 11^T/N keeps tokens "
-                       "apart with depth (Nait Saada et al. 2025)"}, "check residual scaling too"),
-    "attention_sink": ({"gated": "an output gate removes the need for a sink (Qiu et al. 2025)",
-                        "sink": "a learned sink logit gives heads an explicit one"},
-                       "a sink is harmless in itself; act if streaming or quantisation suffer"),
-    "loss_spike": ({"qk_norm": "spikes follow logit growth (Wortsman et al. 2023)",
-                    "sigma_reparam": "and entropy collapse (Zhai et al. 2023)"},
-                   "or lower the learning rate"),
-    "loss_oscillation": ({"qk_norm": "bounded logits tolerate larger steps",
-                          "sigma_reparam": "so do spectrally normalised weights"},
-                         "oscillation means the step is too large for the curvature: lower the "
-                         "learning rate"),
-    "divergence": ({"qk_norm": "bounded logits keep the softmax finite",
-                    "softcap": "so does a cap on them"},
-                   "restart from the last finite checkpoint with a lower learning rate"),
-    "vanishing_gradients": ({"outlier_removal": "gradients vanish when tokens collapse (Noci et "
-                             "al. 2022)", "sigma_reparam": "or when the softmax saturates "
-                             "(entropy collapse)"},
-                            "see which of the two is warned about beside it"),
-    "exploding_gradients": ({"sigma_reparam": "spectral normalisation bounds each layer's gain "
-                             "(Zhai et al. 2023)", "qk_norm": "bounded logits bound the "
-                             "softmax's gain"}, "or clip gradients"),
-    "redundant_layer": ({"gated": "gates let heads specialise and switch off per token (Qiu et "
-                         "al. 2025)"}, "a layer that stays redundant can share maps or be "
-                        "pruned (Bhojanapalli et al. 2021)"),
-    "lazy_layer": ({"gated": "a branch that adds nothing can be gated off (He et al. 2024)"},
-                   "or pruned; if attention is near uniform, raise the q/k init scale"),
+# code -> advice that names no preset (the presets suggested, and why, are each mitigation's
+# own: Mitigation.advice, gathered by suggestions()).
+GENERAL_ADVICE: dict[str, str] = {
+    'entropy_collapse': 'or lower the learning rate',
+    'entropy_falling': 'as for entropy collapse, before it happens',
+    'logit_growth': 'or lower the learning rate',
+    'rank_collapse': 'check residual scaling too',
+    'attention_sink': 'a sink is harmless in itself; act if streaming or quantisation suffer',
+    'loss_spike': 'or lower the learning rate',
+    'loss_oscillation': 'oscillation means the step is too large for the curvature: lower the learning rate',
+    'divergence': 'restart from the last finite checkpoint with a lower learning rate',
+    'vanishing_gradients': 'see which of the two is warned about beside it',
+    'exploding_gradients': 'or clip gradients',
+    'redundant_layer': 'a layer that stays redundant can share maps or be pruned (Bhojanapalli et al. 2021)',
+    'lazy_layer': 'or pruned; if attention is near uniform, raise the q/k init scale',
 }
+
+
+def suggestions(code: str) -> dict[str, str]:
+    """{preset: why it helps} for warning ``code``, best first, from the mitigations' advice."""
+    ranked = sorted((mitigation.advice[code][0], mitigation.advice_preset,
+                     mitigation.advice[code][1])
+                    for mitigation in MITIGATION_CLASSES.values() if code in mitigation.advice)
+    return {preset: why for _, preset, why in ranked}
 
 # Codes that missed the trust targets on the held-out runs
 # (recipes/results/warning_evaluation/evaluation.json, "informational"; a test keeps them equal).
@@ -186,14 +173,14 @@ IMMEDIATE: frozenset[str] = frozenset({"divergence"})
 
 def _warning(code: str, layer: str | None, head: int | None, message: str,
              evidence: dict) -> HealthWarning:
-    presets, advice = MITIGATIONS[code]
+    presets, advice = suggestions(code), GENERAL_ADVICE[code]
     return HealthWarning(code, layer, head, message, evidence, tuple(presets),
                          "; ".join([*presets.values(), advice]), code in INFORMATIONAL)
 
 
 def suggest(warning: HealthWarning, in_use: Collection[str]) -> HealthWarning:
     """The warning with the presets in ``in_use`` (and their reasons) left out of its advice."""
-    presets, advice = MITIGATIONS[warning.code]
+    presets, advice = suggestions(warning.code), GENERAL_ADVICE[warning.code]
     kept = {name: why for name, why in presets.items() if name not in in_use}
     return replace(warning, mitigations=tuple(kept), advice="; ".join([*kept.values(), advice]))
 

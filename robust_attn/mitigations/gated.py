@@ -39,6 +39,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..claim import ENTROPY, RANK, Claim, witnesses_at
 from ..config import AttentionConfig
 from .base import Mitigation
 
@@ -50,6 +51,23 @@ GATE_MODES = ("elementwise", "headwise")
 
 class Gated(Mitigation):
     option = "gated"
+    # Early warnings: code -> (rank among the presets suggested for it, 1 first; why it helps).
+    advice_preset = 'gated'
+    advice = {
+        'attention_sink': (1, 'an output gate removes the need for a sink (Qiu et al. 2025)'),
+        'redundant_layer': (1, 'gates let heads specialise and switch off per token (Qiu et al. 2025)'),
+        'lazy_layer': (1, 'a branch that adds nothing can be gated off (He et al. 2024)'),
+    }
+    claims = (
+        Claim(
+            "gated", "Qiu et al. 2025 (Gated Attention)",
+            "an output gate removes attention sinks and massive activations and stabilises "
+            "training; no claim about collapse at initialisation",
+            note="Measured: as the baseline. The gate (about 0.5 at initialisation) rescales each "
+                 "head's output, which neither the attention entropy nor res(X) sees.",
+            witnesses=witnesses_at("gated", RANK, ENTROPY),
+        ),
+    )
     # Qiu et al. 2025's best gate (G1, elementwise), as in Qwen3-Next and timm's gated=True.
     presets = {"gated": {"gated": "elementwise"}}
     output_order = 1  # gates the attention output, so after corrections that complete it

@@ -42,6 +42,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..claim import (
+    BASELINE_ENTROPY_COLLAPSE,
+    ENTROPY,
+    ENTROPY_COLLAPSE,
+    RANK,
+    Claim,
+    Guarantee,
+    Setting,
+    witnesses_at,
+)
 from ..config import AttentionConfig
 from .base import Mitigation
 
@@ -62,6 +72,23 @@ class SigmoidWeights:
 
 class Sigmoid(Mitigation):
     option = "sigmoid"
+    claims = (
+        Claim(
+            "sigmoid", "Ramapuram et al. 2025, ICLR (sigmoid self-attention)",
+            "independent sigmoid weights with b = -log N and qk-norm avoid the large initial "
+            "attention norms that destabilise training",
+            (Guarantee(ENTROPY, Setting((True,), BASELINE_ENTROPY_COLLAPSE.qk_scales),
+                       ENTROPY_COLLAPSE),),
+            note="H of a sigmoid row is the entropy of the row divided by its sum (the probe "
+                 "normalises rows that are not distributions). Guaranteed, and property-tested, "
+                 "with residual connections; attention-only stacks also keep H 0.897 at the "
+                 "table's points, but the guarantee is stated only where the property test covers "
+                 "it. The preset includes qk_norm, which is "
+                 "what keeps the logits bounded. Not against rank collapse: attention-only stacks "
+                 "collapse in rank.",
+            witnesses=witnesses_at("sigmoid", RANK),
+        ),
+    )
     # b = -log(Nk), with qk_norm as the paper recommends for stability.
     presets = {"sigmoid": {"sigmoid": True, "qk_norm": True}}
 

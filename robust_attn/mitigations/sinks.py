@@ -72,6 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..claim import ENTROPY, RANK, Claim, witnesses_at
 from ..config import AttentionConfig
 from ..problem import AttentionProblem
 from .base import Mitigation
@@ -175,6 +176,22 @@ class SinkLogit(Mitigation):
     """
 
     option = "sink_logit"
+    # Early warnings: code -> (rank among the presets suggested for it, 1 first; why it helps).
+    advice_preset = 'sink'
+    advice = {
+        'attention_sink': (2, 'a learned sink logit gives heads an explicit one'),
+    }
+    claims = (
+        Claim(
+            "sink", "Miller 2023; OpenAI 2025 (gpt-oss); Xiao et al. 2024 (StreamingLLM, for the "
+                    "sink phenomenon)",
+            "a sink gives attention somewhere to put unneeded mass; no claim about collapse at "
+            "initialisation",
+            note="Measured: as the baseline. A sink logit of 0 takes a share 1 / (N + 1) of "
+                 "near-uniform rows and nothing from rows with large logits.",
+            witnesses=witnesses_at("sink", RANK, ENTROPY),
+        ),
+    )
     # gpt-oss's learned per-head sink logit (zero value: it can only take mass away), starting
     # at 0 = softmax-off-by-one; H parameters. sink_tokens=k adds k learned key/value slots per
     # layer instead (not StreamingLLM's prepended input token).

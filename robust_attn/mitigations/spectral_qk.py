@@ -58,6 +58,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..claim import ENTROPY, RANK, Claim, witnesses_at
 from ..config import AttentionConfig
 from .base import LayerSpec, Mitigation
 
@@ -112,6 +113,23 @@ class SpectralQK(Mitigation):
     """
 
     option = "spectral_qk"
+    claims = (
+        Claim(
+            "spectral_qk", "this library's method, inspired by Bao, Hataya & Karakida 2024, ICML "
+                           "(arXiv 2402.02098)",
+            "(the paper) a concentrated QK eigenspectrum (small variance, non-zero mean) "
+            "localises attention and can prevent both rank collapse and entropy collapse; its "
+            "regulariser LocAteR is not implemented here (we could not read its formula): our "
+            "loss and concentrated init are our own derivation",
+            note="Measured: neither at initialisation. The init makes M_h = c_h I, so each query "
+                 "attends to itself: where that dominates (the table's sqk 16) the tokens keep "
+                 "their rank but the rows are one-hot (H 0.000: entropy collapse); at sqk 1 the "
+                 "stack collapses in rank as the baseline's does. Our loss is exactly 0 at that "
+                 "init, so it gives no gradient there: it only pulls a drifting spectrum back "
+                 "during training.",
+            witnesses=witnesses_at("spectral_qk", RANK, ENTROPY),
+        ),
+    )
     # Concentrated QK-eigenspectrum init plus its regulariser (weight 0.01).
     presets = {"spectral_qk": {"spectral_qk": True}}
     conflicts = {
