@@ -40,6 +40,7 @@ import warnings
 
 import torch
 
+from .._compat import register_reorderable_logging, reorderable_logging
 from ..problem import AttentionProblem
 from ..sparse.pattern import describe
 from .base import Kernel
@@ -71,16 +72,16 @@ class SparseFallbackWarning(UserWarning):
     """A sparsity pattern runs on a kernel that does not skip its blocked work."""
 
 
+@reorderable_logging
 def _warn_fallback(message: str) -> None:
     """Warn with SparseFallbackWarning, attributed (as before) to select_kernel's caller.
 
-    Registered with dynamo as a reorderable logging function: a compiled module
-    (fullgraph=True included) emits it after its graph runs, at every call, as eager
-    mode does, instead of breaking the graph (dynamo cannot trace warnings.warn)."""
+    A reorderable logging function for dynamo (registered by select_kernel when it is
+    traced, robust_attn._compat), so that a compiled module (fullgraph=True included)
+    does not break its graph here: dynamo cannot trace warnings.warn. Torch 2.14 drops
+    such a call made inside a function it inlines, as select_kernel is in a module's
+    forward, so a compiled module does not warn (tests/test_compat.py pins it)."""
     warnings.warn(message, SparseFallbackWarning, stacklevel=3)
-
-
-torch._dynamo.config.reorderable_logging_functions.add(_warn_fallback)
 
 
 def check_kernel_name(kernel: str) -> str:
@@ -112,6 +113,8 @@ def select_kernel(kernel: str, problem: AttentionProblem, dropout_p: float) -> K
         reasons[candidate.name] = reason
     if candidate.name in _FALLBACK_COST and problem.pattern is not None and not (
             candidate is FLEX and problem.q.device.type == "cuda"):
+        if torch.compiler.is_compiling():  # before _warn_fallback is loaded: see _compat
+            register_reorderable_logging()
         skipped = "; ".join(f"{name}: {reasons[name]}" for name in reasons
                             if name not in (BLOCK_DIAGONAL.name, STRIDED.name))
         _warn_fallback(f"sparsity pattern {describe(problem.pattern)} falls back to kernel "

@@ -30,7 +30,7 @@ multiplied by 0: zeros, with zero gradients, never nan.
 torch.compile and torch.export: the layout holds Python ints only, so that
 the data-dependent work (which blocks are needed, K) stays out of the traced
 graph: :func:`block_sparse_layout` runs eagerly under tracing
-(``torch.compiler.assume_constant_result`` for dynamo, outside the dispatch
+(``assume_constant_result`` for dynamo, robust_attn._compat; outside the dispatch
 modes for non-strict export) and the graph is specialised to its result, as
 it is to the sequence length. The index tensors and masks are then built from
 the layout with shape-static operations: traced into the graph when
@@ -61,8 +61,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils._python_dispatch import _disable_current_modes
 
+from .._compat import assume_constant_result, outside_tracing_modes
 from ..problem import AttentionProblem
 from ..sparse.pattern import MaskMod, Pattern, evaluate, structural_mask_mod
 from .base import Kernel
@@ -180,7 +180,7 @@ def _layout(pattern: Pattern, causal: bool, num_queries: int, num_keys: int, blo
                    heavy_rows_without_key=not bool(heavy.any(dim=-1).all()))
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def block_sparse_layout(pattern: Pattern, causal: bool, num_queries: int, num_keys: int,
                         block: int, device: torch.device) -> BlockSparseLayout:
     """The layout for a problem's pattern and lengths (cached: a new length builds a new one).
@@ -190,7 +190,7 @@ def block_sparse_layout(pattern: Pattern, causal: bool, num_queries: int, num_ke
     (non-strict export) runs it outside its fake-tensor and proxy modes."""
     if device.type == "meta":  # no data on meta: evaluate the pattern on the CPU
         device = torch.device("cpu")
-    with _disable_current_modes():
+    with outside_tracing_modes():
         return _layout(pattern, causal, num_queries, num_keys, block, device)
 
 

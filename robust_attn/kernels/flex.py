@@ -36,6 +36,12 @@ import weakref
 import torch
 from torch import Tensor
 
+from .._compat import (
+    assume_constant_result,
+    dynamo_config_patch,
+    opaque_op,
+    recompile_limit_error,
+)
 from ..problem import AttentionProblem, ScoreMod
 from ..sparse.pattern import Pattern, structural_mask_mod
 from .base import Kernel
@@ -135,7 +141,7 @@ _PATTERNS: list[Pattern | None] = [None]
 """Every pattern the structural BlockMask op has seen, by index (its argument)."""
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _pattern_index(pattern: Pattern | None) -> int:
     """The pattern's index in _PATTERNS (added if new); a constant of the graph when compiled."""
     for index, known in enumerate(_PATTERNS):
@@ -149,7 +155,15 @@ def _block_count(length: int) -> int:
     return -(-length // _BLOCK_SIZE)
 
 
-@torch.library.custom_op("robust_attn::structural_kv_blocks", mutates_args=())
+def _structural_kv_blocks_fake(pattern_index, causal, num_queries, num_keys, device):
+    """The shapes and dtypes of :func:`_structural_kv_blocks`' outputs (its fake implementation)."""
+    rows, columns = _block_count(num_queries), _block_count(num_keys)
+    counts = torch.empty(1, 1, rows, dtype=torch.int32, device=device)
+    indices = torch.empty(1, 1, rows, columns, dtype=torch.int32, device=device)
+    return [counts, indices, torch.empty_like(counts), torch.empty_like(indices)]
+
+
+@opaque_op("robust_attn::structural_kv_blocks", _structural_kv_blocks_fake)
 def _structural_kv_blocks(pattern_index: int, causal: bool, num_queries: int, num_keys: int,
                           device: torch.device) -> list[Tensor]:
     """The kv block tensors of :func:`_cached_structural_block_mask`, as an op opaque to dynamo:
@@ -160,14 +174,6 @@ def _structural_kv_blocks(pattern_index: int, causal: bool, num_queries: int, nu
                                                num_keys, device)
     return [t.clone() for t in (block_mask.kv_num_blocks, block_mask.kv_indices,
                                 block_mask.full_kv_num_blocks, block_mask.full_kv_indices)]
-
-
-@_structural_kv_blocks.register_fake
-def _(pattern_index, causal, num_queries, num_keys, device):
-    rows, columns = _block_count(num_queries), _block_count(num_keys)
-    counts = torch.empty(1, 1, rows, dtype=torch.int32, device=device)
-    indices = torch.empty(1, 1, rows, columns, dtype=torch.int32, device=device)
-    return [counts, indices, torch.empty_like(counts), torch.empty_like(indices)]
 
 
 def _structural_block_mask(pattern: Pattern | None, causal: bool, num_queries: int,
@@ -259,9 +265,9 @@ def flex_attention(problem: AttentionProblem, dropout_p: float = 0.0,
 
         return uncompiled(problem.q, problem.k, problem.v, **arguments)
     try:
-        with torch._dynamo.config.patch(specialize_float=True, recompile_limit=RECOMPILE_LIMIT):
+        with dynamo_config_patch(specialize_float=True, recompile_limit=RECOMPILE_LIMIT):
             return _compiled_flex_attention(dynamic)(problem.q, problem.k, problem.v, **arguments)
-    except torch._dynamo.exc.FailOnRecompileLimitHit:
+    except recompile_limit_error():
         warnings.warn(
             f"FlexAttention reached its recompile limit (robust_attn.kernels.flex.RECOMPILE_LIMIT "
             f"= {RECOMPILE_LIMIT} compiled variants: every shape on the "

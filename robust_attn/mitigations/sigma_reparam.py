@@ -82,8 +82,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
+from .._compat import full_tensor as _whole
+from .._compat import local_tensor as _local
 from ..config import AttentionConfig
 from ..problem import AttentionProblem
 from .base import Mitigation
@@ -98,16 +99,6 @@ def _autocast_off(tensor: Tensor):
     if not torch.amp.is_autocast_available(tensor.device.type):
         return contextlib.nullcontext()
     return torch.autocast(device_type=tensor.device.type, enabled=False)
-
-
-def _whole(tensor: Tensor) -> Tensor:
-    """``tensor`` whole: a DTensor (a parameter FSDP2 sharded, outside its forward) all-gathered."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-def _local(tensor: Tensor) -> Tensor:
-    """The part of ``tensor`` this rank holds (all of it, unless it is a DTensor)."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 class SigmaReparamLinear(nn.Module):
