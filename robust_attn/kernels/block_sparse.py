@@ -74,7 +74,7 @@ from .structured import structured_unsupported
 
 # auto uses this kernel only when its plan computes at most this share of the dense scores.
 MAX_SHARE = 0.5
-_NEEDS_ELEMENTS = 1 << 18  # pairs evaluated at once when finding a plan's key blocks (cache-sized)
+_NEEDS_ELEMENTS = 1 << 20  # pairs evaluated at once when finding a plan's key blocks (cache-sized)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ KeyRanges = Tensor
 start >= stop; bounds may lie outside [0, N)), see :meth:`Pattern.key_ranges`."""
 
 # Elements evaluated at once when a mask is materialised (bounds the temporary index grids).
-_EVAL_ELEMENTS = 1 << 18
+_EVAL_ELEMENTS = 1 << 20
 
 
 def and_masks(*mask_mods: MaskMod) -> MaskMod:
