@@ -203,9 +203,9 @@ def _layout(pattern: Pattern, causal: bool, num_queries: int, num_keys: int, blo
     # Only the last query block can be cut short, and it sorts last.
     heavy_rows = sum(min(block, num_queries - b * block) for b in heavy_blocks)
     # Which part has queries with no allowed key: known here, so the plan needs no
-    # data-dependent branch. A light block gathers every key block it needs, so each of its
-    # queries attends, there as in the heavy part, any allowed key it has: a global one or
-    # one its non-global keys count (``attends``).
+    # data-dependent branch. A light block gathers every key block it needs, so its queries,
+    # like the heavy ones, see every key they may attend: a query has one if it may attend a
+    # global key or a non-global one (``attends``).
     rows = torch.arange(num_queries, device=device)
     attends = attends | evaluate(mask_mod, rows[:, None], _index(global_keys, device)[None]).any(dim=1)
     is_light = torch.zeros_like(counts, dtype=torch.bool).index_fill(0, light_blocks, True)[rows // block]
