@@ -1,7 +1,8 @@
 """Every workaround over torch internals and private APIs that the library uses, in one place.
 
-Each shim says which torch behaviour it works around, and since which version it was
-written against (torch 2.14 unless said otherwise); ``tests/test_compat.py`` pins each
+Each shim says which torch behaviour it works around and the torch version it relies on
+it since: "torch 2.14" where only the installed version (2.14.1) was checked, an earlier
+version where the behaviour is known to date from it. ``tests/test_compat.py`` pins each
 behaviour, so a torch release that changes one fails there, not somewhere downstream.
 
 Nothing here imports ``torch._dynamo`` (about 0.9 s, with inductor, sympy and
@@ -30,7 +31,7 @@ def assume_constant_result(fn: _F) -> _F:
     dynamo calls a function so marked eagerly with its constant arguments while it
     traces, and puts the result into the graph as a constant. The public decorator
     imports ``torch._dynamo`` to set one attribute, ``fn._dynamo_marked_constant =
-    True`` (torch/_dynamo/decorators.py, torch 2.1 to 2.14), which dynamo reads when it
+    True`` (torch/_dynamo/decorators.py; torch 2.14), which dynamo reads when it
     meets the function (torch/_dynamo/variables/functions.py); setting the attribute
     here keeps that import off ``import robust_attn``."""
     fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
@@ -45,10 +46,12 @@ def reorderable_logging(fn: _F) -> _F:
 
     dynamo cannot trace ``warnings.warn`` (a graph break, an error under
     ``fullgraph=True``); a function in ``torch._dynamo.config.reorderable_logging_functions``
-    (torch 2.5 to 2.14; its arguments must be constants or tensors) is instead called
-    after the compiled graph runs, at every call, as eager mode calls it. That set lives in
-    ``torch._dynamo.config``, whose import costs about 0.9 s, so the function is only
-    recorded here; :func:`register_reorderable_logging` adds it when dynamo traces."""
+    (since torch 2.3, pytorch PR 116106; its arguments must be constants or tensors) is called
+    after the compiled graph runs, at every call, as eager mode calls it; torch 2.14 replays
+    only the calls the compiled frame makes itself, and drops those made in a function
+    dynamo inlines into it. That set lives in ``torch._dynamo.config``, whose import costs
+    about 0.9 s, so the function is only recorded here; :func:`register_reorderable_logging`
+    adds it when dynamo traces."""
     _REORDERABLE.append(fn)
     return fn
 
@@ -71,7 +74,7 @@ def register_reorderable_logging() -> bool:
 def dynamo_config_patch(**changes: Any):
     """``torch._dynamo.config.patch(**changes)``: a context manager setting dynamo options.
 
-    Private API (torch 2.0 to 2.14); FlexAttention's calls use it to set
+    Private API (torch 2.14); FlexAttention's calls use it to set
     ``recompile_limit`` and ``specialize_float`` for their own frames only."""
     import torch._dynamo.config
 
@@ -80,8 +83,8 @@ def dynamo_config_patch(**changes: Any):
 
 def recompile_limit_error() -> type[Exception]:
     """The exception dynamo raises at its recompile limit under ``fullgraph=True``:
-    ``torch._dynamo.exc.FailOnRecompileLimitHit`` (torch/_dynamo/convert_frame.py, torch 2.7
-    to 2.14; without fullgraph dynamo falls back to running the frame uncompiled)."""
+    ``torch._dynamo.exc.FailOnRecompileLimitHit`` (torch/_dynamo/convert_frame.py; torch 2.14;
+    without fullgraph dynamo falls back to running the frame uncompiled)."""
     import torch._dynamo.exc
 
     return torch._dynamo.exc.FailOnRecompileLimitHit
@@ -89,15 +92,15 @@ def recompile_limit_error() -> type[Exception]:
 
 def outside_tracing_modes():
     """A context manager that turns off the active dispatch modes (fake tensors, make_fx's
-    proxies): ``torch.utils._python_dispatch._disable_current_modes`` (private, torch 2.0 to
-    2.14). Code run inside computes on real tensors even while non-strict ``torch.export``
-    traces its caller, so a layout of Python ints can be built from data there."""
+    proxies): ``torch.utils._python_dispatch._disable_current_modes`` (private; torch 2.14).
+    Code run inside computes on real tensors even while non-strict ``torch.export`` traces
+    its caller, so a layout of Python ints can be built from data there."""
     return _disable_current_modes()
 
 
 def assert_async(condition: Tensor, message: str) -> None:
     """RuntimeError with ``message`` when the bool tensor ``condition`` is False, without a host
-    synchronisation: ``torch._assert_async`` (private, torch 1.11 to 2.14; on CUDA the error
+    synchronisation: ``torch._assert_async`` (private; torch 2.14; on CUDA the error
     surfaces at the next synchronisation). ``torch.compile(fullgraph=True)`` traces it into the
     graph, where an ``if not condition: raise`` would need the value on the host (a graph
     break)."""
