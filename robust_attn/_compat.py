@@ -1,9 +1,9 @@
 """Every workaround over torch internals and private APIs that the library uses, in one place.
 
-Each shim says which torch behaviour it works around and the torch version it relies on
-it since: "torch 2.14" where only the installed version (2.14.1) was checked, an earlier
-version where the behaviour is known to date from it. ``tests/test_compat.py`` pins each
-behaviour, so a torch release that changes one fails there, not somewhere downstream.
+Each shim says which torch behaviour it works around and since which torch version:
+"torch 2.14" for each, the installed version (2.14.1), as none was checked against an
+older release. ``tests/test_compat.py`` pins each behaviour, so a torch release that
+changes one fails there, not somewhere downstream.
 
 Nothing here imports ``torch._dynamo`` (about 0.9 s, with inductor, sympy and
 torch.export behind it) or ``torch.distributed.tensor`` (about 0.35 s) at import:
@@ -15,6 +15,7 @@ path that compiles anyway (FlexAttention).
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -38,37 +39,27 @@ def assume_constant_result(fn: _F) -> _F:
     return fn
 
 
-_REORDERABLE: list[Callable[..., None]] = []
+def graph_warning(qualname: str, category: type[Warning]) -> Callable[[str], None]:
+    """An op ``qualname`` (a ``torch.library`` custom op of one str) that warns ``message`` with
+    ``category`` each time it runs: in code dynamo traces, the warning of eager mode.
 
+    dynamo cannot trace ``warnings.warn`` (a graph break, an error under ``fullgraph=True``).
+    Its ``reorderable_logging_functions`` replay a call after the graph, but torch 2.14 drops
+    the calls made in a function dynamo inlines (any function a module's forward calls). A
+    custom op is put into the graph and runs at every call; a graph node whose result no one
+    uses is removed (AOTAutograd, inductor) unless ``torch.fx.node.has_side_effect`` marks
+    its op (torch 2.14; an fx API not covered by torch's backward-compatibility promise)."""
+    import torch.fx.node
 
-def reorderable_logging(fn: _F) -> _F:
-    """Declare ``fn`` (a function that warns or logs) reorderable for dynamo, registered lazily.
+    def warn(message: str) -> None:
+        warnings.warn(message, category, stacklevel=2)
 
-    dynamo cannot trace ``warnings.warn`` (a graph break, an error under
-    ``fullgraph=True``); a function in ``torch._dynamo.config.reorderable_logging_functions``
-    (since torch 2.3, pytorch PR 116106; its arguments must be constants or tensors) is called
-    after the compiled graph runs, at every call, as eager mode calls it; torch 2.14 replays
-    only the calls the compiled frame makes itself, and drops those made in a function
-    dynamo inlines into it. That set lives in ``torch._dynamo.config``, whose import costs
-    about 0.9 s, so the function is only recorded here; :func:`register_reorderable_logging`
-    adds it when dynamo traces."""
-    _REORDERABLE.append(fn)
-    return fn
-
-
-@assume_constant_result
-def register_reorderable_logging() -> bool:
-    """Add every :func:`reorderable_logging` function to dynamo's set; idempotent.
-
-    Call it (under ``torch.compiler.is_compiling()``) before the traced code loads such a
-    function: marked constant, it runs eagerly while dynamo traces, and dynamo decides how
-    to treat a function when it loads it (``DebuggingVariable``,
-    torch/_dynamo/variables/builder.py), so the registration must precede the load in
-    the traced code. Outside dynamo (non-strict export) it just runs."""
-    import torch._dynamo.config
-
-    torch._dynamo.config.reorderable_logging_functions.update(_REORDERABLE)
-    return True
+    op = torch.library.custom_op(qualname, mutates_args=())(warn)
+    op.register_fake(lambda message: None)
+    namespace, name = qualname.split("::")
+    overload = getattr(getattr(torch.ops, namespace), name).default
+    torch.fx.node.has_side_effect(overload)
+    return overload
 
 
 def dynamo_config_patch(**changes: Any):

@@ -4,6 +4,7 @@ a torch release that changes it fails here first."""
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 import sys
 import warnings
@@ -14,9 +15,11 @@ import torch._dynamo
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from robust_attn import _compat
-from robust_attn.kernels import SparseFallbackWarning, _warn_fallback
+from robust_attn.kernels import SparseFallbackWarning
 from robust_attn.sparse import SlidingWindow, Strided
 from robust_attn.sparse.pattern import and_masks, or_masks
+
+THOROUGH = os.environ.get("ROBUST_ATTN_PROFILE") == "thorough"
 
 
 @pytest.fixture(autouse=True)
@@ -67,73 +70,82 @@ def _warn(message: str) -> None:
 
 
 def test_dynamo_cannot_trace_a_warning_under_fullgraph():
-    """Why reorderable_logging exists: an unregistered warnings.warn breaks the graph."""
+    """Why graph_warning exists: warnings.warn breaks the graph."""
     compiled = torch.compile(lambda x: (_warn("hello"), x + 1)[1], fullgraph=True, backend="eager")
     with pytest.raises(torch._dynamo.exc.Unsupported):
         compiled(torch.ones(2))
 
 
-def test_a_registered_logging_function_runs_after_the_graph_at_every_call():
-    logged = _compat.reorderable_logging(_warn_copy())
-
-    def f(x):
-        _compat.register_reorderable_logging()
-        logged("hello")
-        return x + 1
-
-    compiled = torch.compile(f, fullgraph=True, backend="eager")
-    assert logged not in torch._dynamo.config.reorderable_logging_functions
-    for _ in range(2):
-        with pytest.warns(UserWarning, match="hello"):
-            torch.testing.assert_close(compiled(torch.ones(2)), torch.full((2,), 2.0))
-    assert logged in torch._dynamo.config.reorderable_logging_functions
-    torch._dynamo.config.reorderable_logging_functions.discard(logged)
-    _compat._REORDERABLE.remove(logged)
-
-
-def _warn_copy():
-    """A new function object (dynamo's registry holds functions), warning as _warn does."""
+def test_dynamo_drops_a_reorderable_logging_call_made_in_an_inlined_function():
+    """Why graph_warning is not dynamo's reorderable_logging_functions: torch 2.14 replays such a
+    call after the graph only when the compiled frame makes it itself. When this fails, torch
+    replays inlined calls too, and that simpler route would do."""
     def warn(message: str) -> None:
         warnings.warn(message, UserWarning, stacklevel=2)
 
-    return warn
+    def inner(x):
+        warn("inner")
+        return x + 1
+
+    torch._dynamo.config.reorderable_logging_functions.add(warn)
+    try:
+        compiled = torch.compile(lambda x: inner(x) * 2, fullgraph=True, backend="eager")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compiled(torch.ones(2))
+    finally:
+        torch._dynamo.config.reorderable_logging_functions.discard(warn)
+    assert caught == []
 
 
-def test_a_module_compiled_before_any_eager_call_falls_back_without_a_graph_break():
-    """The kernel selection registers its warning when dynamo traces it, so fullgraph=True holds
-    on a sparse fallback with no eager call first (an unregistered warning is an Unsupported)."""
+def test_aot_autograd_removes_a_custom_op_call_whose_result_is_unused():
+    """Why graph_warning marks its op with has_side_effect."""
+    @torch.library.custom_op("robust_attn_test::unmarked_warning", mutates_args=())
+    def unmarked(message: str) -> None:
+        warnings.warn(message, UserWarning, stacklevel=2)
+
+    unmarked.register_fake(lambda message: None)
+
+    def f(x):
+        torch.ops.robust_attn_test.unmarked_warning("dropped")
+        return x + 1
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(f, fullgraph=True, backend="aot_eager")(torch.ones(2))
+    assert caught == []
+
+
+class _TestWarning(UserWarning):
+    pass
+
+
+_test_warning = _compat.graph_warning("robust_attn_test::graph_warning", _TestWarning)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", *(["inductor"] if THOROUGH else [])])
+def test_a_graph_warning_in_an_inlined_function_warns_at_every_call(backend):
+    def inner(x):
+        _test_warning("inner")
+        return x + 1
+
+    compiled = torch.compile(lambda x: inner(x) * 2, fullgraph=True, backend=backend)
+    for _ in range(2):
+        with pytest.warns(_TestWarning, match="inner"):
+            compiled(torch.ones(2, requires_grad=True)).sum().backward()
+
+
+def test_a_module_compiled_before_any_eager_call_warns_of_a_sparse_fallback_at_every_call():
+    """SparseFallbackWarning from a fullgraph-compiled module, at every call as in eager mode."""
     from robust_attn import RobustAttention
 
-    torch._dynamo.config.reorderable_logging_functions.discard(_warn_fallback)
     module = RobustAttention(16, num_heads=2, sparsity=Strided(4)).eval()
     x = torch.randn(1, 8, 16)
     mask = torch.ones(1, 1, 8, 8, dtype=torch.bool)  # takes the pattern off the structured kernels
-    compiled = torch.compile(module, fullgraph=True, backend="eager")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SparseFallbackWarning)
-        torch.testing.assert_close(compiled(x, attn_mask=mask), module(x, attn_mask=mask))
-    assert _warn_fallback in torch._dynamo.config.reorderable_logging_functions
-
-
-def test_dynamo_drops_a_registered_logging_call_made_in_an_inlined_function():
-    """torch 2.14: a reorderable logging call runs after the graph only when the compiled frame
-    itself makes it; one in a function dynamo inlines (select_kernel, in a module's forward)
-    is dropped, so a compiled module does not emit SparseFallbackWarning. When this fails,
-    torch replays such calls and compiled modules warn at every call, as eager ones do."""
-    logged = _compat.reorderable_logging(_warn_copy())
-
-    def inner(x):
-        _compat.register_reorderable_logging()
-        logged("inner")
-        return x + 1
-
-    compiled = torch.compile(lambda x: inner(x) * 2, fullgraph=True, backend="eager")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        compiled(torch.ones(2))
-    assert caught == []
-    torch._dynamo.config.reorderable_logging_functions.discard(logged)
-    _compat._REORDERABLE.remove(logged)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        with pytest.warns(SparseFallbackWarning, match="falls back to kernel 'sdpa'"):
+            compiled(x, attn_mask=mask)
 
 
 def test_fullgraph_raises_the_recompile_limit_error_at_the_limit():

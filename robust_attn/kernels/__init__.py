@@ -40,7 +40,7 @@ import warnings
 
 import torch
 
-from .._compat import register_reorderable_logging, reorderable_logging
+from .._compat import graph_warning
 from ..problem import AttentionProblem
 from ..sparse.pattern import describe
 from .base import Kernel
@@ -72,16 +72,18 @@ class SparseFallbackWarning(UserWarning):
     """A sparsity pattern runs on a kernel that does not skip its blocked work."""
 
 
-@reorderable_logging
-def _warn_fallback(message: str) -> None:
-    """Warn with SparseFallbackWarning, attributed (as before) to select_kernel's caller.
+_fallback_warning_in_graph = graph_warning("robust_attn::sparse_fallback_warning", SparseFallbackWarning)
 
-    A reorderable logging function for dynamo (registered by select_kernel when it is
-    traced, robust_attn._compat), so that a compiled module (fullgraph=True included)
-    does not break its graph here: dynamo cannot trace warnings.warn. Torch 2.14 drops
-    such a call made inside a function it inlines, as select_kernel is in a module's
-    forward, so a compiled module does not warn (tests/test_compat.py pins it)."""
-    warnings.warn(message, SparseFallbackWarning, stacklevel=3)
+
+def _warn_fallback(message: str) -> None:
+    """Warn with SparseFallbackWarning, attributed (as before) to select_kernel's caller; in code
+    dynamo traces (torch.compile, fullgraph=True included; strict export) through an op in
+    the graph, so a compiled module warns at every call, as eager mode does
+    (robust_attn._compat.graph_warning)."""
+    if torch.compiler.is_dynamo_compiling():
+        _fallback_warning_in_graph(message)
+    else:
+        warnings.warn(message, SparseFallbackWarning, stacklevel=3)
 
 
 def check_kernel_name(kernel: str) -> str:
@@ -113,8 +115,6 @@ def select_kernel(kernel: str, problem: AttentionProblem, dropout_p: float) -> K
         reasons[candidate.name] = reason
     if candidate.name in _FALLBACK_COST and problem.pattern is not None and not (
             candidate is FLEX and problem.q.device.type == "cuda"):
-        if torch.compiler.is_compiling():  # before _warn_fallback is loaded: see _compat
-            register_reorderable_logging()
         skipped = "; ".join(f"{name}: {reasons[name]}" for name in reasons
                             if name not in (BLOCK_DIAGONAL.name, STRIDED.name))
         _warn_fallback(f"sparsity pattern {describe(problem.pattern)} falls back to kernel "
