@@ -8,9 +8,9 @@ Cauchy-Schwarz (|a . b| <= ||a|| ||b||), for every query i and key j of the batc
 computed here in float32 (float64 for float64 q, k) on the detached q and k (after qk_norm,
 every q/k transform and the keys a mitigation prepends; before score modifiers and the mask).
 RobustAttention.forward asserts ``not (bound > limit) or not all_finite(x)`` with
-``torch._assert_async``: no host synchronisation (on CUDA the error surfaces at the next
-synchronisation), traced by ``torch.compile(fullgraph=True)``. It raises RuntimeError with a
-message that starts with "x:".
+``torch._assert_async`` (robust_attn._compat.assert_async): no host synchronisation (on CUDA
+the error surfaces at the next synchronisation), traced by ``torch.compile(fullgraph=True)``.
+It raises RuntimeError with a message that starts with "x:".
 
 Only a finite x is refused: an x holding a nan or an inf passes (its non-finite values reach the
 output, where the health probe's ``health.nonfinite`` and :func:`robust_attn.nonfinite_guard`
@@ -48,6 +48,8 @@ from typing import Final
 
 import torch
 from torch import Tensor
+
+from ._compat import assert_async
 
 LOGIT_LIMIT: Final = 1e8
 FLOAT16_LOGIT_LIMIT: Final = 2.0 ** 15
@@ -106,7 +108,7 @@ def refuse_overflowing_logits(q: Tensor, k: Tensor, scale: float, x_finite: Tens
     """RuntimeError (asynchronously) naming x when x is finite (``x_finite``, :func:`all_finite`)
     and :func:`logit_bound` exceeds :func:`logit_limit` for the dtype the logits are computed in."""
     dtype = logits_dtype(q.dtype, q.device.type)
-    torch._assert_async(
+    assert_async(
         ~(logit_bound(q, k, scale) > logit_limit(dtype)) | ~x_finite,
         f"x: the attention logits are too large: their bound scale * max ||q_i|| * max ||k_j|| "
         f"exceeds {_LIMIT_TEXT[dtype == torch.float16]} (or is inf) for {dtype} logits, beyond "
@@ -118,7 +120,7 @@ def refuse_overflowing_norm_input(q: Tensor, k: Tensor, x_finite: Tensor) -> Non
     """RuntimeError (asynchronously) naming x when x is finite and a row of q or k, before its
     normalisation, has a norm above NORM_INPUT_LIMIT (the normalisation's squares would overflow)."""
     largest = torch.maximum(largest_row_norm(q), largest_row_norm(k))
-    torch._assert_async(
+    assert_async(
         ~(largest > NORM_INPUT_LIMIT) | ~x_finite,
         f"x: q or k is too large for qk_norm: a row's norm exceeds {_NORM_INPUT_LIMIT_TEXT} (or is "
         f"inf), whose squares overflow float32, so the normalised q, k would be nan; x or the qkv "

@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 
 from robust_attn.kernels import KERNELS, SparseFallbackWarning, select_kernel
 from robust_attn.kernels import flex as flex_kernel
-from robust_attn.kernels.block_sparse import block_sparse_attention, block_sparse_plan
+from robust_attn.kernels.block_sparse import (
+    _block_needs,
+    _candidate_blocks,
+    _global_keys,
+    _is_global,
+    block_sparse_attention,
+    block_sparse_plan,
+)
 from robust_attn.kernels.eager import attention_logits, eager_attention
 from robust_attn.mitigations.softcap import TanhSoftCap
 from robust_attn.problem import AttentionProblem
@@ -26,6 +33,7 @@ from robust_attn.sparse import (
     SlidingWindow,
     Strided,
 )
+from robust_attn.sparse.pattern import structural_mask_mod
 from robust_attn.testing import strategies as ras
 
 from .conftest import requires_cuda
@@ -110,6 +118,44 @@ def test_strided_equals_eager(problem):
 @given(sparse_problems(any_patterns, prepended=2), st.sampled_from([2, 4, 8, 16]))
 def test_block_sparse_equals_eager(problem, block):
     assert_equals_eager(lambda p, d: block_sparse_attention(p, d, block=block), problem)
+
+
+@given(st.integers(1, 48).flatmap(lambda n: st.tuples(st.just(n), any_patterns(n))))
+def test_key_ranges_hold_every_allowed_key_but_the_global_ones(case):
+    """Pattern.key_ranges bounds what the block-sparse kernel evaluates: a range that missed an
+    allowed key would drop it from the layout."""
+    num_tokens, pattern = case
+    rows = torch.arange(num_tokens)
+    ranges = pattern.key_ranges(num_tokens, rows)
+    if ranges is None:
+        return
+    keys = rows[None, :, None]
+    inside = ((keys >= ranges[:, None, :, 0]) & (keys < ranges[:, None, :, 1])).any(dim=2)
+    is_global = torch.zeros(num_tokens, dtype=torch.bool)
+    is_global[list(pattern.global_keys(num_tokens))] = True
+    assert not (pattern.dense(num_tokens) & ~is_global & ~inside).any()
+
+
+@given(sparse_problems(any_patterns, prepended=2), st.sampled_from([2, 4, 8, 16]))
+def test_block_needs_from_the_key_ranges_equal_those_from_every_pair(problem, block):
+    """The layout's needed key blocks, and which queries attend a non-global key, as evaluating
+    the pattern on all Nq x Nk pairs gives them."""
+    pattern, causal = problem.pattern, problem.causal
+    num_queries, num_keys = problem.num_queries, problem.num_keys
+    mask_mod = structural_mask_mod(pattern, causal, num_queries, num_keys)
+    is_global = _is_global(_global_keys(pattern, num_queries, num_keys), num_keys, block,
+                           torch.device("cpu"))
+    candidates = _candidate_blocks(pattern, causal, num_queries, num_keys, block, torch.device("cpu"))
+    needs, attends = _block_needs(mask_mod, candidates, num_queries, num_keys, is_global, block)
+
+    query_blocks, key_blocks = candidates.shape
+    rows = torch.arange(query_blocks * block).clamp_max(num_queries - 1)
+    keys = torch.arange(key_blocks * block)
+    allowed = (mask_mod(torch.tensor(0), torch.tensor(0), rows[:, None], keys.clamp_max(num_keys - 1)[None])
+               & ~is_global & (keys < num_keys))
+    expected = allowed.view(query_blocks, block, key_blocks, block).any(dim=3).any(dim=1)
+    assert torch.equal(needs, expected)
+    assert torch.equal(attends, allowed.any(dim=1)[:num_queries])
 
 
 @given(sparse_problems(any_patterns, prepended=2, masks=True))

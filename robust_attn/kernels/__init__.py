@@ -40,6 +40,7 @@ import warnings
 
 import torch
 
+from .._compat import graph_warning
 from ..problem import AttentionProblem
 from ..sparse.pattern import describe
 from .base import Kernel, KernelOutput
@@ -71,16 +72,18 @@ class SparseFallbackWarning(UserWarning):
     """A sparsity pattern runs on a kernel that does not skip its blocked work."""
 
 
+_fallback_warning_in_graph = graph_warning("robust_attn::sparse_fallback_warning", SparseFallbackWarning)
+
+
 def _warn_fallback(message: str) -> None:
-    """Warn with SparseFallbackWarning, attributed (as before) to select_kernel's caller.
-
-    Registered with dynamo as a reorderable logging function: a compiled module
-    (fullgraph=True included) emits it after its graph runs, at every call, as eager
-    mode does, instead of breaking the graph (dynamo cannot trace warnings.warn)."""
-    warnings.warn(message, SparseFallbackWarning, stacklevel=3)
-
-
-torch._dynamo.config.reorderable_logging_functions.add(_warn_fallback)
+    """Warn with SparseFallbackWarning, attributed (as before) to select_kernel's caller; in code
+    dynamo traces (torch.compile, fullgraph=True included; strict export) through an op in
+    the graph, so a compiled module warns at every call, as eager mode does
+    (robust_attn._compat.graph_warning)."""
+    if torch.compiler.is_dynamo_compiling():
+        _fallback_warning_in_graph(message)
+    else:
+        warnings.warn(message, SparseFallbackWarning, stacklevel=3)
 
 
 def check_kernel_name(kernel: str) -> str:

@@ -19,10 +19,14 @@ one batched SDPA call, with a small (block, L) bool mask: the pattern there,
 with padding and keys gathered twice blocked. Scores computed:
 light blocks * block * L + heavy rows * Nk instead of Nq * Nk; memory is linear
 in N for a fixed window (the gathered keys and values, and their gradients,
-are N * L / block rows each). Building the layout evaluates the pattern on all
-Nq * Nk pairs once (seconds at N = 8192 on a CPU), as FlexAttention's
-create_block_mask does. Every step is an index_select, reshape or cat, so
-gradients flow (index_select's backward adds into the gathered keys).
+are N * L / block rows each). Building the layout evaluates the pattern on the
+block pairs its :meth:`~robust_attn.sparse.Pattern.key_ranges` touch (every pair
+for a pattern without them, such as Strided or AxialColumns, as FlexAttention's
+create_block_mask does), in cache-sized pieces on int32 indices: at N = 16384 the
+benchmark's patterns build layout and plan in a few tenths of a second on a 2-core CPU
+(benchmarks/setup_costs.py), where every pair took up to 21 s. Every step is an
+index_select, reshape or cat, so gradients flow (index_select's backward adds into the
+gathered keys).
 
 A query with no allowed key attends a placeholder key and its output is
 multiplied by 0: zeros, with zero gradients, never nan.
@@ -30,7 +34,7 @@ multiplied by 0: zeros, with zero gradients, never nan.
 torch.compile and torch.export: the layout holds Python ints only, so that
 the data-dependent work (which blocks are needed, K) stays out of the traced
 graph: :func:`block_sparse_layout` runs eagerly under tracing
-(``torch.compiler.assume_constant_result`` for dynamo, outside the dispatch
+(``assume_constant_result`` for dynamo, robust_attn._compat; outside the dispatch
 modes for non-strict export) and the graph is specialised to its result, as
 it is to the sequence length. The index tensors and masks are then built from
 the layout with shape-static operations: traced into the graph when
@@ -56,21 +60,21 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils._python_dispatch import _disable_current_modes
 
+from .._compat import assume_constant_result, outside_tracing_modes
 from ..problem import AttentionProblem
-from ..sparse.pattern import MaskMod, Pattern, evaluate, structural_mask_mod
+from ..sparse.pattern import MaskMod, Pattern, evaluate, key_range, structural_mask_mod
 from .base import Kernel
 from .structured import structured_unsupported
 
 # auto uses this kernel only when its plan computes at most this share of the dense scores.
 MAX_SHARE = 0.5
-_NEEDS_ELEMENTS = 1 << 22  # pairs evaluated at once when finding a plan's key blocks
+_NEEDS_ELEMENTS = 1 << 20  # pairs evaluated at once when finding a plan's key blocks (cache-sized)
 
 
 @dataclass(frozen=True)
@@ -96,25 +100,55 @@ class BlockSparseLayout:
     # Plain fields, no properties: dynamo reads a constant dataclass's fields only.
 
 
-def _block_needs(mask_mod: MaskMod, num_queries: int, num_keys: int, is_global: Tensor,
-                 block: int) -> Tensor:
-    """(query blocks, key blocks) bool: does any query of the block attend a non-global key there.
-
-    Evaluates the mask on every pair once, a few query blocks at a time, on int32 indices
-    (FlexAttention's index dtype; less memory traffic than int64)."""
-    device = is_global.device
+def _candidate_blocks(pattern: Pattern, causal: bool, num_queries: int, num_keys: int,
+                      block: int, device: torch.device) -> Tensor:
+    """(query blocks, key blocks) bool: the block pairs that may hold an allowed non-global key,
+    from the pattern's :meth:`~robust_attn.sparse.Pattern.key_ranges` (every pair where it has
+    none), intersected with the causal mask's, aligned to the keys."""
+    rows = torch.arange(num_queries, device=device)
+    offset = num_keys - num_queries
+    ranges = pattern.key_ranges(num_queries, rows)
+    if ranges is None:
+        ranges = key_range(torch.zeros_like(rows), torch.full_like(rows, num_queries))
+    start, stop = (ranges[..., 0] + offset).clamp_min(offset), (ranges[..., 1] + offset).clamp_max(num_keys)
+    if causal:
+        stop = torch.minimum(stop, rows[:, None] + offset + 1)
+    # A difference array over key blocks: +1 where a range's first block is, -1 past its last.
+    used = start < stop
+    query_block = (rows // block)[:, None].expand_as(start)[used]
+    first, past = start[used] // block, (stop[used] - 1) // block + 1
     key_blocks = -(-num_keys // block)
-    keys = torch.arange(key_blocks * block, device=device, dtype=torch.int32)
-    real_key = ~is_global & (keys < num_keys)
-    keys = keys.clamp_max(num_keys - 1)[None]
-    step = max(1, _NEEDS_ELEMENTS // (len(keys[0]) * block)) * block
-    needs = []
-    for start in range(0, num_queries, step):
-        rows = torch.arange(start, start + step, device=device, dtype=torch.int32)
-        allowed = evaluate(mask_mod, rows.clamp_max(num_queries - 1)[:, None], keys) & real_key
-        needs.append(allowed.view(-1, block, key_blocks * block).any(dim=1)
-                     .view(-1, key_blocks, block).any(dim=2))
-    return torch.cat(needs)[: -(-num_queries // block)]
+    steps = torch.zeros(-(-num_queries // block), key_blocks + 1, dtype=torch.int32, device=device)
+    ones = torch.ones_like(first, dtype=torch.int32)
+    steps.index_put_((query_block, first), ones, accumulate=True)
+    steps.index_put_((query_block, past), -ones, accumulate=True)
+    return steps.cumsum(dim=1)[:, :key_blocks] > 0
+
+
+def _block_needs(mask_mod: MaskMod, candidates: Tensor, num_queries: int, num_keys: int,
+                 is_global: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """(query blocks, key blocks) bool: does any query of the block attend a non-global key
+    there; and (Nq,) bool: does the query attend any non-global key.
+
+    Evaluates the mask on the pairs of the ``candidates`` block pairs only (elsewhere it
+    allows no non-global key), a few at a time, on int32 indices (FlexAttention's index
+    dtype; less memory traffic than int64)."""
+    device = is_global.device
+    pairs = torch.nonzero(candidates)
+    offsets = torch.arange(block, device=device, dtype=torch.int32)
+    needs = torch.zeros_like(candidates)
+    attends = torch.zeros(candidates.shape[0] * block, dtype=torch.int32, device=device)
+    step = max(1, _NEEDS_ELEMENTS // (block * block))
+    for chunk in pairs.split(step):
+        rows = chunk[:, :1].to(torch.int32) * block + offsets  # (pairs, block)
+        keys = chunk[:, 1:].to(torch.int32) * block + offsets
+        real_key = ~is_global[keys] & (keys < num_keys)
+        allowed = evaluate(mask_mod, rows.clamp_max(num_queries - 1)[:, :, None],
+                           keys.clamp_max(num_keys - 1)[:, None, :]) & real_key[:, None, :]
+        row_attends = allowed.any(dim=2)
+        needs[chunk[:, 0], chunk[:, 1]] = row_attends.any(dim=1)
+        attends.index_add_(0, rows.flatten(), row_attends.flatten().to(torch.int32))
+    return needs, attends[:num_queries] > 0
 
 
 def _light_blocks_cost(counts: Tensor, light_keys: int, block: int, num_keys: int) -> list:
@@ -157,7 +191,8 @@ def _layout(pattern: Pattern, causal: bool, num_queries: int, num_keys: int, blo
     mask_mod = structural_mask_mod(pattern, causal, num_queries, num_keys)
     global_keys = _global_keys(pattern, num_queries, num_keys)
     is_global = _is_global(global_keys, num_keys, block, device)
-    needs = _block_needs(mask_mod, num_queries, num_keys, is_global, block)
+    candidates = _candidate_blocks(pattern, causal, num_queries, num_keys, block, device)
+    needs, attends = _block_needs(mask_mod, candidates, num_queries, num_keys, is_global, block)
     counts = needs.sum(dim=1)
     _, k = min(_light_blocks_cost(counts, len(global_keys), block, num_keys))
     light_blocks = torch.nonzero(counts <= k).flatten()
@@ -167,20 +202,23 @@ def _layout(pattern: Pattern, causal: bool, num_queries: int, num_keys: int, blo
     key_blocks = needs[light_blocks].to(torch.int8).argsort(dim=1, descending=True, stable=True)
     # Only the last query block can be cut short, and it sorts last.
     heavy_rows = sum(min(block, num_queries - b * block) for b in heavy_blocks)
-    layout = BlockSparseLayout(
+    # Which part has queries with no allowed key: known here, so the plan needs no
+    # data-dependent branch. A light block gathers every key block it needs, so its queries,
+    # like the heavy ones, see every key they may attend: a query has one if it may attend a
+    # global key or a non-global one (``attends``).
+    rows = torch.arange(num_queries, device=device)
+    attends = attends | evaluate(mask_mod, rows[:, None], _index(global_keys, device)[None]).any(dim=1)
+    is_light = torch.zeros_like(counts, dtype=torch.bool).index_fill(0, light_blocks, True)[rows // block]
+    return BlockSparseLayout(
         block, num_queries, num_keys, global_keys, tuple(light_blocks.tolist()),
         tuple(key_blocks[:, :k].flatten().tolist()), k, tuple(heavy_blocks), heavy_rows,
-        light_rows_without_key=True, heavy_rows_without_key=True,
+        light_rows_without_key=not bool(attends[is_light].all()),
+        heavy_rows_without_key=not bool(attends[~is_light].all()),
         share=(len(light_blocks) * block * (len(global_keys) + k * block) + heavy_rows * num_keys)
         / (num_queries * num_keys))
-    # Which part has queries with no allowed key: known here, so the plan needs no
-    # data-dependent branch.
-    light, heavy = (allowed for _, _, allowed in _parts(layout, mask_mod, device))
-    return replace(layout, light_rows_without_key=not bool(light.any(dim=-1).all()),
-                   heavy_rows_without_key=not bool(heavy.any(dim=-1).all()))
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def block_sparse_layout(pattern: Pattern, causal: bool, num_queries: int, num_keys: int,
                         block: int, device: torch.device) -> BlockSparseLayout:
     """The layout for a problem's pattern and lengths (cached: a new length builds a new one).
@@ -190,7 +228,7 @@ def block_sparse_layout(pattern: Pattern, causal: bool, num_queries: int, num_ke
     (non-strict export) runs it outside its fake-tensor and proxy modes."""
     if device.type == "meta":  # no data on meta: evaluate the pattern on the CPU
         device = torch.device("cpu")
-    with _disable_current_modes():
+    with outside_tracing_modes():
         return _layout(pattern, causal, num_queries, num_keys, block, device)
 
 
@@ -211,12 +249,13 @@ def _parts(layout: BlockSparseLayout, mask_mod: MaskMod, device: torch.device) -
                         (positions < num_keys)
                         & ~_is_global(layout.global_keys, num_keys, block, device)[positions]], dim=1)
     rows = _block_rows(_index(layout.light_blocks, device), block).clamp_max(num_queries - 1)
-    light_allowed = evaluate(mask_mod, rows[:, :, None], keys[:, None, :]) & key_ok[:, None, :]
+    # The pattern on int32 indices, as in the layout: half the memory traffic of int64.
+    light_allowed = evaluate(mask_mod, rows.int()[:, :, None], keys.int()[:, None, :]) & key_ok[:, None, :]
 
     heavy_rows = _block_rows(_index(layout.heavy_blocks, device), block).flatten()
     heavy_rows = heavy_rows[:layout.heavy_rows]
     all_keys = torch.arange(num_keys, device=device)
-    heavy_allowed = evaluate(mask_mod, heavy_rows[None, :, None], all_keys[None, None])
+    heavy_allowed = evaluate(mask_mod, heavy_rows.int()[:, None], all_keys.int()[None])[None]
     return (rows.flatten(), keys, light_allowed), (heavy_rows, all_keys[None], heavy_allowed)
 
 

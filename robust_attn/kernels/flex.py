@@ -36,11 +36,13 @@ import weakref
 import torch
 from torch import Tensor
 
-try:  # torch >= 2.8
-    from torch.nn.attention.flex_attention import AuxRequest
-except ImportError:
-    AuxRequest = None
-
+from .._compat import (
+    assume_constant_result,
+    dynamo_config_patch,
+    flex_lse_request,
+    opaque_op,
+    recompile_limit_error,
+)
 from ..problem import AttentionProblem, ScoreMod
 from ..sparse.pattern import Pattern, structural_mask_mod
 from .base import Kernel
@@ -140,7 +142,7 @@ _PATTERNS: list[Pattern | None] = [None]
 """Every pattern the structural BlockMask op has seen, by index (its argument)."""
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _pattern_index(pattern: Pattern | None) -> int:
     """The pattern's index in _PATTERNS (added if new); a constant of the graph when compiled."""
     for index, known in enumerate(_PATTERNS):
@@ -154,7 +156,15 @@ def _block_count(length: int) -> int:
     return -(-length // _BLOCK_SIZE)
 
 
-@torch.library.custom_op("robust_attn::structural_kv_blocks", mutates_args=())
+def _structural_kv_blocks_fake(pattern_index, causal, num_queries, num_keys, device):
+    """The shapes and dtypes of :func:`_structural_kv_blocks`' outputs (its fake implementation)."""
+    rows, columns = _block_count(num_queries), _block_count(num_keys)
+    counts = torch.empty(1, 1, rows, dtype=torch.int32, device=device)
+    indices = torch.empty(1, 1, rows, columns, dtype=torch.int32, device=device)
+    return [counts, indices, torch.empty_like(counts), torch.empty_like(indices)]
+
+
+@opaque_op("robust_attn::structural_kv_blocks", _structural_kv_blocks_fake)
 def _structural_kv_blocks(pattern_index: int, causal: bool, num_queries: int, num_keys: int,
                           device: torch.device) -> list[Tensor]:
     """The kv block tensors of :func:`_cached_structural_block_mask`, as an op opaque to dynamo:
@@ -165,14 +175,6 @@ def _structural_kv_blocks(pattern_index: int, causal: bool, num_queries: int, nu
                                                num_keys, device)
     return [t.clone() for t in (block_mask.kv_num_blocks, block_mask.kv_indices,
                                 block_mask.full_kv_num_blocks, block_mask.full_kv_indices)]
-
-
-@_structural_kv_blocks.register_fake
-def _(pattern_index, causal, num_queries, num_keys, device):
-    rows, columns = _block_count(num_queries), _block_count(num_keys)
-    counts = torch.empty(1, 1, rows, dtype=torch.int32, device=device)
-    indices = torch.empty(1, 1, rows, columns, dtype=torch.int32, device=device)
-    return [counts, indices, torch.empty_like(counts), torch.empty_like(indices)]
 
 
 def _structural_block_mask(pattern: Pattern | None, causal: bool, num_queries: int,
@@ -271,16 +273,16 @@ def _flex(problem: AttentionProblem, dropout_p: float, dynamic: bool | None,
     arguments = dict(score_mod=_score_mod(problem), block_mask=_block_mask(problem),
                      scale=problem.scale)
     if lse:
-        arguments["return_aux"] = AuxRequest(lse=True)
+        arguments["return_aux"] = flex_lse_request()
     if torch.compiler.is_compiling():  # compiled with the caller's graph
         from torch.nn.attention.flex_attention import flex_attention as uncompiled
 
         return _with_lse(uncompiled(problem.q, problem.k, problem.v, **arguments), lse)
     try:
-        with torch._dynamo.config.patch(specialize_float=True, recompile_limit=RECOMPILE_LIMIT):
+        with dynamo_config_patch(specialize_float=True, recompile_limit=RECOMPILE_LIMIT):
             return _with_lse(_compiled_flex_attention(dynamic)(problem.q, problem.k, problem.v,
                                                                **arguments), lse)
-    except torch._dynamo.exc.FailOnRecompileLimitHit:
+    except recompile_limit_error():
         warnings.warn(
             f"FlexAttention reached its recompile limit (robust_attn.kernels.flex.RECOMPILE_LIMIT "
             f"= {RECOMPILE_LIMIT} compiled variants: every shape on the "
@@ -327,5 +329,4 @@ def _unsupported(problem: AttentionProblem, dropout_p: float) -> str | None:
 
 
 FLEX = Kernel("flex", flex_attention, _unsupported,
-              run_with_lse=flex_attention_with_lse if AuxRequest is not None else None,
-              no_lse="this torch's FlexAttention has no AuxRequest (torch >= 2.8 has)")
+              run_with_lse=flex_attention_with_lse)

@@ -14,7 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .pattern import MaskMod, Pattern, check_positive, check_tokens
+from torch import Tensor
+
+from .pattern import KeyRanges, MaskMod, Pattern, check_positive, check_tokens, key_range
 
 
 @dataclass(frozen=True)
@@ -36,3 +38,7 @@ class BlockLocal(Pattern):
             return q_idx // block == kv_idx // block
 
         return block_local
+
+    def key_ranges(self, num_tokens: int, rows: Tensor) -> KeyRanges:
+        start = rows // self.block * self.block
+        return key_range(start, start + self.block)

@@ -16,7 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .pattern import MaskMod, Pattern, check_positive, check_tokens
+from torch import Tensor
+
+from .pattern import KeyRanges, MaskMod, Pattern, check_positive, check_tokens, key_range
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,11 @@ class Fixed(Pattern):
             return (q_idx // block == kv_idx // block) | (kv_idx % block >= first_summary)
 
         return fixed
+
+    def key_ranges(self, num_tokens: int, rows: Tensor) -> KeyRanges:
+        # The own block; the summary columns are global keys.
+        start = rows // self.block * self.block
+        return key_range(start, start + self.block)
 
     def global_keys(self, num_tokens: int) -> frozenset[int]:
         return frozenset(j for j in range(num_tokens)

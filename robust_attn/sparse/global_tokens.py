@@ -15,7 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .pattern import MaskMod, Pattern, check_positive, check_tokens
+import torch
+from torch import Tensor
+
+from .pattern import KeyRanges, MaskMod, Pattern, check_positive, check_tokens, key_range
 
 
 @dataclass(frozen=True)
@@ -39,3 +42,7 @@ class GlobalTokens(Pattern):
 
     def global_keys(self, num_tokens: int) -> frozenset[int]:
         return frozenset(range(min(self.count, num_tokens)))
+
+    def key_ranges(self, num_tokens: int, rows: Tensor) -> KeyRanges:
+        # Global queries attend every key; the others only the global keys.
+        return key_range(torch.zeros_like(rows), torch.where(rows < self.count, num_tokens, 0))

@@ -21,9 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
-from .pattern import MaskMod, Pattern, check_positive, check_tokens
+from .pattern import KeyRanges, MaskMod, Pattern, check_positive, check_tokens, key_range
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,22 @@ class _GridPattern(Pattern):
 
     def rule(self, y_q: Tensor, x_q: Tensor, y_k: Tensor, x_k: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def grid_rows(self, y_q: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Grid rows [first, stop) holding every patch the rule allows for a query in row ``y_q``
+        (None: no bound), for :meth:`key_ranges`."""
+        return None
+
+    def key_ranges(self, num_tokens: int, rows: Tensor) -> KeyRanges | None:
+        # Prefix queries attend every key; patches the keys of their grid rows (prefix keys
+        # are global).
+        width = self.grid[1]
+        bound = self.grid_rows((rows - self.prefix).clamp_min(0) // width)
+        if bound is None:
+            return None
+        prefix_query = rows < self.prefix
+        start = torch.where(prefix_query, 0, self.prefix + bound[0] * width)
+        return key_range(start, torch.where(prefix_query, num_tokens, self.prefix + bound[1] * width))
 
     def mask_mod(self, num_tokens: int) -> MaskMod:
         height, width = self.grid
@@ -78,6 +95,9 @@ class GridWindow(_GridPattern):
     def rule(self, y_q, x_q, y_k, x_k):
         return ((y_q - y_k).abs() < self.window) & ((x_q - x_k).abs() < self.window)
 
+    def grid_rows(self, y_q):
+        return y_q - self.window + 1, y_q + self.window
+
 
 @dataclass(frozen=True)
 class AxialRows(_GridPattern):
@@ -87,6 +107,9 @@ class AxialRows(_GridPattern):
 
     def rule(self, y_q, x_q, y_k, x_k):
         return y_q == y_k
+
+    def grid_rows(self, y_q):
+        return y_q, y_q + 1
 
 
 @dataclass(frozen=True)

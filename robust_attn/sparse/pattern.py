@@ -12,7 +12,7 @@ item and head, and are values (frozen dataclasses: hashable, comparable,
 picklable), so kernels can cache what they build from them.
 
 Patterns compose: ``a & b`` allows a pair when both allow it, ``a | b`` when
-either does (FlexAttention's ``and_masks`` / ``or_masks``).
+either does (as FlexAttention's ``and_masks`` / ``or_masks``).
 
 Alignment with an AttentionProblem: the pattern covers the Nq tokens; when a
 mitigation prepends keys (sink tokens, a zero key; Nk > Nq), key j is token
@@ -29,12 +29,53 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor
-from torch.nn.attention.flex_attention import and_masks, or_masks
+
+from .._compat import assume_constant_result
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+KeyRanges = Tensor
+"""(len(rows), S, 2) int64: S ranges [start, stop) of key tokens per query row (empty where
+start >= stop; bounds may lie outside [0, N)), see :meth:`Pattern.key_ranges`."""
 
 # Elements evaluated at once when a mask is materialised (bounds the temporary index grids).
-_EVAL_ELEMENTS = 1 << 22
+_EVAL_ELEMENTS = 1 << 20
+
+
+def and_masks(*mask_mods: MaskMod) -> MaskMod:
+    """The mask_mod allowing a pair when every one of ``mask_mods`` does: FlexAttention's
+    ``and_masks``, written here because importing torch.nn.attention.flex_attention loads
+    dynamo (about 0.9 s at ``import robust_attn``)."""
+    def and_mask(b, h, q_idx, kv_idx):
+        result = mask_mods[0](b, h, q_idx, kv_idx)
+        for mask_mod in mask_mods[1:]:
+            result = result & mask_mod(b, h, q_idx, kv_idx)
+        return result
+
+    return and_mask
+
+
+def or_masks(*mask_mods: MaskMod) -> MaskMod:
+    """The mask_mod allowing a pair when any of ``mask_mods`` does (FlexAttention's ``or_masks``;
+    see :func:`and_masks`)."""
+    def or_mask(b, h, q_idx, kv_idx):
+        result = mask_mods[0](b, h, q_idx, kv_idx)
+        for mask_mod in mask_mods[1:]:
+            result = result | mask_mod(b, h, q_idx, kv_idx)
+        return result
+
+    return or_mask
+
+
+def key_range(start: Tensor, stop: Tensor) -> KeyRanges:
+    """One range [start, stop) per row (``start`` and ``stop`` of shape (rows,)) as KeyRanges."""
+    return torch.stack([start, stop], dim=-1)[:, None]
+
+
+def intersect_ranges(a: KeyRanges, b: KeyRanges) -> KeyRanges:
+    """The ranges holding the keys in both ``a`` and ``b``: every pair's overlap, (rows, Sa * Sb, 2)."""
+    start = torch.maximum(a[:, :, None, 0], b[:, None, :, 0])
+    stop = torch.minimum(a[:, :, None, 1], b[:, None, :, 1])
+    return torch.stack([start, stop], dim=-1).flatten(1, 2)
 
 
 def evaluate_chunks(mask_mod: MaskMod, rows: Tensor, keys: Tensor) -> Iterator[Tensor]:
@@ -62,7 +103,7 @@ def evaluate(mask_mod: MaskMod, rows: Tensor, keys: Tensor) -> Tensor:
     return torch.cat(list(evaluate_chunks(mask_mod, rows, keys)))
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def describe(pattern: Pattern) -> str:
     """``repr(pattern)``, for messages; a constant under torch.compile (dynamo would otherwise
     trace the dataclass repr, which calls _thread.get_ident, and warn that it cannot)."""
@@ -97,6 +138,17 @@ class Pattern:
         every query block instead of their whole key blocks; it never changes
         what is allowed."""
         return frozenset()
+
+    def key_ranges(self, num_tokens: int, rows: Tensor) -> KeyRanges | None:
+        """For each query token in ``rows`` (int64, 1-D), ranges of key tokens holding every key it
+        may attend other than :meth:`global_keys` (a bound: a range may hold keys the pattern
+        blocks), or None: no bound narrower than every key.
+
+        Only a hint for the block-sparse kernel, which evaluates the pattern on the blocks
+        these ranges touch instead of on all N x N pairs; it never changes what is allowed,
+        but a range that misses an allowed key would make that kernel drop it
+        (tests/test_sparse_kernels.py checks every pattern's ranges against its mask)."""
+        return None
 
     def __and__(self, other: Pattern) -> Pattern:
         return AllOf(_parts(self, AllOf) + _parts(_checked(other, "&"), AllOf))
@@ -163,6 +215,14 @@ class AllOf(Pattern):
         # Any part's global keys cover the intersection's pairs in those columns.
         return frozenset().union(*(part.global_keys(num_tokens) for part in self.parts))
 
+    def key_ranges(self, num_tokens: int, rows: Tensor) -> KeyRanges | None:
+        # An allowed key outside the union of global keys is inside every part's ranges.
+        ranges = None
+        for part in self.parts:
+            bound = part.key_ranges(num_tokens, rows)
+            ranges = bound if ranges is None or bound is None else intersect_ranges(ranges, bound)
+        return ranges
+
 
 @dataclass(frozen=True)
 class AnyOf(Pattern):
@@ -175,6 +235,11 @@ class AnyOf(Pattern):
 
     def global_keys(self, num_tokens: int) -> frozenset[int]:
         return frozenset().union(*(part.global_keys(num_tokens) for part in self.parts))
+
+    def key_ranges(self, num_tokens: int, rows: Tensor) -> KeyRanges | None:
+        # An allowed key outside the union of global keys is in some part's ranges.
+        bounds = [part.key_ranges(num_tokens, rows) for part in self.parts]
+        return None if any(bound is None for bound in bounds) else torch.cat(bounds, dim=1)
 
 
 @dataclass(frozen=True)
@@ -190,6 +255,9 @@ class Causal(Pattern):
             return kv_idx <= q_idx
 
         return causal
+
+    def key_ranges(self, num_tokens: int, rows: Tensor) -> KeyRanges | None:
+        return key_range(torch.zeros_like(rows), rows + 1)
 
 
 def structural_mask_mod(pattern: Pattern | None, causal: bool, num_queries: int,

@@ -21,7 +21,7 @@ from typing import ClassVar, TypeVar
 import torch
 from torch import Tensor
 
-from .pattern import MaskMod, Pattern, check_positive, check_tokens
+from .pattern import KeyRanges, MaskMod, Pattern, check_positive, check_tokens
 
 _Int = TypeVar("_Int", int, Tensor)
 _MASK32 = 0xFFFFFFFF
@@ -33,6 +33,14 @@ def _mix(x: _Int) -> _Int:
     for _ in range(2):
         x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
     return ((x >> 16) ^ x) & _MASK32
+
+
+def _drawn(q_idx: Tensor, block: int, count: int, seed: int, num_blocks: int) -> list[Tensor]:
+    """r(floor(i / block), t) for t < count: the key blocks drawn for each query (q_idx's shape);
+    ``seed`` is the pattern's seed mixed once."""
+    # int64: the mixer's products overflow int32 (FlexAttention's index dtype).
+    first = _mix((q_idx.to(torch.int64) // block) * count ^ seed)
+    return [_mix(first + t) % num_blocks for t in range(count)]
 
 
 @dataclass(frozen=True)
@@ -55,12 +63,17 @@ class RandomBlocks(Pattern):
         block, count, seed = self.block, self.count, _mix(self.seed & _MASK32)
 
         def random_blocks(b, h, q_idx, kv_idx):
-            # int64: the mixer's products overflow int32 (FlexAttention's index dtype).
-            first = _mix((q_idx.to(torch.int64) // block) * count ^ seed)
             key_block = kv_idx // block
-            allowed = key_block == _mix(first) % num_blocks
-            for t in range(1, count):
-                allowed = allowed | (key_block == _mix(first + t) % num_blocks)
+            blocks = _drawn(q_idx, block, count, seed, num_blocks)
+            allowed = key_block == blocks[0]
+            for other in blocks[1:]:
+                allowed = allowed | (key_block == other)
             return allowed
 
         return random_blocks
+
+    def key_ranges(self, num_tokens: int, rows: Tensor) -> KeyRanges:
+        drawn = _drawn(rows, self.block, self.count, _mix(self.seed & _MASK32),
+                       -(-num_tokens // self.block))
+        starts = torch.stack(drawn, dim=1) * self.block
+        return torch.stack([starts, starts + self.block], dim=-1)

@@ -22,7 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .pattern import MaskMod, Pattern, check_positive, check_tokens
+from torch import Tensor
+
+from .pattern import KeyRanges, MaskMod, Pattern, check_positive, check_tokens, key_range
 
 
 @dataclass(frozen=True)
@@ -65,3 +67,6 @@ class SlidingWindow(Pattern):
             return distance.abs() < window
 
         return sliding_window
+
+    def key_ranges(self, num_tokens: int, rows: Tensor) -> KeyRanges:
+        return key_range(rows - self.window + 1, rows + (1 if self.causal else self.window))
