@@ -518,8 +518,8 @@ def load_upgrading(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str,
     load: otherwise RuntimeError, raised before anything is loaded.
 
     Whether the upgraded module computes what the checkpoint computed depends on
-    the fresh state: the same for ``sigma_reparam="preserve"`` (u, v from an SVD
-    of W and gamma = sigma(W), so W_hat = W) and ``sink_logit="preserve"`` (within
+    the fresh state: the same for ``sigma_reparam="preserve"`` (u, v: W's top singular
+    vectors, and gamma = sigma(W), so W_hat = W) and ``sink_logit="preserve"`` (within
     float32); different for ``sigma_reparam=True`` (gamma = 1: W_hat = W / sigma(W)
     has unit spectral norm), ``sink_logit=True`` (softmax-off-by-one),
     ``sink_tokens``, ``gated`` (gates near 0.5) and ``qk_norm`` (fresh LayerNorms).
