@@ -179,6 +179,11 @@ class RobustAttention(nn.Module):
         # qk_norm is timm's constructor argument and a mitigation like the others.
         self.mitigations = nn.ModuleDict(_build_mitigations({"qk_norm": qk_norm, **mitigations},
                                                             config))
+        for name, mitigation in self.mitigations.items():
+            if config.head_dim % mitigation.head_dim_multiple:
+                raise ValueError(f"{name} needs a head width that is a multiple of "
+                                 f"{mitigation.head_dim_multiple}, got {config.head_dim} "
+                                 f"(dim={dim}, num_heads={num_heads}, attn_head_dim)")
         self.layer_builders: dict[str, str] = {}  # role -> the option that built its layer
         head = config.head_dim
         self.qkv = self._layer(LayerSpec("qkv", dim, config.attn_dim * 3, qkv_bias))

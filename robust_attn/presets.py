@@ -7,6 +7,7 @@ it enables; its options are exactly what ``create(name, dim, num_heads)`` builds
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -38,6 +39,14 @@ def preset_options(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise ValueError(f"variant={name!r} is not a preset; choose one of {list_variants()}")
     return dict(PRESETS[name])
+
+
+def head_dim_multiple(name: str) -> int:
+    """The head widths preset ``name`` accepts are the multiples of this (each enabled
+    mitigation's ``head_dim_multiple``, their least common multiple)."""
+    return math.lcm(1, *(MITIGATIONS[option].head_dim_multiple
+                         for option, value in preset_options(name).items()
+                         if option in MITIGATIONS and value is not None and value is not False))
 
 
 def create(name: str, dim: int, num_heads: int = 8, **overrides: Any) -> RobustAttention:

@@ -97,7 +97,7 @@ PRECISIONS = [Precision(dtype, autocast) for autocast in (True, False)
 @st.composite
 def cases(draw, variant):
     """(shape, x, attn_mask, is_causal, seed) at unit scale: any layout, masks of any form."""
-    shape = draw(ras.attention_shapes(tokens=TOKENS.get(variant, SHORT_TOKENS)))
+    shape = draw(ras.attention_shapes(tokens=TOKENS.get(variant, SHORT_TOKENS), variant=variant))
     x = draw(ras.token_inputs(shape))
     mask = draw(ras.attention_masks(shape, contiguous=None))
     return shape, x, mask, draw(st.booleans()), draw(ras.seeds)

@@ -73,6 +73,9 @@ class Mitigation(nn.Module):
     health_reductions: ClassVar[Mapping[str, str]] = {}
     # The kernel must return each row's log-sum-exp for this mitigation's stages (Attended.lse).
     needs_lse: ClassVar[bool] = False
+    # Fact: the head width D must be a multiple of this (differential attention halves each head);
+    # RobustAttention refuses other widths, naming the option.
+    head_dim_multiple: ClassVar[int] = 1
 
     # Facts (module docstring). Option values that convert replaces by function-preserving ones.
     preserving_values: ClassVar[Mapping[Any, Any]] = {}

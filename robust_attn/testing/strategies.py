@@ -37,9 +37,15 @@ class AttentionShape:
 
 @st.composite
 def attention_shapes(draw, max_batch: int = 3, max_tokens: int = 33, max_heads: int = 4,
-                     head_dims=(1, 3, 8, 12, 16), tokens=None) -> AttentionShape:
+                     head_dims=(1, 3, 8, 12, 16), tokens=None,
+                     variant: str | None = None) -> AttentionShape:
     """Small shapes, including N = 1, one head, and head widths that are not powers of two.
-    ``tokens``: a strategy for N replacing the default, integers in [1, max_tokens]."""
+    ``tokens``: a strategy for N replacing the default, integers in [1, max_tokens].
+    ``variant``: only the head widths that preset accepts (``presets.head_dim_multiple``)."""
+    if variant is not None:
+        from ..presets import head_dim_multiple
+
+        head_dims = [width for width in head_dims if width % head_dim_multiple(variant) == 0]
     return AttentionShape(
         batch=draw(st.integers(1, max_batch)),
         tokens=draw(st.integers(1, max_tokens) if tokens is None else tokens),
