@@ -390,7 +390,9 @@ class RobustAttention(nn.Module):
             self._absent_on_load = (prefix, absent, self._foreign_keys(state_dict, prefix))
 
     def _score_mods(self) -> tuple:
-        return tuple(mod for m in self.mitigations.values() if (mod := m.score_mod()) is not None)
+        """The mitigations' score modifiers, sorted by their score_order (stable)."""
+        ordered = sorted(self.mitigations.values(), key=lambda m: m.score_order)
+        return tuple(mod for m in ordered if (mod := m.score_mod()) is not None)
 
     def _normalizer(self):
         for mitigation in self.mitigations.values():

@@ -32,6 +32,7 @@ from robust_attn.claim import (
 )
 from robust_attn.kernels import KERNELS
 from robust_attn.kernels.eager import attention_logits, attention_weights
+from robust_attn.problem import is_positional
 from robust_attn.studies.claims import CLAIMS
 from robust_attn.studies.stack import measure_stack
 from robust_attn.testing import assert_no_entropy_collapse, assert_no_rank_collapse
@@ -201,12 +202,14 @@ def test_masked_keys_get_zero_weight(variant, seed, data):
     assert (user_keys[blocked] == 0).all()
 
 
-def has_sparsity_pattern(variant: str) -> bool:
-    """Whether the preset's attention depends on token positions through a sparsity pattern."""
-    return solve(create(variant, 8, 1, kernel="eager"), torch.zeros(1, 2, 8))[1].pattern is not None
+def depends_on_positions(variant: str) -> bool:
+    """Whether the preset's attention depends on token positions: through a sparsity pattern or
+    a positional score modifier (a distance bias)."""
+    problem = solve(create(variant, 8, 1, kernel="eager"), torch.zeros(1, 2, 8))[1]
+    return problem.pattern is not None or any(map(is_positional, problem.score_mods))
 
 
-@pytest.mark.parametrize("variant", [v for v in list_variants() if not has_sparsity_pattern(v)])
+@pytest.mark.parametrize("variant", [v for v in list_variants() if not depends_on_positions(v)])
 @given(seed=ras.seeds, data=st.data())
 def test_permuting_tokens_permutes_the_output(variant, seed, data):
     shape = data.draw(shapes(variant), label="shape")

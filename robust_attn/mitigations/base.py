@@ -67,6 +67,10 @@ class Mitigation(nn.Module):
     # the result does not depend on the order of the options: corrections that complete the
     # attention output (outlier removal) keep 0; transforms of the finished output (gates) use 1.
     output_order: ClassVar[int] = 0
+    # Order of score_mod among mitigations, lowest first (ties keep option order), for the same
+    # reason: transforms of the content logit (softcap) keep 0; biases added to the finished
+    # logits (ALiBi's distance penalty) use 1.
+    score_order: ClassVar[int] = 0
     # How robust_attn.health.distributed.reduce_health combines each health() quantity across
     # ranks: "mean" unless named here ("min" or "max", e.g. a bound that holds for the worst
     # sequence).
