@@ -1,4 +1,8 @@
-"""Mitigations: one file each, registered here under the RobustAttention option that enables it."""
+"""Mitigations: one file each, registered here under the RobustAttention option that enables it.
+
+Registering a mitigation is its import and its entry in REGISTERED (docs/architecture.md:
+"Add a mitigation"); everything else reads the class.
+"""
 
 from __future__ import annotations
 
@@ -20,12 +24,22 @@ from .softcap import SoftCap
 from .sparsity import Sparsity
 from .spectral_qk import SpectralQK
 
-MITIGATIONS: dict[str, type[Mitigation]] = {cls.option: cls for cls in (
-    QKNorm, SoftCap, SinkTokens, SinkLogit, Gated, OutlierRemoval, Sigmoid, SigmaReparam,
-    SpectralQK, Sparsity, RotaryEmbedding,
-)}
+REGISTERED: tuple[type[Mitigation], ...] = (
+    QKNorm,
+    SoftCap,
+    SinkTokens,
+    SinkLogit,
+    Gated,
+    OutlierRemoval,
+    Sigmoid,
+    SigmaReparam,
+    SpectralQK,
+    Sparsity,
+    RotaryEmbedding,
+)
+MITIGATIONS: dict[str, type[Mitigation]] = {cls.option: cls for cls in REGISTERED}
 
-__all__ = ["MITIGATIONS", "DefeatedMitigationWarning", "FoldedTrainingWarning", "Gated",
-           "Mitigation", "OutlierRemoval", "QKNorm", "RotaryEmbedding", "Sigmoid", "SinkLogit", "SinkTokens",
-           "SoftCap", "Sparsity", "SigmaReparam", "SigmaReparamLinear", "SpectralQK",
-           "fold_sigma_reparam", "sigma_reparametrize"]
+__all__ = ["MITIGATIONS", "REGISTERED", "DefeatedMitigationWarning", "FoldedTrainingWarning",
+           "Gated", "Mitigation", "OutlierRemoval", "QKNorm", "RotaryEmbedding", "Sigmoid",
+           "SigmaReparam", "SigmaReparamLinear", "SinkLogit", "SinkTokens", "SoftCap", "Sparsity",
+           "SpectralQK", "fold_sigma_reparam", "sigma_reparametrize"]
