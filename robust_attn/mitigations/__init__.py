@@ -6,6 +6,7 @@ Registering a mitigation is its import and its entry in REGISTERED (docs/archite
 
 from __future__ import annotations
 
+from .alibi import Alibi
 from .base import DefeatedMitigationWarning, Mitigation
 from .gated import Gated
 from .outlier_removal import OutlierRemoval
@@ -36,6 +37,7 @@ REGISTERED: tuple[type[Mitigation], ...] = (
     SpectralQK,
     Sparsity,
     RotaryEmbedding,
+    Alibi,
 )
 MITIGATIONS: dict[str, type[Mitigation]] = {cls.option: cls for cls in REGISTERED}
 
