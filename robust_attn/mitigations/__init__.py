@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .alibi import Alibi
 from .base import DefeatedMitigationWarning, Mitigation
+from .differential import Differential
 from .gated import Gated
 from .outlier_removal import OutlierRemoval
 from .qk_norm import QKNorm
@@ -38,6 +39,7 @@ REGISTERED: tuple[type[Mitigation], ...] = (
     Sparsity,
     RotaryEmbedding,
     Alibi,
+    Differential,
 )
 MITIGATIONS: dict[str, type[Mitigation]] = {cls.option: cls for cls in REGISTERED}
 
