@@ -11,6 +11,7 @@ from .base import DefeatedMitigationWarning, Mitigation
 from .differential import Differential
 from .gated import Gated
 from .outlier_removal import OutlierRemoval
+from .qk_clip import QKClip
 from .qk_norm import QKNorm
 from .rope import RotaryEmbedding
 from .sigma_reparam import (
@@ -40,6 +41,7 @@ REGISTERED: tuple[type[Mitigation], ...] = (
     RotaryEmbedding,
     Alibi,
     Differential,
+    QKClip,
 )
 MITIGATIONS: dict[str, type[Mitigation]] = {cls.option: cls for cls in REGISTERED}
 
