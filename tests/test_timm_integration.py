@@ -40,12 +40,14 @@ ARCHITECTURES = {
 }
 ATTENTION_NAMES = ["blocks.0.attn", "blocks.1.attn"]
 # Variants with a function-preserving conversion, per robust_attn.integrations.timm.convert.
-PRESERVING = ["baseline", "sigma_reparam", "sink", "spectral_qk"]
+PRESERVING = ["baseline", "qk_clip", "sigma_reparam", "sink", "spectral_qk"]
 ROPE = ("vit_rope", "vit_rope_unfused", "eva02", "eva02_unfused")
 
 
 def _conflict(architecture, variant):
     """The conflict that keeps ``variant`` off ``architecture``'s attention, or None."""
+    if variant == "qk_clip":
+        return "options 'qk_clip' and 'qk_norm' conflict" if architecture == "vit_qk_norm" else None
     if variant != "spectral_qk":
         return None
     if architecture in ROPE:
