@@ -14,6 +14,7 @@ from .outlier_removal import OutlierRemoval
 from .qk_clip import QKClip
 from .qk_norm import QKNorm
 from .rope import RotaryEmbedding
+from .scalable_softmax import ScalableSoftmax
 from .sigma_reparam import (
     FoldedTrainingWarning,
     SigmaReparam,
@@ -42,6 +43,7 @@ REGISTERED: tuple[type[Mitigation], ...] = (
     Alibi,
     Differential,
     QKClip,
+    ScalableSoftmax,
 )
 MITIGATIONS: dict[str, type[Mitigation]] = {cls.option: cls for cls in REGISTERED}
 
