@@ -64,7 +64,8 @@ NUMBERS = st.one_of(
 )
 # option -> extra options it needs (the sigmoid preset's qk_norm)
 NUMERIC_OPTIONS = {"softcap": {}, "sigmoid": {"qk_norm": True}, "spectral_qk": {},
-                   "sink_tokens": {}, "attn_drop": {}, "proj_drop": {}, "probe_queries": {}}
+                   "sink_tokens": {}, "attn_drop": {}, "proj_drop": {}, "probe_queries": {},
+                   "scalable_softmax": {}}
 
 
 @given(option=st.sampled_from(sorted(NUMERIC_OPTIONS)), value=NUMBERS,

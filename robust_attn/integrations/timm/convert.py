@@ -28,8 +28,8 @@ computes what the timm model computed, within float32 rounding:
 ``spectral_qk`` only adds a loss on the loaded weights, timm's RoPE becomes the
 ``rope`` q/k transform and timm's own gate (``gated=True``) the ``gated``
 mitigation: these keep the function. Every other enabled mitigation (outlier
-removal, an added gate, soft-capping, sigmoid attention, sink tokens, an added
-qk_norm, sparsity patterns) changes the function at conversion: the summary
+removal, an added gate, soft-capping, sigmoid attention, scalable-softmax, sink
+tokens, an added qk_norm, sparsity patterns) changes the function at conversion: the summary
 lists them per module, and fine-tuning is expected.
 """
 
