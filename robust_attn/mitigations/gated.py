@@ -110,7 +110,9 @@ class Gated(Mitigation):
 
     def timm_expressible(self, host: nn.Module) -> bool:
         """timm's gated=True is an elementwise gate applied after scale_norm: the same only
-        without scale_norm."""
+        without scale_norm. timm's DiffAttention has no gate."""
+        if getattr(getattr(host, "timm_origin", None), "kind", None) == "DiffAttention":
+            return False
         return self.mode == "elementwise" and isinstance(host.norm, nn.Identity)
 
     def extra_repr(self) -> str:

@@ -67,4 +67,5 @@ class QKNorm(Mitigation):
         return not isinstance(getattr(source, "q_norm", nn.Identity()), nn.Identity)
 
     def timm_expressible(self, host: nn.Module) -> bool:
-        return True  # timm's qk_norm=True
+        # timm's qk_norm=True; DiffAttention's normalises half-heads, not whole heads
+        return getattr(getattr(host, "timm_origin", None), "kind", None) != "DiffAttention"

@@ -13,6 +13,8 @@ AttentionRope     ``qkv``, or ``q_proj``/``k_proj``/   RobustAttentionRope
 EvaAttention      ``qkv`` without bias plus ``q_bias``, RobustAttentionRope(key_bias=False):
                   ``v_bias`` (k bias a zero buffer),   the bias is [b_q, 0, b_v]
                   or ``q_proj``/``k_proj``/``v_proj``
+DiffAttention     ``qkv`` (bias: qkv_bias)             RobustAttention(differential=l,
+                                                       attn_head_dim=2 * timm's head_dim)
 ================  ===================================  =============================
 
 ``q_norm``, ``k_norm``, ``norm`` (scale_norm) and the dropouts are moved over
@@ -27,8 +29,22 @@ output, per channel) becomes the ``gated="elementwise"`` mitigation, its
 ``gate`` layer moved over, where timm applies it where RobustAttention does:
 with no scale_norm (timm gates after scale_norm, RobustAttention before).
 
-Not supported, reported with the reason: a gate together with scale_norm, and
-grouped-query attention (AttentionRope with ``num_kv_heads < num_heads``).
+timm's ``DiffAttention`` (Differential Transformer) becomes the ``differential``
+mitigation at layer l = timm's depth + 1, recovered from its ``lambda_init``
+(:func:`~robust_attn.mitigations.differential.layer_of_lambda_init`): whatever the
+preset, ``differential`` is forced to l (a preset that conflicts with it, e.g. ``sink``
+or ``robust``, cannot be built and is reported). timm's ``head_dim`` is the half-head
+width, so ``attn_head_dim`` is twice it; ``lambda_q1``, ``lambda_k1``, ``lambda_q2``,
+``lambda_k2`` and ``sub_norm.weight`` become ``mitigations.differential.*`` (every other
+key keeps its name); the fused path's dropout ``attn_drop_p`` is the attention dropout.
+The way back builds ``DiffAttention(depth=l - 1)`` with those tensors (lambda vectors in
+float32, as timm makes them). An added qk_norm or gate cannot be held by DiffAttention.
+
+Not supported, reported with the reason: a gate together with scale_norm,
+grouped-query attention (AttentionRope with ``num_kv_heads < num_heads``), and a
+DiffAttention with ``dual_lambda=True``, with ``qk_norm=True`` (timm normalises each
+half-head, RobustAttention's qk_norm the whole head) or with a hand-set ``lambda_init``
+that no integer layer gives.
 """
 
 from __future__ import annotations
@@ -40,6 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from ...attention import RobustAttention
+from ...mitigations.differential import layer_of_lambda_init
 from ...mitigations.sigma_reparam import SigmaReparamLinear
 from .rope_attention import RobustAttentionRope
 
@@ -55,10 +72,35 @@ class TimmOrigin:
 
 def timm_classes() -> dict[str, type[nn.Module]]:
     """The supported timm classes by name (timm is imported here: it is an optional dependency)."""
-    from timm.layers import Attention, AttentionRope
+    from timm.layers import Attention, AttentionRope, DiffAttention
     from timm.models.eva import EvaAttention
 
-    return {"Attention": Attention, "AttentionRope": AttentionRope, "EvaAttention": EvaAttention}
+    return {"Attention": Attention, "AttentionRope": AttentionRope, "EvaAttention": EvaAttention,
+            "DiffAttention": DiffAttention}
+
+
+# timm DiffAttention's lambda vectors, named as in the differential mitigation.
+DIFF_LAMBDAS = ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
+
+
+def _is_diff(module: nn.Module) -> bool:
+    return type(module).__name__ == "DiffAttention"
+
+
+def _diff_reason(module: nn.Module) -> str | None:
+    """Why a timm DiffAttention cannot be converted, or None."""
+    if getattr(module, "lambda_a", None) is not None:
+        return ("DiffAttention(dual_lambda=True): its two scalar lambdas are timm's own; the "
+                "'differential' mitigation has the paper's four lambda vectors")
+    if _has(module.q_norm) or _has(module.k_norm):
+        return (f"DiffAttention(qk_norm=True) normalises each half-head (width "
+                f"{module.head_dim}); RobustAttention's qk_norm normalises the whole head "
+                f"(width {2 * module.head_dim})")
+    try:
+        layer_of_lambda_init(module.lambda_init)
+    except ValueError as error:
+        return f"DiffAttention with {error}"
+    return None
 
 
 def _has(norm: nn.Module) -> bool:
@@ -67,6 +109,8 @@ def _has(norm: nn.Module) -> bool:
 
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why ``module`` (of a supported class) cannot be converted, or None."""
+    if _is_diff(module):
+        return _diff_reason(module)
     if getattr(module, "gate", None) is not None and _has(module.norm):
         return ("timm gates the attention output after scale_norm; RobustAttention's 'gated' "
                 "mitigation gates it before")
@@ -101,7 +145,7 @@ def origin_of_timm(module: nn.Module) -> TimmOrigin:
 
 
 def _robust_class(module: nn.Module, origin: TimmOrigin) -> tuple[type[RobustAttention], dict]:
-    if origin.kind == "Attention":
+    if origin.kind in ("Attention", "DiffAttention"):
         return RobustAttention, {}
     return RobustAttentionRope, {"num_prefix_tokens": module.num_prefix_tokens,
                                  "rotate_half": getattr(module, "rotate_half", False),
@@ -123,6 +167,18 @@ def _with_source_gate(options: dict[str, Any]) -> dict[str, Any]:
     return {**options, "gated": "elementwise"}
 
 
+def _with_source_differential(module: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` for a timm DiffAttention: ``differential`` forced to its layer index l (True,
+    the preset's "enabled", takes it; another value would replace the module's lambda_init)."""
+    layer = layer_of_lambda_init(module.lambda_init)
+    value = options.get("differential")
+    if not (value is None or value is True or (type(value) is int and value == layer)):
+        raise ValueError(f"differential={value!r} would replace the module's own differential "
+                         f"attention (timm's DiffAttention at depth {layer - 1}: "
+                         f"differential={layer})")
+    return {**options, "differential": layer}
+
+
 def to_robust(module: nn.Module, options: dict[str, Any]) -> RobustAttention:
     """A RobustAttention with ``options`` computing what ``module`` computes, up to the options.
 
@@ -133,27 +189,49 @@ def to_robust(module: nn.Module, options: dict[str, Any]) -> RobustAttention:
     source_gate = getattr(module, "gate", None)
     if source_gate is not None:
         options = _with_source_gate(options)
+    diff = _is_diff(module)
+    if diff:
+        options = _with_source_differential(module, options)
     weight, bias = qkv_parameters(module)
     # The source's structure wins over a preset's (outlier_removal's proj_bias=False): its
     # weights and biases are copied over, so dropping a bias would change the function.
-    kwargs = {"attn_head_dim": module.head_dim, "dim_out": module.proj.out_features,
-              "attn_drop": module.attn_drop.p, "proj_drop": module.proj_drop.p,
+    # DiffAttention: timm's head_dim is the half-head; its fused path drops with attn_drop_p.
+    kwargs = {"attn_head_dim": 2 * module.head_dim if diff else module.head_dim,
+              "dim_out": module.proj.out_features,
+              "attn_drop": module.attn_drop_p if diff else module.attn_drop.p,
+              "proj_drop": module.proj_drop.p,
               "device": weight.device, "dtype": weight.dtype, **extra, **options,
               "qkv_bias": bias is not None, "proj_bias": module.proj.bias is not None,
               "qk_norm": _has(module.q_norm) or bool(options.get("qk_norm", False)),
               "scale_norm": _has(module.norm)}
-    robust = cls(weight.shape[1], module.num_heads, **kwargs)
+    try:
+        robust = cls(weight.shape[1], module.num_heads, **kwargs)
+    except ValueError as error:
+        if not diff:
+            raise
+        raise ValueError(f"a timm DiffAttention converts with differential="
+                         f"{options['differential']}: {error}") from error
     if _has(module.q_norm):
         robust.q_norm, robust.k_norm = module.q_norm, module.k_norm
-    robust.norm, robust.attn_drop = module.norm, module.attn_drop
+    robust.norm = module.norm
+    if not diff:  # DiffAttention: a fresh Dropout(attn_drop_p), built above
+        robust.attn_drop = module.attn_drop
     robust.proj_drop = module.proj_drop
     if source_gate is not None:
         robust.mitigations["gated"].gate = source_gate
     _copy_linear(robust.qkv, weight, bias)
     _copy_linear(robust.proj, module.proj.weight, module.proj.bias)
+    if diff:
+        differential = robust.mitigations["differential"]
+        for name in DIFF_LAMBDAS:
+            getattr(differential, name).copy_(getattr(module, name))
+        differential.sub_norm.weight.copy_(module.sub_norm.weight)
+        differential.sub_norm.eps = module.sub_norm.eps
     if not any(p.requires_grad for p in module.parameters()):  # a frozen module stays frozen
         robust.qkv.requires_grad_(False)
         robust.proj.requires_grad_(False)
+        if diff:
+            robust.mitigations["differential"].requires_grad_(False)
     robust.reset_from_weights()  # sigma_reparam: u, v and gamma from the copied weights
     robust.fused_attn = module.fused_attn
     robust.timm_origin = origin
@@ -184,8 +262,50 @@ def _split(qkv: nn.Linear) -> list[tuple[Tensor, Tensor | None]]:
     return list(zip(qkv.weight.chunk(3), biases, strict=True))
 
 
+def _parameter(tensor: Tensor, dtype: torch.dtype | None = None) -> nn.Parameter:
+    return nn.Parameter(tensor.detach().clone().to(dtype or tensor.dtype),
+                        requires_grad=tensor.requires_grad)
+
+
+def revert_reason(robust: RobustAttention) -> str | None:
+    """Why ``robust`` cannot go back to its timm class at all (whatever is dropped), or None."""
+    if origin_of_robust(robust).kind != "DiffAttention":
+        return None
+    if "differential" not in robust.mitigations:
+        return "it came from a timm DiffAttention but has no 'differential' mitigation"
+    if robust.proj.out_features != robust.dim:
+        return (f"DiffAttention has no dim_out: proj maps to {robust.proj.out_features}, "
+                f"not dim={robust.dim}")
+    if robust.num_heads * robust.head_dim != robust.dim:
+        return (f"DiffAttention has no attn_head_dim: num_heads * head_dim = "
+                f"{robust.num_heads} * {robust.head_dim} is not dim={robust.dim}")
+    return None
+
+
+def _timm_diff(robust: RobustAttention, qkv: nn.Linear) -> nn.Module:
+    """timm's DiffAttention for ``robust`` (from one), materialised with its qkv, lambda vectors
+    (float32, as timm makes them) and sub norm; proj and norms are set by :func:`to_timm`."""
+    from timm.layers import RmsNorm
+
+    differential = robust.mitigations["differential"]
+    module = timm_classes()["DiffAttention"](
+        robust.dim, num_heads=robust.num_heads, qkv_bias=qkv.bias is not None,
+        proj_bias=robust.proj.bias is not None, attn_drop=robust.attn_drop.p,
+        proj_drop=robust.proj_drop.p, depth=differential.layer - 1, device="meta")
+    module.qkv = qkv
+    for name in DIFF_LAMBDAS:
+        setattr(module, name, _parameter(getattr(differential, name), torch.float32))
+    gain = differential.sub_norm.weight
+    module.sub_norm = RmsNorm(robust.head_dim, eps=differential.sub_norm.eps,
+                              device=gain.device, dtype=gain.dtype)
+    module.sub_norm.weight = _parameter(gain)
+    return module
+
+
 def _timm_module(robust: RobustAttention, origin: TimmOrigin, qkv: nn.Linear) -> nn.Module:
     """The timm class of ``origin`` on the meta device, with its q, k, v projection from ``qkv``."""
+    if origin.kind == "DiffAttention":
+        return _timm_diff(robust, qkv)
     cls = timm_classes()[origin.kind]
     common = {"num_heads": robust.num_heads, "attn_head_dim": robust.head_dim,
               "qkv_bias": qkv.bias is not None, "attn_drop": robust.attn_drop.p,
@@ -238,12 +358,20 @@ def to_timm(robust: RobustAttention) -> nn.Module:
     """The timm module ``robust`` came from, with its current weights (reparametrisations folded).
 
     Mitigations that the timm class cannot express are dropped: check :func:`unexpressible`.
+    Raises ValueError when it cannot be built at all (:func:`revert_reason`).
     """
+    if reason := revert_reason(robust):
+        raise ValueError(f"cannot revert to timm: {reason}")
     origin = origin_of_robust(robust)
     module = _timm_module(robust, origin, plain_linear(robust.qkv))
     module.proj = plain_linear(robust.proj)
-    module.gate = _timm_gate(robust)
-    module.q_norm, module.k_norm, module.norm = robust.q_norm, robust.k_norm, robust.norm
+    if origin.kind == "DiffAttention":  # no gate; an added (whole-head) qk_norm is dropped
+        module.q_norm, module.k_norm = nn.Identity(), nn.Identity()
+        module.attn_drop_p = robust.attn_drop.p
+    else:
+        module.gate = _timm_gate(robust)
+        module.q_norm, module.k_norm = robust.q_norm, robust.k_norm
+    module.norm = robust.norm
     module.attn_drop, module.proj_drop = robust.attn_drop, robust.proj_drop
     module.fused_attn = robust.fused_attn
     return module.train(robust.training)

@@ -26,10 +26,19 @@ computes what the timm model computed, within float32 rounding:
     exp(-40) ~ 4e-18 is below float32 resolution next to the row's mass.
 
 ``spectral_qk`` only adds a loss on the loaded weights, timm's RoPE becomes the
-``rope`` q/k transform and timm's own gate (``gated=True``) the ``gated``
-mitigation: these keep the function. Every other enabled mitigation (outlier
-removal, an added gate, soft-capping, sigmoid attention, scalable-softmax, sink
-tokens, an added qk_norm, sparsity patterns) changes the function at conversion: the summary
+``rope`` q/k transform, timm's own gate (``gated=True``) the ``gated``
+mitigation and timm's ``DiffAttention`` the ``differential`` mitigation at its
+layer (timm's depth + 1, whatever the preset says): these keep the function.
+
+The ``differential`` preset on a plain timm ``Attention`` gives every module
+``differential=True``, layer 1 (lambda_init 0.2): convert does not know block
+indices. For the paper's depth schedule, convert block by block with the layer
+as an override, ``convert(model, "differential", include=f"blocks.{i}.attn",
+differential=i + 1)``. A head width that is odd cannot split into two halves:
+the module is skipped, the reason naming ``differential``. Every other enabled
+mitigation (outlier removal, an added gate, soft-capping, sigmoid attention,
+scalable-softmax, ALiBi, sink tokens, an added qk_norm, sparsity patterns)
+changes the function at conversion: the summary
 lists them per module, and fine-tuning is expected.
 """
 
@@ -47,7 +56,7 @@ from torch import nn
 from ...attention import RobustAttention
 from ...mitigations import MITIGATIONS
 from ...presets import preset_options
-from .adapters import timm_classes, to_robust, to_timm, unexpressible, unsupported_reason
+from .adapters import revert_reason, timm_classes, to_robust, to_timm, unexpressible, unsupported_reason
 
 # RobustAttention arguments convert passes on; the others (dim, qkv_bias, ...) follow each module.
 PASSED_ARGUMENTS = frozenset({"qk_norm", "attn_drop", "proj_drop", "device", "dtype", "kernel",
@@ -263,9 +272,14 @@ def revert(model: nn.Module, allow_lossy: bool = False) -> tuple[nn.Module, Reve
     timm cannot express (sinks, headwise gates, outlier removal, soft-capping,
     sigmoid attention, sparsity) would be dropped, changing the function: revert
     raises ValueError naming them unless ``allow_lossy=True``.
+
+    A module converted from timm's ``DiffAttention`` goes back to one (``depth`` = its
+    ``differential`` layer - 1); an added qk_norm or gate is dropped there (lossy).
     """
     modules = [(name, module) for name, module in _attention_modules(model)
                if isinstance(module, RobustAttention)]
+    if refused := {name: reason for name, m in modules if (reason := revert_reason(m))}:
+        raise ValueError(f"revert cannot build the timm modules of {refused}")
     summary = RevertSummary(dropped={name: lossy for name, m in modules
                                      if (lossy := unexpressible(m))})
     if summary.dropped and not allow_lossy:
