@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+import robust_attn
+
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Parameter groups: weight decay on matrices and larger, none on vectors and scalars.
@@ -34,8 +36,11 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, final_ratio: f
 
 def adamw(model: nn.Module, lr: float, weight_decay: float,
           betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
-    """AdamW over :func:`decay_groups`."""
-    return torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr, betas=betas)
+    """AdamW over :func:`decay_groups`, with the model's after-step mitigations (QK-clip) run after
+    every step (robust_attn.attach_to_optimizer)."""
+    optimizer = torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr, betas=betas)
+    robust_attn.attach_to_optimizer(model, optimizer)
+    return optimizer
 
 
 def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,

@@ -192,6 +192,9 @@ class QKClip(Mitigation):
     but nothing is clipped."""
 
     option = "qk_clip"
+    advice_preset = "qk_clip"
+    advice = {"logit_growth": (3, "QK-clip rescales W_q, W_k of the heads whose logits pass tau "
+                                  "after each step (Kimi K2); attach it to the optimizer")}
     # Kimi K2's QK-clip at tau = 100; acts in training, after optimiser steps.
     presets = {"qk_clip": {"qk_clip": True}}
     conflicts = {
