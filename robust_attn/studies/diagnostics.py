@@ -56,13 +56,11 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch import Tensor
 
 from ..claim import StackSetting
 from ..metrics import token_cosine_similarity
 from .stack import (
     NORM_POSITIONS,
-    AttentionStack,
     LayerHealth,
     StackHealth,
     construct_stack,
@@ -162,7 +160,7 @@ def theory_health(beta: float, alpha: float, architecture: Architecture,
 def _setting(variant: str, a: Architecture, beta: float, alpha: float) -> StackSetting:
     return StackSetting(variant=variant, depth=a.depth, dim=a.dim, num_heads=a.num_heads,
                         tokens=a.tokens, batch=a.batch, qk_scale=qk_scale_for_beta(beta, a.tokens),
-                        residual=alpha != 0, seed=a.seed)
+                        residual=alpha != 0, norm=a.norm, seed=a.seed)
 
 
 @dataclass(frozen=True)
@@ -237,18 +235,6 @@ class TrainabilityDiagram:
                 "cells": [cell.to_dict(per_layer) for cell in self.cells]}
 
 
-def propagate(stack: AttentionStack, x: Tensor, alpha: float, norm: str) -> list[Tensor]:
-    """The hidden states after each block (module docstring's pre- or post-LN blocks), (B, N, C)."""
-    hidden = []
-    for layer_norm, attention in zip(stack.norms, stack.layers, strict=True):
-        if norm == "pre":
-            x = alpha * x + attention(layer_norm(x))
-        else:
-            x = layer_norm(alpha * x + attention(x))
-        hidden.append(x)
-    return hidden
-
-
 @torch.no_grad()
 def measure_cell(variant: str, architecture: Architecture, beta: float, alpha: float,
                  **options) -> tuple[StackHealth, float, float]:
@@ -256,10 +242,10 @@ def measure_cell(variant: str, architecture: Architecture, beta: float, alpha: f
     a = architecture
     setting = _setting(variant, a, beta, alpha)
     generator = torch.Generator().manual_seed(a.seed)
-    stack = construct_stack(setting, generator, probe=True, **options)  # propagate() runs it
+    stack = construct_stack(setting, generator, probe=True, **options)
     init_stack_weights(stack, setting.qk_scale, generator)
     x = torch.randn(a.batch, a.tokens, a.dim, generator=generator)
-    hidden = propagate(stack, x, alpha, a.norm)
+    hidden = stack(x, residual_scale=alpha)
     layers = [layer_health(i, attention, state)
               for i, (attention, state) in enumerate(zip(stack.layers, hidden, strict=True))]
     return (StackHealth(setting, layers), token_cosine_similarity(hidden[-1]).mean().item(),

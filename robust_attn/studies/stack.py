@@ -57,17 +57,17 @@ class AttentionStack(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
         self.layers = nn.ModuleList(create(variant, dim, num_heads, **options) for _ in range(depth))
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """The hidden states after each layer, (B, N, C) each."""
+    def forward(self, x: Tensor, residual_scale: float | None = None) -> list[Tensor]:
+        """The hidden states after each layer, (B, N, C) each. ``residual_scale`` alpha weighs the
+        residual stream, x <- alpha x + attention(LN(x)) (pre-LN) or LN(alpha x + attention(x))
+        (post-LN); None: 1 with residual connections, 0 without (the stream dropped)."""
+        alpha = (1.0 if self.residual else 0.0) if residual_scale is None else residual_scale
         hidden = []
         for layer_norm, attention in zip(self.norms, self.layers, strict=True):
-            if self.norm == "pre":
-                update = attention(layer_norm(x))
-                x = x + update if self.residual else update
-            else:
-                update = attention(x)
-                x = layer_norm(x + update if self.residual else update)
-            hidden.append(x)
+            update = attention(layer_norm(x) if self.norm == "pre" else x)
+            x = update if alpha == 0 else alpha * x + update
+            hidden.append(x if self.norm == "pre" else layer_norm(x))
+            x = hidden[-1]
         return hidden
 
 
