@@ -51,7 +51,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -272,12 +272,20 @@ def convert(model: nn.Module, variant: str, include: Patterns = None, exclude: P
     return model, summary
 
 
-def _way_back(module: nn.Module) -> tuple:
-    """(why it cannot revert, what reverting drops, the original module) for ``module``'s
-    integration: torch's MultiheadAttention adapter, else timm."""
+class _WayBack(NamedTuple):
+    """An integration's revert: why a module cannot go back at all, the mitigations going back
+    would drop, and the original module."""
+
+    reason: Any
+    dropped: Any
+    build: Any
+
+
+def _way_back(module: nn.Module) -> _WayBack:
+    """The way back of ``module``: torch's MultiheadAttention adapter's, else timm's."""
     if isinstance(module, torch_mha.MultiheadRobustAttention):
-        return torch_mha.revert_reason, torch_mha.unexpressible, torch_mha.to_torch
-    return revert_reason, unexpressible, to_timm
+        return _WayBack(torch_mha.revert_reason, torch_mha.unexpressible, torch_mha.to_torch)
+    return _WayBack(revert_reason, unexpressible, to_timm)
 
 
 @torch.no_grad()
@@ -305,15 +313,15 @@ def revert(model: nn.Module, allow_lossy: bool = False) -> tuple[nn.Module, Reve
     """
     modules = [(name, module, _way_back(module)) for name, module in _attention_modules(model)
                if isinstance(module, CONVERTED)]
-    if refused := {name: reason for name, m, way in modules if (reason := way[0](m))}:
+    if refused := {name: reason for name, m, way in modules if (reason := way.reason(m))}:
         raise ValueError(f"revert cannot build the original modules of {refused}")
     summary = RevertSummary(dropped={name: lossy for name, m, way in modules
-                                     if (lossy := way[1](m))})
+                                     if (lossy := way.dropped(m))})
     if summary.dropped and not allow_lossy:
         raise ValueError(f"revert would drop mitigations that the original attention class "
                          f"cannot express, changing the function: {summary.dropped}; pass "
                          f"allow_lossy=True to drop them anyway")
     for name, module, way in modules:
-        model = _replace(model, name, way[2](module))
+        model = _replace(model, name, way.build(module))
         summary.reverted.append(name)
     return model, summary
