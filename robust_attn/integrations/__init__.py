@@ -1,4 +1,5 @@
-"""Integrations with other libraries: timm (convert, revert, and ``attn_layer=`` classes)."""
+"""Integrations with other libraries: timm (convert, revert, and ``attn_layer=`` classes) and
+PyTorch's own ``nn.MultiheadAttention`` (:mod:`.torch_mha`, reached through convert and revert)."""
 
 from .timm import (
     ConversionSummary,
@@ -9,6 +10,7 @@ from .timm import (
     layer,
     revert,
 )
+from .torch_mha import MultiheadRobustAttention
 
-__all__ = ["ConversionSummary", "PresetAttention", "RevertSummary", "RobustAttentionRope",
-           "convert", "layer", "revert"]
+__all__ = ["ConversionSummary", "MultiheadRobustAttention", "PresetAttention", "RevertSummary",
+           "RobustAttentionRope", "convert", "layer", "revert"]
