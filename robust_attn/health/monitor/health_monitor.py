@@ -64,7 +64,9 @@ class HealthMonitor:
             :meth:`attention_maps` (memory: one sampled map per module).
         writers: objects with ``write(report, warnings)``, called after each sampled step
             (:mod:`robust_attn.health.monitor.writers`); with writers, each sampled step also
-            runs :meth:`warnings`.
+            runs :meth:`warnings`, whose cost grows with the samples so far (some rules read
+            whole series: about 1.5 ms after 10 samples and 170 ms after 1000, 12 layers of 4
+            heads, one CPU thread).
     """
 
     def __init__(self, model: nn.Module, every: int = 10, reduce_across_ranks: bool = False,
