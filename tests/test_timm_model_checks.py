@@ -79,7 +79,7 @@ def test_fx_feature_extraction_returns_the_blocks_outputs(name, preset):
     with torch.no_grad():
         got = features(x)
     assert len(got) == 2
-    for ours, eager in zip(got, _block_outputs(model, x, 2)):
+    for ours, eager in zip(got, _block_outputs(model, x, 2), strict=True):
         torch.testing.assert_close(ours, eager, rtol=0, atol=0)
 
 
@@ -155,7 +155,7 @@ def test_low_precision_cast_runs_near_float32(name, preset, cast, dtype):
     assert len(outputs) == len(references) == MODELS[name]["depth"]
     # rounding of a few eps per block, relative to the outputs' scale (measured: at most 1.6 eps)
     eps = torch.finfo(dtype).eps
-    for low, full in zip([out, *outputs], [reference, *references]):
+    for low, full in zip([out, *outputs], [reference, *references], strict=True):
         assert low.dtype == dtype
         torch.testing.assert_close(low.float(), full, rtol=0, atol=8 * eps * full.abs().max())
 
