@@ -129,8 +129,9 @@ class RobustAttention(nn.Module):
 
     fused_attn: Final[bool]
 
-    # Per-call dispatch (observers, the probe switch, the kernel for the device, dtype and mask)
-    # that TorchScript cannot compile; it is deprecated in favour of these two.
+    # torch.jit.script refuses the module with this message: its per-call dispatch (observers,
+    # the probe switch, the kernel for the device, dtype and mask) is beyond TorchScript, which
+    # torch deprecates in favour of torch.compile and torch.export.
     __prepare_scriptable__ = refuse_torchscript(
         "RobustAttention does not support TorchScript (torch.jit.script, deprecated in torch 2.x): "
         "use torch.compile(model) to compile it or torch.export.export(model, args) to export it")
