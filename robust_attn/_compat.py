@@ -146,3 +146,17 @@ def flex_lse_request() -> Any:
         raise RuntimeError("this torch's FlexAttention has no AuxRequest (torch >= 2.8 has it): "
                            "ask for the log-sum-exp on kernel='chunked' or 'eager'") from None
     return AuxRequest(lse=True)
+
+
+def refuse_torchscript(message: str) -> Callable[[Any], Any]:
+    """A ``__prepare_scriptable__`` method that raises ``RuntimeError(message)``.
+
+    ``torch.jit.script`` calls ``obj.__prepare_scriptable__()`` on the object it is given
+    and on every submodule before it compiles anything (torch/jit/_script.py,
+    ``call_prepare_scriptable_func``; undocumented, torch 2.14): a class that defines it refuses
+    TorchScript with its own message, in place of the compiler's error about whatever line it
+    first cannot parse, wherever in a model the module sits."""
+    def __prepare_scriptable__(self: Any) -> Any:
+        raise RuntimeError(message)
+
+    return __prepare_scriptable__

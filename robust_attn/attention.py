@@ -58,6 +58,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ._compat import refuse_torchscript
 from .call import Attended, AttentionCall, AttentionRecord, Observer, ObserverEntry
 from .config import AttentionConfig
 from .health import probe as health_probe
@@ -127,6 +128,13 @@ class RobustAttention(nn.Module):
     """
 
     fused_attn: Final[bool]
+
+    # torch.jit.script refuses the module with this message: its per-call dispatch (observers,
+    # the probe switch, the kernel for the device, dtype and mask) is beyond TorchScript, which
+    # torch deprecates in favour of torch.compile and torch.export.
+    __prepare_scriptable__ = refuse_torchscript(
+        "RobustAttention does not support TorchScript (torch.jit.script, deprecated in torch 2.x): "
+        "use torch.compile(model) to compile it or torch.export.export(model, args) to export it")
 
     def __init__(
         self,
@@ -406,6 +414,15 @@ class RobustAttention(nn.Module):
                 for key, value in m.health(call).items()}
 
     def _check_input(self, x: Tensor, attn_mask: Tensor | None) -> None:
+        if isinstance(x, torch.fx.Proxy):
+            raise TypeError(
+                "x is a torch.fx Proxy: torch.fx cannot trace inside RobustAttention (its forward "
+                "dispatches on the observers, the probe switch and the kernel for x's device, dtype "
+                "and mask, which a static graph would freeze). Trace it as a leaf module: timm's "
+                "create_feature_extractor and features_only=True, feature_cls='fx' do once "
+                "robust_attn.convert or robust_attn.layer has run; torchvision's "
+                "create_feature_extractor(..., tracer_kwargs={'leaf_modules': [RobustAttention]}); "
+                "or a torch.fx.Tracer whose is_leaf_module returns True for it")
         if not isinstance(x, Tensor) or x.dim() != 3:
             raise ValueError(f"x must be a (B, N, C) tensor, got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")

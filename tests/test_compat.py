@@ -257,3 +257,16 @@ def test_flex_lse_request_asks_flexattention_for_the_log_sum_exp():
 
     request = flex_lse_request()
     assert request.lse is True and not request.max_scores
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_refuse_torchscript_is_raised_by_torch_jit_script_for_a_submodule():
+    class Refusing(torch.nn.Module):
+        __prepare_scriptable__ = _compat.refuse_torchscript("no TorchScript here")
+
+        def forward(self, x):
+            return x
+
+    assert torch.jit.script(torch.nn.Sequential(torch.nn.Identity()))(torch.ones(1)) == 1
+    with pytest.raises(RuntimeError, match="^no TorchScript here$"):
+        torch.jit.script(torch.nn.Sequential(torch.nn.Linear(2, 2), Refusing()))

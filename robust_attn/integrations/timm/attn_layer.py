@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 from ...attention import RobustAttention
 from ...presets import preset_options
+from .fx import register_fx_leaf
 
 _LayerKey = tuple[str, tuple[tuple[str, Any], ...]]
 
@@ -69,6 +70,7 @@ def layer(variant: str, **options: Any) -> type[PresetAttention]:
 
     Option values must be hashable (they key the cache), e.g. ``layer("softcap", softcap=30.0)``.
     """
+    register_fx_leaf()
     key_options = tuple(sorted(options.items()))
     key = (variant, key_options)
     try:

@@ -61,6 +61,7 @@ from ...mitigations import MITIGATIONS
 from ...presets import preset_options
 from .. import torch_mha
 from .adapters import revert_reason, timm_classes, to_robust, to_timm, unexpressible, unsupported_reason
+from .fx import register_fx_leaf
 
 # RobustAttention arguments convert passes on; the others (dim, qkv_bias, ...) follow each module.
 PASSED_ARGUMENTS = frozenset({"qk_norm", "attn_drop", "proj_drop", "device", "dtype", "kernel",
@@ -246,6 +247,7 @@ def convert(model: nn.Module, variant: str, include: Patterns = None, exclude: P
     _check_arguments(overrides, if_nothing)
     options = conversion_options(variant, preserve_function, **overrides)
     summary = ConversionSummary(variant, options)
+    register_fx_leaf()
     for name, module in _attention_modules(model):
         reason = _selection_reason(name, include, exclude) or _class_reason(model, name, module)
         if reason is None:
