@@ -51,6 +51,7 @@ from ..timm.convert import (
     conversion_options,
 )
 from .function import NAME, mitigations_of
+from .inputs import watch_input
 from .mitigations import HFAttentionMitigations
 
 # Arguments of the container (HFAttentionMitigations) convert passes on.
@@ -143,13 +144,13 @@ def convert(model: PreTrainedModel, variant: str, include: Patterns = None, excl
             _sigma_reason(layers) if sigma else None)
         if reason is None:
             try:
-                container = HFAttentionMitigations(scores, _config(module, layers), module, **arguments)
+                container = HFAttentionMitigations(scores, _config(module, layers), module,
+                                                   source_implementation=source, **arguments)
             except (TypeError, ValueError) as error:
                 reason = f"variant {variant!r} cannot be built for this module: {error}"
         if reason is not None:
             summary.skipped[name] = reason
             continue
-        container.source_implementation = source
         converted.append((name, module, container, layers))
     for name, module, container, layers in converted:
         if sigma:
@@ -157,6 +158,7 @@ def convert(model: PreTrainedModel, variant: str, include: Patterns = None, excl
                 setattr(owner, attribute, SigmaReparamLinear.from_linear(
                     getattr(owner, attribute), preserve=sigma == "preserve"))
         setattr(module, NAME, container)
+        container.input_hooks = watch_input(module)
         summary.swapped.append(name)
         if changes := [option for option, m in container.mitigations.items()
                        if not m.keeps_function(module)] + (["sigma_reparam"] if sigma is True else []):
@@ -197,6 +199,8 @@ def revert(model: PreTrainedModel, allow_lossy: bool = False) -> tuple[PreTraine
         for owner, attribute in projections(model, name, module).values():
             if isinstance(layer := getattr(owner, attribute), SigmaReparamLinear):
                 setattr(owner, attribute, layer.fold())
+        for handle in container.input_hooks:
+            handle.remove()
         delattr(module, NAME)
         summary.reverted.append(name)
     model.set_attn_implementation(modules[0][2].source_implementation)

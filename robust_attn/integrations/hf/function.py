@@ -25,7 +25,8 @@ when it has one; without one it is plain attention on our kernels.
   bias and sink logits) are refused, naming the argument: the model's own mechanism
   belongs to its eager path, and our mitigations are set by convert.
 
-The observers receive the record with ``record.output`` = the merged heads
+``call.x`` is the module's input when convert watches it (:mod:`.inputs`). The
+observers receive the record with ``record.output`` = the merged heads
 (B, Nq, H * Dv) before the module's output projection, which the function does not run.
 """
 
@@ -41,6 +42,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ...call import AttentionCall, AttentionRecord
 from ...problem import AttentionProblem
+from .inputs import module_input
 from .mitigations import HFAttentionMitigations
 
 NAME = "robust_attn"
@@ -86,7 +88,8 @@ def robust_attn_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
         call = AttentionCall(None, attention_mask, causal, None, "auto", dropout)
         attended = call.attend(AttentionProblem(query, key, value, scale, attention_mask, causal))
         return attended.out.transpose(1, 2).contiguous(), None
-    call = AttentionCall(None, attention_mask, causal, None, container.kernel, dropout)
+    call = AttentionCall(module_input(module), attention_mask, causal, None, container.kernel,
+                         dropout)
     return _run_stages(container, call, query, key, value, scale), None
 
 

@@ -61,6 +61,11 @@ class HFAttentionMitigations(nn.Module):
         host: the HF attention module this container is attached to (a plain attribute, not
             a submodule: its query projection is what :attr:`qkv` gives the monitor).
         kernel, probe, probe_queries, probe_spectral: as RobustAttention's.
+        source_implementation: the model's attention implementation before convert, which
+            revert restores.
+
+    ``input_hooks``: the handles of the hooks convert registers on the host (:mod:`.inputs`),
+    which revert removes.
     """
 
     # RobustAttention's own methods, on the same attributes (module docstring).
@@ -76,7 +81,7 @@ class HFAttentionMitigations(nn.Module):
     def __init__(self, options: dict[str, Any], config: AttentionConfig, host: nn.Module, *,
                  kernel: str = "auto", probe: bool | None = None,
                  probe_queries: int = health_probe.DEFAULT_MAX_QUERIES,
-                 probe_spectral: bool = False) -> None:
+                 probe_spectral: bool = False, source_implementation: str = "sdpa") -> None:
         super().__init__()
         if refused := {name: UNSUPPORTED[name] for name, value in options.items()
                        if name in UNSUPPORTED and value not in (None, False)}:
@@ -91,6 +96,8 @@ class HFAttentionMitigations(nn.Module):
         self.probe_queries = probe_queries
         self.probe_spectral = probe_spectral
         self.health: health_probe.AttentionHealth | None = None
+        self.source_implementation = source_implementation
+        self.input_hooks: tuple = ()
         self._observers: OrderedDict[int, ObserverEntry] = OrderedDict()
         object.__setattr__(self, "_host", host)  # not registered: the host owns this module
 
