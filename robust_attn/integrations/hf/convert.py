@@ -10,8 +10,8 @@ model's). Convert:
 
 * attaches to each attention module a :class:`~.mitigations.HFAttentionMitigations`
   as ``module.robust_attn`` holding the variant's score-level mitigations (softcap,
-  sink logit, sinks, sigmoid, outlier removal, sparsity, ALiBi, scalable-softmax)
-  and the kernel and probe settings, and switches the model to
+  sink logit, sinks, sigmoid, outlier removal, sparsity, ALiBi, scalable-softmax, gated)
+  the output gate, and the kernel and probe settings, and switches the model to
   ``attn_implementation="robust_attn"`` (:mod:`.function`), which reads it;
 * applies ``sigma_reparam`` to the module's projections: each nn.Linear becomes a
   :class:`~robust_attn.mitigations.SigmaReparamLinear` sharing its weight and bias
@@ -24,7 +24,7 @@ model's). Convert:
 Attention modules are the innermost modules whose class name contains "Attention"
 and that carry ``scaling`` (the argument they pass to the attention function).
 Options the HF function cannot run (:data:`~.mitigations.UNSUPPORTED`: qk_norm,
-gated, rope, ...) skip the module with the reason; a conversion that converts
+rope, differential, ...) skip the module with the reason; a conversion that converts
 nothing raises ValueError (or warns or passes, ``if_nothing``) listing every module
 found and why. Architecture arguments a preset sets (``proj_bias``) follow the model.
 """
@@ -108,7 +108,8 @@ def _config(module: nn.Module, layers: dict[str, tuple[nn.Module, str]]) -> Atte
     head_dim = getattr(module, "head_dim", None) or module.attention_head_size
     output = [getattr(owner, a) for role, (owner, a) in layers.items()
               if role in ("o_proj", "output.dense", "c_proj")]
-    return AttentionConfig(dim=heads * head_dim, num_heads=heads, head_dim=head_dim,
+    width = getattr(getattr(module, "config", None), "hidden_size", heads * head_dim)  # x's (gated)
+    return AttentionConfig(dim=width, num_heads=heads, head_dim=head_dim,
                            dim_out=heads * head_dim, qkv_bias=False,
                            proj_bias=bool(output) and output[0].bias is not None,
                            norm_layer=nn.LayerNorm)

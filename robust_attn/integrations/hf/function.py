@@ -20,6 +20,8 @@ when it has one; without one it is plain attention on our kernels.
   SDPA's top-left one agree. A single query with a cache sees every cached key.
   Positional score modifiers (ALiBi) then see query positions offset by Nk - Nq
   (robust_attn.problem): the cached keys come first.
+* Sparsity patterns with a KV cache are refused (the pattern would see the cached keys
+  as prepended ones, visible to every query): generate with ``use_cache=False``.
 * ``output_attentions`` is not supported (the weights are not returned, as with sdpa);
   ``softcap``, ``position_bias`` and ``s_aux`` (the model's own logit cap, relative
   bias and sink logits) are refused, naming the argument: the model's own mechanism
@@ -88,6 +90,11 @@ def robust_attn_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
         call = AttentionCall(None, attention_mask, causal, None, "auto", dropout)
         attended = call.attend(AttentionProblem(query, key, value, scale, attention_mask, causal))
         return attended.out.transpose(1, 2).contiguous(), None
+    if "sparsity" in container.mitigations and key.shape[2] > q_length:
+        raise ValueError(f"sparsity: a pattern is aligned on the call's own {q_length} tokens and "
+                         f"would treat the {key.shape[2] - q_length} cached keys as prepended "
+                         f"keys, visible to every query (robust_attn.sparse.Pattern."
+                         f"problem_mask_mod); run without the KV cache (use_cache=False)")
     call = AttentionCall(module_input(module), attention_mask, causal, None, container.kernel,
                          dropout)
     return _run_stages(container, call, query, key, value, scale), None

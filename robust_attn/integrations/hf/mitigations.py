@@ -7,7 +7,8 @@ it is given and runs RobustAttention's stages on it: q/k transforms
 (scalable-softmax), key extras (sinks, sparsity), score modifiers (softcap, ALiBi),
 the normalizer (sigmoid), the kernel, output transforms (outlier removal), the
 probe and the observers. It is an ``nn.Module`` child of the HF module, so its
-parameters (a sink logit per head, scalable-softmax's s) train, save and load
+parameters (a sink logit per head, scalable-softmax's s, the gate's layer; the gate reads
+the module's input, :mod:`.inputs`) train, save and load
 with the model's.
 
 It answers what the monitor and ``robust_attn.recording`` ask of an attention
@@ -17,8 +18,8 @@ call is stored on it; the one attribute a forward writes is ``health``, and only
 while the probe is on (as for RobustAttention).
 
 Mitigations that build or replace the module's own layers (sigma_reparam,
-qk_norm, spectral_qk, qk_clip), read its input x (gated), or rotate q and k
-(rope: the model applies its own) cannot live here; :data:`UNSUPPORTED` says
+qk_norm, spectral_qk, qk_clip), rotate q and k (rope: the model applies its
+own) or split the heads (differential) cannot live here; :data:`UNSUPPORTED` says
 why for each. sigma_reparam is applied to the HF projections by
 :func:`robust_attn.integrations.hf.convert` instead.
 """
@@ -44,8 +45,6 @@ UNSUPPORTED = {
                "module's forward, which the attention function does not reach",
     "spectral_qk": "it builds the module's qkv layer",
     "qk_clip": "it builds and rescales the module's qkv layer",
-    "gated": "the gate reads the module input x, which transformers does not pass to the "
-             "attention function",
     "rope": "the HF model applies its own rotary embedding before the attention function",
     "differential": "it needs the module's projections split into two maps per head",
 }
