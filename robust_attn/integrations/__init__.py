@@ -1,4 +1,6 @@
-"""Integrations with other libraries: timm (convert, revert, and ``attn_layer=`` classes)."""
+"""Integrations with other libraries: timm (convert, revert, and ``attn_layer=`` classes), and
+Hugging Face transformers (:mod:`.hf`, imported on demand: convert and revert delegate to it for
+a ``PreTrainedModel``; ``import robust_attn`` does not import transformers)."""
 
 from .timm import (
     ConversionSummary,
