@@ -159,6 +159,20 @@ def test_generate_with_cache_equals_without(builder, variant):
                                atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("builder", [llama, gpt2])
+def test_static_cache_generation_equals_stock(builder):
+    """A static cache: prefill has more keys (the cache's empty slots) than queries."""
+    stock = builder()
+    model, _ = robust_attn.convert(builder(), "baseline")
+    prompt = ids(batch=1, tokens=5)
+    common = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+    with torch.no_grad():
+        expected = stock.generate(prompt, output_logits=True, return_dict_in_generate=True, **common)
+        got = model.generate(prompt, output_logits=True, return_dict_in_generate=True, **common)
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), atol=1e-5, rtol=0)
+
+
 def float64_capped_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                              **kwargs):
     """An independent reference: eager attention in float64 with scores cap * tanh(s / cap)."""
