@@ -40,7 +40,9 @@ def llama(heads=4, kv_heads=2, implementation="sdpa"):
 
 def gpt2(implementation="sdpa"):
     torch.manual_seed(0)
+    # scale_attn_by_inverse_layer_idx: the scaling transformers passes differs per layer
     config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                     scale_attn_by_inverse_layer_idx=True,
                                      attn_implementation=implementation)
     return sharpened(transformers.GPT2LMHeadModel(config))
 
