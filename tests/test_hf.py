@@ -261,11 +261,14 @@ def test_convert_refuses_with_reasons():
     assert "include" in summary.skipped["model.layers.0.self_attn"]
 
 
-def test_function_refuses_model_mechanisms():
+def test_function_refuses_model_mechanisms_and_attention_weights():
     q = torch.randn(1, 2, 3, 4)
     for name in hf.function.REFUSED_ARGUMENTS:
         with pytest.raises(ValueError, match=name):
             hf.robust_attn_attention(torch.nn.Module(), q, q, q, None, **{name: 1.0})
+    model, _ = robust_attn.convert(llama(), "baseline")
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(ids(), output_attentions=True)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "vit"])
@@ -292,3 +295,8 @@ def test_monitor_and_probe_report_every_layer(name):
     with torch.no_grad():
         maps = robust_attn.attention_maps(model, **inputs)
     assert set(maps) == set(summary.swapped) and all(m.shape[0] == 4 for m in maps.values())
+    with torch.no_grad(), robust_attn.recording(model, health=True) as records:
+        first_output(model, inputs)
+    assert [name for name, _ in records] == summary.swapped
+    for _, record in records:  # the module's input, and the merged heads before its projection
+        assert record.call.x.shape[:2] == record.output.shape[:2] and record.health is not None

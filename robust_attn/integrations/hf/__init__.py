@@ -8,11 +8,11 @@ imports it when given a ``PreTrainedModel``. ``import robust_attn`` alone does n
 import transformers.
 """
 
-from .convert import attention_modules, convert, is_transformers_model, revert
+from .convert import attention_modules, convert, revert
 from .function import NAME, mitigations_of, register, robust_attn_attention
 from .mitigations import UNSUPPORTED, HFAttentionMitigations
 
 register()
 
 __all__ = ["NAME", "UNSUPPORTED", "HFAttentionMitigations", "attention_modules", "convert",
-           "is_transformers_model", "mitigations_of", "register", "revert", "robust_attn_attention"]
+           "mitigations_of", "register", "revert", "robust_attn_attention"]

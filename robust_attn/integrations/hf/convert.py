@@ -58,10 +58,6 @@ from .mitigations import HFAttentionMitigations
 CONTAINER_ARGUMENTS = ("kernel", "probe", "probe_queries", "probe_spectral")
 
 
-def is_transformers_model(model: nn.Module) -> bool:
-    return isinstance(model, PreTrainedModel)
-
-
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of the HF attention modules (module docstring), innermost first found."""
     def looks_like_attention(module: nn.Module) -> bool:

@@ -22,7 +22,8 @@ when it has one; without one it is plain attention on our kernels.
   (robust_attn.problem): the cached keys come first.
 * Sparsity patterns with a KV cache are refused (the pattern would see the cached keys
   as prepended ones, visible to every query): generate with ``use_cache=False``.
-* ``output_attentions`` is not supported (the weights are not returned, as with sdpa);
+* ``output_attentions=True`` is refused (sdpa warns and returns no weights):
+  :func:`robust_attn.attention_maps` gives the probe's maps;
   ``softcap``, ``position_bias`` and ``s_aux`` (the model's own logit cap, relative
   bias and sink logits) are refused, naming the argument: the model's own mechanism
   belongs to its eager path, and our mitigations are set by convert.
@@ -73,6 +74,10 @@ def robust_attn_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
     if given := [name for name in REFUSED_ARGUMENTS if kwargs.get(name) is not None]:
         raise ValueError(f"the robust_attn attention function does not take {given} (the "
                          f"model's own mechanism): use attn_implementation='eager' for this model")
+    if kwargs.get("output_attentions"):
+        raise ValueError("output_attentions=True: the robust_attn attention function does not "
+                         "return attention weights; use robust_attn.attention_maps(model, ...) "
+                         "or attn_implementation='eager'")
     if query.shape[1] % key.shape[1]:
         raise ValueError(f"query has {query.shape[1]} heads, not a multiple of key's {key.shape[1]}")
     groups = query.shape[1] // key.shape[1]
