@@ -4,6 +4,8 @@ and the monitor and probe on converted models. Tiny models from configs with ran
 
 import copy
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -259,6 +261,30 @@ def test_convert_refuses_with_reasons():
     summary = robust_attn.convert(llama(), "softcap", include="model.layers.1.*")[1]
     assert summary.swapped == ["model.layers.1.self_attn"]
     assert "include" in summary.skipped["model.layers.0.self_attn"]
+
+
+def test_float_mask_equals_bool_mask_and_sdpa():
+    """The function takes transformers' additive float masks (eager_mask: finfo.min fills) as
+    well as its bool ones, and equals transformers' sdpa_attention_forward on both."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=generator) * 3 for _ in range(3))
+    allowed = torch.rand(2, 1, 5, 5, generator=generator) > 0.4
+    allowed[..., 0] = True  # every row has a key
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    module = torch.nn.Module()
+    expected, _ = sdpa_attention_forward(module, q, k, v, allowed, scaling=0.3)
+    for mask in (allowed, additive):
+        got, _ = hf.robust_attn_attention(module, q, k, v, mask, scaling=0.3)
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)[0],
+                                   expected, atol=1e-6, rtol=0)
+
+
+def test_import_robust_attn_does_not_import_transformers():
+    code = "import sys, robust_attn; assert 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_function_refuses_model_mechanisms_and_attention_weights():
