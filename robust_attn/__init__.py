@@ -5,7 +5,14 @@ from .attention import RobustAttention, load_upgrading
 from .health.distributed import reduce_health
 from .health.early_warnings import HealthWarning, Thresholds
 from .health.guard import NonFiniteError, nonfinite_guard
-from .health.monitor import HealthMonitor, MonitorReport, attention_maps
+from .health.monitor import (
+    CSVWriter,
+    HealthMonitor,
+    MetricsWriter,
+    MonitorReport,
+    TensorBoardWriter,
+    attention_maps,
+)
 from .health.probe import AttentionHealth, health_probe, set_probe_enabled
 from .health.records import recording
 from .integrations import convert, layer, revert
@@ -17,12 +24,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionHealth",
+    "CSVWriter",
     "DefeatedMitigationWarning",
     "HealthMonitor",
     "HealthWarning",
+    "MetricsWriter",
     "MonitorReport",
     "NonFiniteError",
     "RobustAttention",
+    "TensorBoardWriter",
     "Thresholds",
     "after_optimizer_step",
     "attach_to_optimizer",

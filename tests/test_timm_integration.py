@@ -306,7 +306,7 @@ class _Zoo(nn.Module):
         self.gated_scale_norm = timm_layers.Attention(32, num_heads=4, gated=True, scale_norm=True,
                                                       norm_layer=nn.LayerNorm)
         self.gqa = timm_layers.AttentionRope(32, num_heads=4, num_kv_heads=2, qkv_fused=False)
-        self.torch_mha = nn.MultiheadAttention(32, num_heads=4, batch_first=True)
+        self.torch_mha = nn.MultiheadAttention(32, num_heads=4, batch_first=True, add_bias_kv=True)
         self.diff = timm.models.vision_transformer.DiffAttention(32, num_heads=4)
 
     def forward(self, x):
@@ -323,7 +323,7 @@ def test_unsupported_attention_is_reported_and_left_working():
     assert set(summary.skipped) == {"gated_scale_norm", "gqa", "torch_mha", "diff"}
     assert "after scale_norm" in summary.skipped["gated_scale_norm"]
     assert "grouped-query" in summary.skipped["gqa"]
-    assert "not a supported timm attention class" in summary.skipped["torch_mha"]
+    assert "add_bias_kv=True" in summary.skipped["torch_mha"]  # tests/test_torch_mha.py
     # DiffAttention converts to 'differential', which a sink preset conflicts with
     assert "DiffAttention" in summary.skipped["diff"] and "sink_logit" in summary.skipped["diff"]
     torch.testing.assert_close(zoo(x), expected, atol=1e-5, rtol=1e-5)

@@ -24,11 +24,16 @@ previous sample) are reduced over the ranks of ``process_group`` (None: the
 default group) with :func:`robust_attn.health.distributed.all_reduce`: means over the
 ranks, except the largest logit (max), the lowest entropy (min) and the
 non-finite counts (sum). Every rank must then call ``step`` equally often.
+
+``writers`` (:mod:`robust_attn.health.monitor.writers`: TensorBoard, Weights &
+Biases, CSV, or any object with ``write(report, warnings)``) are called right
+after each sampled step with the report so far and the warnings it raises then.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +45,7 @@ from .in_use import presets_in_use
 from .maps import attention_modules
 from .report import HEAD_METRICS, LAYER_METRICS, LayerSeries, MonitorReport
 from .sampled_step import SampledStep
+from .writers import MonitorWriter
 
 _READING_KINDS = {"max_logit": "max", "min_entropy": "min", "nonfinite": "sum"}  # else "mean"
 
@@ -56,11 +62,16 @@ class HealthMonitor:
         thresholds: the early-warning thresholds (:class:`robust_attn.health.early_warnings.Thresholds`).
         keep_maps: keep the attention maps of the latest sampled step for
             :meth:`attention_maps` (memory: one sampled map per module).
+        writers: objects with ``write(report, warnings)``, called after each sampled step
+            (:mod:`robust_attn.health.monitor.writers`); with writers, each sampled step also
+            runs :meth:`warnings`, whose cost grows with the samples so far (some rules read
+            whole series: about 1.5 ms after 10 samples and 170 ms after 1000, 12 layers of 4
+            heads, one CPU thread).
     """
 
     def __init__(self, model: nn.Module, every: int = 10, reduce_across_ranks: bool = False,
                  thresholds: Thresholds | None = None, keep_maps: bool = False,
-                 process_group=None):
+                 process_group=None, writers: Iterable[MonitorWriter] = ()):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every={every!r}: expected a positive integer")
         self.modules = attention_modules(model)
@@ -68,6 +79,7 @@ class HealthMonitor:
             raise ValueError(f"{type(model).__name__} has no RobustAttention module to monitor; "
                              "convert timm models first with robust_attn.convert(model, variant)")
         self.every = every
+        self.writers = _checked_writers(writers)
         self.reduce_across_ranks = reduce_across_ranks
         self.process_group = process_group
         self.thresholds = thresholds or Thresholds()
@@ -106,6 +118,7 @@ class HealthMonitor:
             for name, module in self.modules.items():
                 readings[name]["grad_norm"] = _grad_norm(module)
             self._record(readings)
+            self._write()
         self._steps_taken += 1
         self._sample_if_due()
 
@@ -168,6 +181,14 @@ class HealthMonitor:
             for metric in HEAD_METRICS + LAYER_METRICS:
                 getattr(series, metric).append(host[(series.name, metric)])
 
+    def _write(self) -> None:
+        """Hand the writers the report with the new sample and the warnings it raises."""
+        if self.writers:
+            report = self.report()
+            warnings = check(report, self.thresholds, in_use=self.in_use)
+            for writer in self.writers:
+                writer.write(report, warnings)
+
     def _flush_losses(self) -> None:
         """Losses of steps after the last sample, this rank's own (reduced at the next sample)."""
         given = [loss for loss in self._pending_losses if loss is not None]
@@ -179,6 +200,17 @@ class HealthMonitor:
         self._report.losses.extend(None if loss is None else next(values)
                                    for loss in self._pending_losses)
         self._pending_losses = []
+
+
+def _checked_writers(writers) -> tuple[MonitorWriter, ...]:
+    if isinstance(writers, (str, bytes)) or not isinstance(writers, Iterable):
+        raise TypeError(f"writers={writers!r}: expected a list of writers")
+    writers = tuple(writers)
+    for writer in writers:
+        if not callable(getattr(writer, "write", None)):
+            raise TypeError(f"writers: {writer!r} has no write(report, warnings) method "
+                            "(wrap a SummaryWriter in TensorBoardWriter, wandb.log in MetricsWriter)")
+    return writers
 
 
 def _reduction_kind(key) -> str:

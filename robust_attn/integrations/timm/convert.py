@@ -5,7 +5,10 @@
     model, _ = robust_attn.revert(model)            # plain timm modules, sigma folded in
     stock = timm.create_model(name); stock.load_state_dict(model.state_dict())  # strict
 
-Supported classes and their weight mapping: :mod:`.timm_adapters`. A module
+Supported classes and their weight mapping: :mod:`.timm_adapters`; torch's own
+``nn.MultiheadAttention`` (self-attention) becomes a
+:class:`~robust_attn.integrations.torch_mha.MultiheadRobustAttention` with MHA's forward
+(:mod:`robust_attn.integrations.torch_mha`). A module
 looks like attention when it is an ``nn.MultiheadAttention``, its class name
 contains "Attention" or "Attn" (any case), or it has a child named ``qkv``,
 ``qk``, ``q`` or ``q_proj`` (timm's GPSA, MHSA, XCA); convert considers the
@@ -49,7 +52,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -57,6 +60,7 @@ from torch import nn
 from ...attention import RobustAttention
 from ...mitigations import MITIGATIONS
 from ...presets import preset_options
+from .. import torch_mha
 from .adapters import revert_reason, timm_classes, to_robust, to_timm, unexpressible, unsupported_reason
 
 # RobustAttention arguments convert passes on; the others (dim, qkv_bias, ...) follow each module.
@@ -129,20 +133,28 @@ def _looks_like_attention(module: nn.Module) -> bool:
             or not QUERY_CHILDREN.isdisjoint(dict(module.named_children())))
 
 
+# Converted modules: convert does not enter them, revert turns them back.
+CONVERTED = (RobustAttention, torch_mha.MultiheadRobustAttention)
+
+
 def _attention_modules(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
-    """(name, module) of the innermost attention-like modules; a RobustAttention is not entered."""
+    """(name, module) of the innermost attention-like modules; a converted one is not entered."""
     found = []
-    if not isinstance(module, RobustAttention):
+    if not isinstance(module, CONVERTED):
         for name, child in module.named_children():
             found += _attention_modules(child, f"{prefix}.{name}" if prefix else name)
     return found or ([(prefix, module)] if _looks_like_attention(module) else [])
 
 
-def _class_reason(module: nn.Module, supported: tuple[type[nn.Module], ...]) -> str | None:
-    """Why ``module``'s class keeps it from being converted, or None."""
-    if isinstance(module, RobustAttention):
+def _class_reason(model: nn.Module, name: str, module: nn.Module) -> str | None:
+    """Why ``module`` (``model``'s submodule ``name``) keeps its class, or None."""
+    if isinstance(module, CONVERTED):
         return "already a RobustAttention"
-    if type(module) not in supported:
+    if torch_mha.is_source(module):
+        parent_name, _, attribute = name.rpartition(".")
+        return torch_mha.unsupported_reason(module, model.get_submodule(parent_name) if name
+                                            else None, attribute)
+    if type(module) not in timm_classes().values():
         return f"{type(module).__name__} is not a supported timm attention class"
     return unsupported_reason(module)
 
@@ -215,7 +227,8 @@ def convert(model: nn.Module, variant: str, include: Patterns = None, exclude: P
             preserve_function: bool = True,
             if_nothing: Literal["raise", "warn", "ignore"] = "raise", **overrides: Any
             ) -> tuple[nn.Module, ConversionSummary]:
-    """Swap every supported timm attention module of ``model`` for ``variant``, in place.
+    """Swap every supported timm attention module (and nn.MultiheadAttention used as
+    self-attention) of ``model`` for ``variant``, in place.
 
     A transformers ``PreTrainedModel`` is converted by robust_attn.integrations.hf.convert
     instead (the HF modules stay; the attention function and sigma_reparam change).
@@ -250,12 +263,12 @@ def convert(model: nn.Module, variant: str, include: Patterns = None, exclude: P
     _check_arguments(overrides, if_nothing)
     options = conversion_options(variant, preserve_function, **overrides)
     summary = ConversionSummary(variant, options)
-    supported = tuple(timm_classes().values())
     for name, module in _attention_modules(model):
-        reason = _selection_reason(name, include, exclude) or _class_reason(module, supported)
+        reason = _selection_reason(name, include, exclude) or _class_reason(model, name, module)
         if reason is None:
             try:
-                robust = to_robust(module, options)
+                robust = (torch_mha.to_robust if torch_mha.is_source(module) else to_robust)(
+                    module, options)
             except (TypeError, ValueError) as error:
                 reason = f"variant {variant!r} cannot be built for this module: {error}"
         if reason is not None:
@@ -263,14 +276,33 @@ def convert(model: nn.Module, variant: str, include: Patterns = None, exclude: P
             continue
         model = _replace(model, name, robust)
         summary.swapped.append(name)
-        if changes := function_changes(module, robust):
+        inner = robust.attention if isinstance(robust, torch_mha.MultiheadRobustAttention) \
+            else robust
+        if changes := function_changes(module, inner):
             summary.changes_function[name] = changes
+    torch_mha.keep_off_nested_tensors(model)
     if not summary.swapped and if_nothing != "ignore":
         message = _nothing_swapped(model, summary)
         if if_nothing == "raise":
             raise ValueError(message)
         warnings.warn(message, stacklevel=3)  # convert's caller (under torch.no_grad's wrapper)
     return model, summary
+
+
+class _WayBack(NamedTuple):
+    """An integration's revert: why a module cannot go back at all, the mitigations going back
+    would drop, and the original module."""
+
+    reason: Any
+    dropped: Any
+    build: Any
+
+
+def _way_back(module: nn.Module) -> _WayBack:
+    """The way back of ``module``: torch's MultiheadAttention adapter's, else timm's."""
+    if isinstance(module, torch_mha.MultiheadRobustAttention):
+        return _WayBack(torch_mha.revert_reason, torch_mha.unexpressible, torch_mha.to_torch)
+    return _WayBack(revert_reason, unexpressible, to_timm)
 
 
 @torch.no_grad()
@@ -293,20 +325,23 @@ def revert(model: nn.Module, allow_lossy: bool = False) -> tuple[nn.Module, Reve
 
     A module converted from timm's ``DiffAttention`` goes back to one (``depth`` = its
     ``differential`` layer - 1); an added qk_norm or gate is dropped there (lossy).
+
+    A converted ``nn.MultiheadAttention`` goes back to one (same configuration, sigma_reparam
+    folded); it holds neither qk_norm nor a gate (:func:`torch_mha.unexpressible`).
     """
     if hf := _transformers_integration(model):
         return hf.revert(model, allow_lossy)
-    modules = [(name, module) for name, module in _attention_modules(model)
-               if isinstance(module, RobustAttention)]
-    if refused := {name: reason for name, m in modules if (reason := revert_reason(m))}:
-        raise ValueError(f"revert cannot build the timm modules of {refused}")
-    summary = RevertSummary(dropped={name: lossy for name, m in modules
-                                     if (lossy := unexpressible(m))})
+    modules = [(name, module, _way_back(module)) for name, module in _attention_modules(model)
+               if isinstance(module, CONVERTED)]
+    if refused := {name: reason for name, m, way in modules if (reason := way.reason(m))}:
+        raise ValueError(f"revert cannot build the original modules of {refused}")
+    summary = RevertSummary(dropped={name: lossy for name, m, way in modules
+                                     if (lossy := way.dropped(m))})
     if summary.dropped and not allow_lossy:
-        raise ValueError(f"revert would drop mitigations that timm's attention cannot express, "
-                         f"changing the function: {summary.dropped}; pass allow_lossy=True to "
-                         f"drop them anyway")
-    for name, module in modules:
-        model = _replace(model, name, to_timm(module))
+        raise ValueError(f"revert would drop mitigations that the original attention class "
+                         f"cannot express, changing the function: {summary.dropped}; pass "
+                         f"allow_lossy=True to drop them anyway")
+    for name, module, way in modules:
+        model = _replace(model, name, way.build(module))
         summary.reverted.append(name)
     return model, summary
