@@ -20,12 +20,25 @@ from torch import Tensor, nn
 from ...attention import RobustAttention
 from ..probe import AttentionMap
 
+HF_CONTAINER = "robust_attn"  # the attribute robust_attn.integrations.hf attaches it as
+
 
 def attention_modules(model: nn.Module) -> dict[str, RobustAttention]:
-    """Every RobustAttention in ``model``, by name (timm modules converted by robust_attn.convert
-    are RobustAttention too); a model that is itself one is named after its class."""
-    return {name or type(model).__name__: module for name, module in model.named_modules()
-            if isinstance(module, RobustAttention)}
+    """Every attention module of ``model`` that observers can watch, by name: each RobustAttention
+    (timm modules converted by robust_attn.convert are RobustAttention too), and for a
+    transformers model converted by robust_attn.convert, each attention module's container of
+    mitigations (robust_attn.integrations.hf: it answers the same observer interface) under the
+    attention module's name; a model that is itself one is named after its class."""
+    return {name.removesuffix(f".{HF_CONTAINER}") or type(model).__name__: module
+            for name, module in model.named_modules()
+            if isinstance(module, RobustAttention) or _is_hf_container(module)}
+
+
+def _is_hf_container(module: nn.Module) -> bool:
+    """Whether ``module`` is robust_attn.integrations.hf's container (checked by class name and
+    module, so that this does not import transformers)."""
+    return (type(module).__name__ == "HFAttentionMitigations"
+            and type(module).__module__ == "robust_attn.integrations.hf.mitigations")
 
 
 @torch.no_grad()

@@ -47,6 +47,7 @@ lists them per module, and fine-tuning is expected.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -191,6 +192,16 @@ def function_changes(source: nn.Module, robust: RobustAttention) -> list[str]:
     return [name for name, m in robust.mitigations.items() if not m.keeps_function(source)]
 
 
+def _transformers_integration(model: nn.Module):
+    """robust_attn.integrations.hf when ``model`` is a transformers ``PreTrainedModel`` (convert
+    and revert delegate to it), else None. transformers is imported by then if it is one."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None or not isinstance(model, transformers.PreTrainedModel):
+        return None
+    from .. import hf
+    return hf
+
+
 def _check_arguments(overrides: dict[str, Any], if_nothing: str) -> None:
     """Raise for an option convert does not take (TypeError) or a bad ``if_nothing``."""
     if unknown := sorted(set(overrides) - set(MITIGATIONS) - PASSED_ARGUMENTS):
@@ -220,6 +231,9 @@ def convert(model: nn.Module, variant: str, include: Patterns = None, exclude: P
     """Swap every supported timm attention module (and nn.MultiheadAttention used as
     self-attention) of ``model`` for ``variant``, in place.
 
+    A transformers ``PreTrainedModel`` is converted by robust_attn.integrations.hf.convert
+    instead (the HF modules stay; the attention function and sigma_reparam change).
+
     Args:
         model: a timm model (or any module containing timm attention modules).
         variant: a preset name (:func:`robust_attn.list_variants`).
@@ -244,6 +258,9 @@ def convert(model: nn.Module, variant: str, include: Patterns = None, exclude: P
             :data:`PASSED_ARGUMENTS`, before any module is swapped.
         ValueError: no module was swapped (``if_nothing="raise"``).
     """
+    if hf := _transformers_integration(model):
+        return hf.convert(model, variant, include, exclude, preserve_function, if_nothing,
+                          **overrides)
     _check_arguments(overrides, if_nothing)
     options = conversion_options(variant, preserve_function, **overrides)
     summary = ConversionSummary(variant, options)
@@ -293,6 +310,7 @@ def _way_back(module: nn.Module) -> _WayBack:
 @torch.no_grad()
 def revert(model: nn.Module, allow_lossy: bool = False) -> tuple[nn.Module, RevertSummary]:
     """Replace every RobustAttention of ``model`` by the plain timm module it stands for, in place.
+    (A transformers ``PreTrainedModel``: robust_attn.integrations.hf.revert.)
 
     sigma_reparam is folded into the weights (W_hat = gamma W / sigma(W), as eval mode
     computes it); modules converted from AttentionRope or EvaAttention go back to
@@ -313,6 +331,8 @@ def revert(model: nn.Module, allow_lossy: bool = False) -> tuple[nn.Module, Reve
     A converted ``nn.MultiheadAttention`` goes back to one (same configuration, sigma_reparam
     folded); it holds neither qk_norm nor a gate (:func:`torch_mha.unexpressible`).
     """
+    if hf := _transformers_integration(model):
+        return hf.revert(model, allow_lossy)
     modules = [(name, module, _way_back(module)) for name, module in _attention_modules(model)
                if isinstance(module, CONVERTED)]
     if refused := {name: reason for name, m, way in modules if (reason := way.reason(m))}:
