@@ -208,7 +208,11 @@ class SigmaReparamLinear(nn.Module):
     @torch.no_grad()
     def warm_start(self) -> None:
         """u, v <- the weight's top singular vectors (:func:`top_singular_vectors`). Call after
-        loading weights."""
+        loading weights. On the meta device there is nothing to compute (shapes only: the
+        iterations would cost time and give nothing; ``reset_parameters`` after ``to_empty``
+        warm-starts for real)."""
+        if self.weight.device.type == "meta":
+            return
         u, v = top_singular_vectors(_whole(self.weight))
         self.u.copy_(u)
         self.v.copy_(v)
