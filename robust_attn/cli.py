@@ -2,6 +2,7 @@
 
     robust-attn doctor [--builtin] [--variants ...] [--scales ...] [--out DIR]
     robust-attn doctor --model TIMM_NAME [--checkpoint PATH] [--num-classes K] [--variants ...]
+    robust-attn doctor --model hf:MODEL_TYPE [--variants ...]
     robust-attn doctor --run DIR [--variant PRESET] [--out PNG]
     robust-attn diagram [--variants ...] [--norm pre post] [--betas ...] [--alphas ...] [--out DIR]
     robust-attn bench [--quiet] [NAME [ARGS ...]]
@@ -12,6 +13,10 @@ with and without residual connections: the per-layer health of the first
 variant, a summary of every variant, the early warnings of one monitored
 training step of each stack, a JSON report, a PNG of per-layer entropy and
 res, and each variant's attention maps.
+
+``doctor --model hf:MODEL_TYPE`` does the same for a Hugging Face transformers model
+type (``hf:llama``, ``hf:gpt2``, ``hf:bert``, ``hf:vit``, ...) built from a tiny config
+with random weights (no download): the logits' mean square is the loss.
 
 ``doctor --model`` builds a timm model (random init, or the local checkpoint
 given; ``--num-classes`` and ``--img-size`` build it to fit the checkpoint),
@@ -316,15 +321,77 @@ def _mismatch(expected: dict, found: dict) -> str:
                      f"{', ...' if len(keys) > 3 else ''}" for kind, keys in kinds if keys)
 
 
+# A transformers model built from its config alone (no download): tiny, random weights. The
+# names are the configs' standard ones (each config maps them to its own, e.g. GPT-2's n_embd).
+HF_PREFIX = "hf:"
+HF_TINY_CONFIG = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "intermediate_size": 128, "vocab_size": 256, "image_size": 32, "patch_size": 8}
+HF_TOKENS = 32
+HF_HEADS = ("AutoModelForCausalLM", "AutoModelForMaskedLM", "AutoModelForImageClassification")
+
+
+class _Logits(torch.nn.Module):
+    """A transformers model's logits as a plain tensor output (what the training step reads)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs).logits
+
+
+def _build_hf_model(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor]:
+    """``--model hf:MODEL_TYPE``: transformers' model of that type from a tiny config
+    (HF_TINY_CONFIG), random weights, with the first head class that takes it, and its inputs."""
+    try:
+        import transformers
+    except ImportError:
+        raise CommandError(f"--model {args.model}: needs transformers: pip install "
+                           "'robust-attn[transformers]'") from None
+    model_type = args.model[len(HF_PREFIX):]
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **HF_TINY_CONFIG)
+    except ValueError:
+        raise CommandError(f"--model {args.model}: {model_type!r} is not a transformers model type "
+                           "(transformers.CONFIG_MAPPING lists them: llama, gpt2, bert, vit, ...)"
+                           ) from None
+    torch.manual_seed(args.seed)
+    for head in HF_HEADS:
+        try:
+            model = getattr(transformers, head).from_config(config)
+            break
+        except ValueError:  # this head does not take the config
+            continue
+    else:
+        raise CommandError(f"--model {args.model}: none of {HF_HEADS} takes a {model_type} config")
+    generator = torch.Generator().manual_seed(args.seed)
+    if model.main_input_name == "pixel_values":
+        size = args.img_size or config.image_size
+        inputs = torch.randn(args.batch, config.num_channels, size, size, generator=generator)
+    else:
+        inputs = torch.randint(config.vocab_size, (args.batch, HF_TOKENS), generator=generator)
+    return model, inputs
+
+
 def doctor_model(args: argparse.Namespace) -> int:
-    base = _build_timm_model(args)
-    size = base.pretrained_cfg.get("input_size", (3, 224, 224))
-    if args.img_size:
-        size = (size[0], args.img_size, args.img_size)
-    inputs = torch.randn(args.batch, *size, generator=torch.Generator().manual_seed(args.seed))
-    source = f"checkpoint {args.checkpoint}" if args.checkpoint else "random init"
-    print(f"{args.model} ({source}), batch of {args.batch} random inputs {tuple(size)}; one "
-          "training step (cross-entropy against random labels) per variant.")
+    if args.model.startswith(HF_PREFIX):
+        if args.checkpoint or args.num_classes is not None:
+            raise CommandError(f"--model {args.model}: --checkpoint and --num-classes are for timm "
+                               "models (a transformers model is built from a tiny config)")
+        base, inputs = _build_hf_model(args)
+        source = "random init, tiny config"
+        task = "the mean square of the logits"
+    else:
+        base = _build_timm_model(args)
+        size = base.pretrained_cfg.get("input_size", (3, 224, 224))
+        if args.img_size:
+            size = (size[0], args.img_size, args.img_size)
+        inputs = torch.randn(args.batch, *size, generator=torch.Generator().manual_seed(args.seed))
+        source = f"checkpoint {args.checkpoint}" if args.checkpoint else "random init"
+        task = "cross-entropy against random labels"
+    print(f"{args.model} ({source}), batch of {args.batch} random inputs "
+          f"{tuple(inputs.shape[1:])}; one training step ({task}) per variant.")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -337,6 +404,8 @@ def doctor_model(args: argparse.Namespace) -> int:
                                                       summary.skipped.items()))
             continue
         model.train()
+        if args.model.startswith(HF_PREFIX):
+            model = _Logits(model)
         _, report, warnings, maps = _training_step(model, inputs)
         _say(_layer_table(report))
         _say("warnings:\n" + "\n".join(_warning_lines(warnings)))
@@ -549,7 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--builtin", action="store_true", default=True,
                         help="measure the built-in stack (the default; nothing is downloaded)")
     source.add_argument("--model", metavar="TIMM_NAME",
-                        help="a timm model, converted to each variant (random init)")
+                        help="a timm model, or hf:MODEL_TYPE for a tiny transformers model built "
+                             "from its config, converted to each variant (random init)")
     source.add_argument("--run", dest="run_dir", metavar="DIR",
                         help="a finished run's folder (health.csv, train.csv): replay its "
                              "warnings and draw its health curves")

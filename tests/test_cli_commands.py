@@ -56,6 +56,27 @@ def test_doctor_model_converts_each_variant(tmp_path, capsys):
     assert (tmp_path / "attention_maps_softcap.png").stat().st_size > 10_000
 
 
+@pytest.mark.parametrize("model_type, layers", [("llama", 2), ("gpt2", 2), ("bert", 2), ("vit", 2)])
+def test_doctor_model_builds_a_tiny_transformers_model_from_its_config(tmp_path, capsys,
+                                                                     model_type, layers):
+    pytest.importorskip("transformers")
+    assert main(["doctor", "--model", f"hf:{model_type}", "--batch", "2", "--variants",
+                 "baseline", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert f"== baseline: {layers} attention modules converted" in printed
+    report = json.loads((tmp_path / "doctor.json").read_text())
+    grad_norms = [layer["grad_norm"][0] for layer in report[0]["report"]["layers"]]
+    assert len(grad_norms) == layers and all(0 < g < float("inf") for g in grad_norms)
+
+
+def test_doctor_refuses_an_unknown_transformers_type_and_timm_options_for_it(capsys):
+    pytest.importorskip("transformers")
+    assert main(["doctor", "--model", "hf:nosuchtype"]) == 2
+    assert "'nosuchtype' is not a transformers model type" in capsys.readouterr().err
+    assert main(["doctor", "--model", "hf:llama", "--num-classes", "3"]) == 2
+    assert "--checkpoint and --num-classes are for timm models" in capsys.readouterr().err
+
+
 def test_doctor_model_loads_a_local_checkpoint(tmp_path, capsys):
     timm = pytest.importorskip("timm")
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32)

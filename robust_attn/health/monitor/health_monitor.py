@@ -229,8 +229,11 @@ def _loss_tensor(loss: Tensor | float | None) -> Tensor | None:
 
 
 def _grad_norm(module: nn.Module) -> Tensor:
-    """L2 norm of all parameter gradients of ``module``; nan when none has a gradient."""
-    grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
+    """L2 norm of all parameter gradients of the attention layer ``module`` watches (itself, or
+    for a Hugging Face attention's container its ``host``, projections included); nan when none
+    has a gradient."""
+    layer = getattr(module, "host", module)
+    grads = [p.grad.detach().float() for p in layer.parameters() if p.grad is not None]
     if not grads:
         return torch.tensor(math.nan)
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))

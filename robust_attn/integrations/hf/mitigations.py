@@ -101,6 +101,12 @@ class HFAttentionMitigations(nn.Module):
         object.__setattr__(self, "_host", host)  # not registered: the host owns this module
 
     @property
+    def host(self) -> nn.Module:
+        """The HF attention module this container is attached to (the monitor's gradient norm
+        covers its parameters: the projections and this container's)."""
+        return self._host
+
+    @property
     def qkv(self) -> nn.Module:
         """The host module's query (or fused qkv) projection: what code written for
         RobustAttention reads ``qkv`` for (the monitor: the weights' device)."""
