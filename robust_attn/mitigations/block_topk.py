@@ -98,9 +98,11 @@ class BlockTopK(Mitigation):
             "block_topk", "Lu et al. 2025 (MoBA); Yuan et al. 2025 (NSA)",
             "attending the top-k key blocks chosen by content keeps full attention's quality at "
             "a fraction of its cost; no claim about collapse at initialisation",
-            note="Measured: neither. At initialisation the blocks a query block selects overlap "
-                 "with its neighbours' selections, so tokens still mix across the whole sequence "
-                 "and collapse with the baseline.",
+            note="Measured: neither. The blocks each query block selects overlap with other "
+                 "blocks' selections, so tokens still mix across the sequence and collapse with "
+                 "the baseline: at the witnesses (32 tokens, 4 blocks of 8, 3 attended) res(X) "
+                 "1.5e-07 (baseline 1.3e-07) attention only at sqk 1, worst-layer H 0.0034 "
+                 "(baseline 0.0062) with residual at sqk 16.",
             witnesses=witnesses_at("block_topk", RANK, ENTROPY),
         ),
     )
