@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .alibi import Alibi
 from .base import DefeatedMitigationWarning, Mitigation
+from .block_topk import BlockTopK
 from .differential import Differential
 from .gated import Gated
 from .outlier_removal import OutlierRemoval
@@ -44,10 +45,11 @@ REGISTERED: tuple[type[Mitigation], ...] = (
     Differential,
     QKClip,
     ScalableSoftmax,
+    BlockTopK,
 )
 MITIGATIONS: dict[str, type[Mitigation]] = {cls.option: cls for cls in REGISTERED}
 
-__all__ = ["MITIGATIONS", "REGISTERED", "DefeatedMitigationWarning", "FoldedTrainingWarning",
+__all__ = ["MITIGATIONS", "REGISTERED", "BlockTopK", "DefeatedMitigationWarning", "FoldedTrainingWarning",
            "Gated", "Mitigation", "OutlierRemoval", "QKNorm", "RotaryEmbedding", "Sigmoid",
            "SigmaReparam", "SigmaReparamLinear", "SinkLogit", "SinkTokens", "SoftCap", "Sparsity",
            "SpectralQK", "fold_sigma_reparam", "sigma_reparametrize"]

@@ -1,0 +1,105 @@
+"""Cost of block top-k attention (``block_topk``): a forward + backward of one attention module at
+N = 4096 tokens, one thread, against dense attention (SDPA, no mask), and the block selection
+alone, so the dense-mask cost is shown as it is.
+
+    python benchmarks/block_topk.py [--quick] [--out benchmarks/results]
+
+Writes block-topk.json and block-topk.md (block-topk-quick.* with --quick: N = 512, one repeat).
+The selection is applied as a dense bool mask (robust_attn/mitigations/block_topk.py), so the
+kernel does dense work plus the mask; a block-sparse kernel would need a layout per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from machine import machine
+from output import load_average, progress, write
+
+from robust_attn import create
+from robust_attn.mitigations.block_topk import selected_blocks
+
+DIM, HEADS, BATCH = 256, 4, 1
+# (block size, k beyond the own block): NSA's selection block of 64 with 2 more; MoBA's block of
+# 512 with top-k 3 counting the own block.
+SETTINGS = ((64, 2), (512, 2))
+
+
+def step_seconds(module: torch.nn.Module, x: torch.Tensor, causal: bool) -> float:
+    """One forward + backward of ``module`` on ``x``, in seconds."""
+    start = time.perf_counter()
+    module(x, is_causal=causal).square().mean().backward()
+    return time.perf_counter() - start
+
+
+def selection_seconds(tokens: int, block_size: int, k: int, causal: bool) -> float:
+    """The block selection alone (its no-grad mask), in seconds."""
+    q, keys = torch.randn(2, BATCH, HEADS, tokens, DIM // HEADS).unbind(0)
+    start = time.perf_counter()
+    selected_blocks(q, keys, block_size, k, causal)
+    return time.perf_counter() - start
+
+
+def run(quick: bool) -> dict:
+    torch.set_num_threads(1)
+    tokens, repeats = (512, 1) if quick else (4096, 3)
+    torch.manual_seed(0)
+    x = torch.randn(BATCH, tokens, DIM, requires_grad=True)
+    variants = {"dense (SDPA, no mask)": create("baseline", DIM, HEADS)}
+    for block_size, k in SETTINGS:
+        variants[f"block_topk=({block_size}, {k})"] = create("block_topk", DIM, HEADS,
+                                                            block_topk=(block_size, k))
+    rows = []
+    for causal in (False, True):
+        times = {name: [] for name in variants}
+        for _ in progress(range(repeats + 1), f"causal={causal}"):  # the first is a warm-up
+            for name, module in variants.items():  # interleaved: A B C A B C ...
+                times[name].append(step_seconds(module, x, causal))
+        dense = statistics.median(times["dense (SDPA, no mask)"][1:])
+        for name, module in variants.items():
+            step = statistics.median(times[name][1:])
+            option = module.mitigations["block_topk"].saved_value() if "block_topk" in name else None
+            select = (statistics.median(selection_seconds(tokens, *option, causal)
+                                        for _ in range(repeats)) if option else None)
+            rows.append({"variant": name, "causal": causal, "step_s": step,
+                         "ratio_to_dense": step / dense, "selection_s": select})
+    return {"benchmark": "block top-k", "shape": {"batch": BATCH, "tokens": tokens, "dim": DIM,
+            "heads": HEADS}, "repeats": repeats, "rows": rows, "load_average": load_average(),
+            "machine": machine()}
+
+
+def markdown(result: dict) -> str:
+    shape, info = result["shape"], result["machine"]
+    lines = [
+        f"Block top-k attention, forward + backward of one module (B={shape['batch']}, "
+        f"N={shape['tokens']}, C={shape['dim']}, H={shape['heads']}), median of "
+        f"{result['repeats']} interleaved repeats after a warm-up, {info['cpu']}, "
+        f"{info['threads']} thread, torch {info['torch']}, load {result['load_average']}. The "
+        "selection runs as a dense mask, so block top-k costs dense attention plus the mask:",
+        "",
+        "| variant | causal | fwd+bwd (s) | ratio to dense | selection alone (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        select = "-" if row["selection_s"] is None else f"{row['selection_s']:.4f}"
+        lines.append(f"| {row['variant']} | {row['causal']} | {row['step_s']:.3f} | "
+                     f"{row['ratio_to_dense']:.2f} | {select} |")
+    return "\n".join([*lines, ""])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small smoke run (N = 512)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
+                        help="folder for block-topk.json and .md (default: benchmarks/results)")
+    args = parser.parse_args()
+    result = run(args.quick)
+    write(args.out, "block-topk-quick" if args.quick else "block-topk", result, markdown(result))
+
+
+if __name__ == "__main__":
+    main()
