@@ -15,7 +15,7 @@ import torch
 from hypothesis import given
 
 from robust_attn import create
-from robust_attn.logit_limit import FLOAT16_LOGIT_LIMIT, LOGIT_LIMIT, logit_limit
+from robust_attn.logit_limit import FLOAT16_LOGIT_LIMIT, LOGIT_LIMIT, logit_limit, refuse_unless_within
 from robust_attn.testing import strategies as ras
 
 OVERFLOW = r"^x: the attention logits are too large"
@@ -106,3 +106,16 @@ def test_the_check_compiles_without_graph_breaks_and_still_refuses():
     torch.testing.assert_close(compiled(x), module(x))
     with pytest.raises(RuntimeError, match=r"^x: q or k is too large for qk_norm"):
         compiled(x * 1e20)
+
+
+def test_on_the_cpu_the_finiteness_of_x_is_computed_only_when_the_limit_is_exceeded():
+    """The bound is read first on the CPU (no synchronisation to save there): x is not touched
+    while within; past the limit a finite x is refused and a non-finite one passes, as in the
+    asynchronous check."""
+    untouchable = object()  # all_finite would fail on it
+    refuse_unless_within(torch.tensor(False), untouchable, "x: refused")
+    with pytest.raises(RuntimeError, match="^x: refused"):
+        refuse_unless_within(torch.tensor(True), torch.ones(3), "x: refused")
+    refuse_unless_within(torch.tensor(True), torch.tensor([1.0, math.inf]), "x: refused")
+    with pytest.raises(AttributeError):  # elsewhere the asynchronous check computes it every call
+        refuse_unless_within(torch.tensor(False, device="meta"), untouchable, "x: refused")
