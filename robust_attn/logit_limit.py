@@ -15,6 +15,11 @@ where reading a value costs no synchronisation, the bound is read first and x's 
 runs only when it exceeds the limit (:func:`refuse_unless_within`): measured at ViT-S (B=8, one
 thread), that pass was 0.15-0.2 ms of an 18 ms inference forward; what is refused is unchanged.
 
+The check is on by default. It costs two row-norm passes over q and k per forward (measured at
+ViT-S, B=8, one CPU thread: about 1 ms, 5-7 % of an inference forward, 1-2 % of a training
+step); ``with overflow_refusal(False):`` skips it in the calling thread for the block's length,
+for inference on inputs known to be in range.
+
 Only a finite x is refused: an x holding a nan or an inf passes (its non-finite values reach the
 output, where the health probe's ``health.nonfinite`` and :func:`robust_attn.nonfinite_guard`
 report them), and so does a nan bound (nan weights: ``nan > limit`` is False). The bound alone
@@ -47,6 +52,9 @@ stay below ``NORM_INPUT_LIMIT = 2**60`` (1.2e18, squares 250x below float32's la
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Final
 
 import torch
@@ -101,6 +109,23 @@ def logit_bound(q: Tensor, k: Tensor, scale: float) -> Tensor:
     return scale * largest_row_norm(q) * largest_row_norm(k)
 
 
+_refusing: ContextVar[bool] = ContextVar("robust_attn_overflow_refusal", default=True)
+
+
+@contextmanager
+def overflow_refusal(enabled: bool) -> Iterator[None]:
+    """Context manager: the overflow refusals (this module) on or off inside the block, in this
+    thread (or asyncio task) only. Off, a finite x whose logits overflow is not refused: its
+    output may be nan, or finite and wrong (SDPA's zeros; the module docstring's measurements)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False, got {enabled!r}")
+    token = _refusing.set(enabled)
+    try:
+        yield
+    finally:
+        _refusing.reset(token)
+
+
 def reads_freely(tensor: Tensor) -> bool:
     """Whether reading ``tensor``'s value on the host costs nothing: on the CPU, outside
     torch.compile and torch.export (where it would break the graph)."""
@@ -126,6 +151,8 @@ _NORM_INPUT_LIMIT_TEXT = f"{NORM_INPUT_LIMIT:.3g}"
 def refuse_overflowing_logits(q: Tensor, k: Tensor, scale: float, x: Tensor) -> None:
     """RuntimeError (:func:`refuse_unless_within`) naming x when x is finite and
     :func:`logit_bound` exceeds :func:`logit_limit` for the dtype the logits are computed in."""
+    if not _refusing.get():
+        return
     dtype = logits_dtype(q.dtype, q.device.type)
     refuse_unless_within(
         logit_bound(q, k, scale) > logit_limit(dtype), x,
@@ -139,6 +166,8 @@ def refuse_overflowing_norm_input(q: Tensor, k: Tensor, x: Tensor) -> None:
     """RuntimeError (:func:`refuse_unless_within`) naming x when x is finite and a row of q or k,
     before its normalisation, has a norm above NORM_INPUT_LIMIT (the normalisation's squares
     would overflow)."""
+    if not _refusing.get():
+        return
     largest = torch.maximum(largest_row_norm(q), largest_row_norm(k))
     refuse_unless_within(
         largest > NORM_INPUT_LIMIT, x,
