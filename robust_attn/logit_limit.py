@@ -16,7 +16,7 @@ runs only when it exceeds the limit (:func:`refuse_unless_within`): measured at 
 thread), that pass was 0.15-0.2 ms of an 18 ms inference forward; what is refused is unchanged.
 
 The check is on by default. It costs two row-norm passes over q and k per forward (measured at
-ViT-S, B=8, one CPU thread: about 1 ms, 5-7 % of an inference forward, 1-2 % of a training
+ViT-S, B=8, one CPU thread: about 1 ms, 6 % of an inference forward, 2-3 % of a training
 step); ``with overflow_refusal(False):`` skips it in the calling thread for the block's length,
 for inference on inputs known to be in range.
 
