@@ -63,7 +63,7 @@ from .call import Attended, AttentionCall, AttentionRecord, Observer, ObserverEn
 from .config import AttentionConfig
 from .health import probe as health_probe
 from .kernels import check_kernel_name
-from .logit_limit import all_finite, refuse_overflowing_logits, refuse_overflowing_norm_input
+from .logit_limit import refuse_overflowing_logits, refuse_overflowing_norm_input
 from .mitigations import MITIGATIONS, Mitigation
 from .mitigations.base import LayerSpec
 from .problem import SOFTMAX, AttentionProblem
@@ -246,13 +246,12 @@ class RobustAttention(nn.Module):
         call = AttentionCall(x, _kernel_mask(attn_mask, q.dtype), bool(is_causal), rope,
                              self.kernel if self.fused_attn else "eager",
                              self.attn_drop.p if self.training else 0.0)
-        x_finite = all_finite(x)
         if self.normalises_qk:
-            refuse_overflowing_norm_input(q, k, x_finite)
+            refuse_overflowing_norm_input(q, k, x)
         q, k = self.q_norm(q), self.k_norm(k)
         for mitigation in self.mitigations.values():
             q, k = mitigation.transform_qk(q, k, call)
-        refuse_overflowing_logits(q, k, self.scale, x_finite)  # the tokens' own (sinks are weights)
+        refuse_overflowing_logits(q, k, self.scale, x)  # the tokens' own (sinks are weights)
         problem = AttentionProblem(q, k, v, self.scale, call.attn_mask, call.is_causal,
                                    self._score_mods(), self._normalizer())
         del q, k, v  # the problem holds them: extend_keys' copies may free the originals

@@ -165,3 +165,39 @@ def test_bad_block_rows_raise_naming_the_argument():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="^block_rows="):
             chunked_attention(AttentionProblem(q, q, q, 1.0), block_rows=bad)
+
+
+class _LargeCopies(TorchDispatchMode):
+    """Counts copies of at least ``numel`` elements (clone, contiguous, copy_)."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default,
+                    torch.ops.aten._to_copy.default) and args[-1].numel() >= self.numel:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("normalizer", ["softmax", "sigmoid"])
+def test_views_of_the_qkv_projection_are_copied_once_not_at_every_block(normalizer):
+    """q, k, v as RobustAttention makes them (views into the qkv output): the kernel copies each
+    once (with_contiguous_heads), not once per block of rows, forward and backward, and computes
+    what it computes on contiguous copies."""
+    batch, tokens, heads, width = 2, 64, 2, 8  # batch and heads > 1: no (B H) view
+    qkv = torch.randn(batch, tokens, 3 * heads * width, dtype=torch.float64, requires_grad=True)
+    q, k, v = qkv.view(batch, tokens, 3, heads, width).permute(2, 0, 3, 1, 4).unbind(0)
+    extra = {} if normalizer == "softmax" else {"normalizer": SigmoidWeights()}
+    problem = AttentionProblem(q, k, v, width ** -0.5, causal=True, score_mods=(TanhSoftCap(5.0),),
+                               **extra)
+    copies = []
+    for block_rows in (16, 4):
+        with _LargeCopies(k.numel() // 2) as counter:
+            chunked_attention(problem, block_rows=block_rows).sum().backward()
+        copies.append(counter.count)
+    assert copies[0] == copies[1] <= 6, copies
+    contiguous = problem.with_(q=q.contiguous(), k=k.contiguous(), v=v.contiguous())
+    torch.testing.assert_close(chunked_attention(problem, block_rows=4),
+                               eager_attention(contiguous), rtol=0, atol=1e-12)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from robust_attn import RobustAttention
 from robust_attn.kernels import KERNELS, select_kernel
 from robust_attn.kernels.eager import eager_attention
+from robust_attn.kernels.sdpa import _fused_widths
 from robust_attn.mitigations.softcap import TanhSoftCap
 from robust_attn.problem import AttentionProblem
 from robust_attn.testing import strategies as ras
@@ -223,3 +224,14 @@ def test_weights_without_blocked_keys_take_the_fused_softmax_and_equal_the_guard
     masked = problem.with_(attn_mask=mask)
     assert masked.may_block_keys
     assert attention_weights(masked)[:, :, 2].abs().sum() == 0
+
+
+def test_sdpa_pads_only_the_narrower_tensors():
+    """A sink logit's q and k are one channel wider than v: v alone gets a zero channel; q and k
+    go to SDPA as they are (F.pad would copy them for nothing)."""
+    q, k = torch.randn(2, 3, 5, 9), torch.randn(2, 3, 7, 9)
+    v = torch.randn(2, 3, 7, 8)
+    padded_q, padded_k, padded_v = _fused_widths(q, k, v)
+    assert padded_q is q and padded_k is k
+    torch.testing.assert_close(padded_v, torch.cat([v, v.new_zeros(2, 3, 7, 1)], dim=-1),
+                               rtol=0, atol=0)

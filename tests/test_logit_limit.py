@@ -15,7 +15,13 @@ import torch
 from hypothesis import given
 
 from robust_attn import create
-from robust_attn.logit_limit import FLOAT16_LOGIT_LIMIT, LOGIT_LIMIT, logit_limit
+from robust_attn.logit_limit import (
+    FLOAT16_LOGIT_LIMIT,
+    LOGIT_LIMIT,
+    logit_limit,
+    overflow_refusal,
+    refuse_unless_within,
+)
 from robust_attn.testing import strategies as ras
 
 OVERFLOW = r"^x: the attention logits are too large"
@@ -106,3 +112,44 @@ def test_the_check_compiles_without_graph_breaks_and_still_refuses():
     torch.testing.assert_close(compiled(x), module(x))
     with pytest.raises(RuntimeError, match=r"^x: q or k is too large for qk_norm"):
         compiled(x * 1e20)
+
+
+def test_on_the_cpu_the_finiteness_of_x_is_computed_only_when_the_limit_is_exceeded():
+    """The bound is read first on the CPU (no synchronisation to save there): x is not touched
+    while within; past the limit a finite x is refused and a non-finite one passes, as in the
+    asynchronous check."""
+    untouchable = object()  # all_finite would fail on it
+    refuse_unless_within(torch.tensor(False), untouchable, "x: refused")
+    with pytest.raises(RuntimeError, match="^x: refused"):
+        refuse_unless_within(torch.tensor(True), torch.ones(3), "x: refused")
+    refuse_unless_within(torch.tensor(True), torch.tensor([1.0, math.inf]), "x: refused")
+    with pytest.raises(AttributeError):  # elsewhere the asynchronous check computes it every call
+        refuse_unless_within(torch.tensor(False, device="meta"), untouchable, "x: refused")
+
+
+@pytest.mark.parametrize("variant", ["baseline", "qk_norm"])
+def test_overflow_refusal_off_skips_both_checks_inside_the_block_only(variant):
+    module = create(variant, 8, num_heads=2)
+    x = torch.randn(2, 5, 8) * 1e20
+    with overflow_refusal(False):
+        module(x)  # not refused (its output is whatever the kernel makes of it)
+        with overflow_refusal(True), pytest.raises(RuntimeError, match="^x: "):
+            module(x)
+    with pytest.raises(RuntimeError, match="^x: "):
+        module(x)
+
+
+def test_overflow_refusal_takes_a_bool_only():
+    with pytest.raises(TypeError, match="^enabled must be True or False, got 0"):
+        with overflow_refusal(0):
+            pass
+
+
+def test_overflow_refusal_off_is_followed_under_compile():
+    module = create("baseline", 8, num_heads=2)
+    compiled = torch.compile(module, fullgraph=True, backend="eager")
+    x = torch.randn(2, 5, 8) * 1e20
+    with overflow_refusal(False):
+        compiled(x)
+    with pytest.raises(RuntimeError, match=OVERFLOW):
+        compiled(x)

@@ -68,6 +68,7 @@ from .eager import (
     masked_logits,
     row_logsumexp,
     scaled_scores,
+    with_contiguous_heads,
 )
 
 WHOLE_MATRIX_SCORES_PER_Q = 4
@@ -211,6 +212,7 @@ def chunked_attention(problem: AttentionProblem, dropout_p: float = 0.0, *,
         # One block: dynamo would unroll every block (and cannot trace the recomputing backward's
         # RNG fork), so a compiled graph materialises the score matrix; inductor fuses its passes.
         return eager_attention(problem, dropout_p)
+    problem = with_contiguous_heads(problem)  # each block's products would copy k and v otherwise
     num_queries = problem.num_queries
     starts = range(0, num_queries, block_rows or rows_per_block(problem))
     if recompute is None:

@@ -32,6 +32,18 @@ def _index_grid(batch: int, heads: int, rows: Tensor, keys: int) -> tuple[Tensor
     )
 
 
+def with_contiguous_heads(problem: AttentionProblem) -> AttentionProblem:
+    """The problem with q, k and v contiguous (one copy each, where they are not).
+
+    q, k and v arrive as views into the qkv projection's output ((B, N, 3, H, D) memory, so a
+    head's rows are 3 C apart): a batched matmul cannot fold such a view's (B, H) dimensions into
+    one (when both exceed 1) and copies it at every product, forward and backward, and in the
+    chunked kernel once per block of rows. Measured on the CPU (one thread): softcap's training
+    step 6-8 % faster at ViT-S (B=8), 14 % (softcap) and 20 % (sigmoid) at the LM shape."""
+    return problem.with_(q=problem.q.contiguous(), k=problem.k.contiguous(),
+                         v=problem.v.contiguous())
+
+
 def scaled_scores(problem: AttentionProblem, query_index: Tensor | None = None) -> Tensor:
     """scale * q k^T (B, H, Nq', Nk) for the given query rows (all when None)."""
     q = problem.q if query_index is None else problem.q[:, :, query_index]
@@ -80,6 +92,7 @@ def eager_attention(problem: AttentionProblem, dropout_p: float = 0.0) -> Tensor
 def eager_attention_with_lse(problem: AttentionProblem, dropout_p: float = 0.0,
                              lse: bool = True) -> tuple[Tensor, Tensor | None]:
     """The output and, when ``lse``, each row's log-sum-exp, from one materialised score matrix."""
+    problem = with_contiguous_heads(problem)
     logits = attention_logits(problem)
     weights = problem.normalize(logits)
     if dropout_p > 0.0:

@@ -43,13 +43,12 @@ def _restricted(mask: Tensor | None, allowed: Tensor) -> Tensor:
 
 def _fused_widths(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """q, k and v padded with zero channels to one width, on CUDA a multiple of 8 (see the module
-    docstring); unchanged when they already have it."""
+    docstring); each one that already has it unchanged (F.pad copies even when it adds nothing:
+    a sink logit's q and k, already one channel wider than v, would be copied for nothing)."""
     width = max(q.shape[-1], v.shape[-1])
     if q.device.type == "cuda":
         width = -(-width // CUDA_WIDTH_MULTIPLE) * CUDA_WIDTH_MULTIPLE
-    if q.shape[-1] == v.shape[-1] == width:
-        return q, k, v
-    return tuple(F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
+    return tuple(t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
 
 
 def sdpa_attention(problem: AttentionProblem, dropout_p: float = 0.0) -> Tensor:
