@@ -59,7 +59,8 @@ from .speed_cases import (
 from .speed_memory import check_memory
 from .speed_report import markdown, targets
 
-RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 MEASURED = ("forward_s", "forward_backward_s")
 # A case whose first step takes this many times the reference's is timed in one round only: its
 # ratio is far from every target, and more rounds would take minutes (the chunked kernel at the LM
@@ -246,7 +247,8 @@ def probe_overhead(out: Path) -> dict | None:
     for folder in (out, RESULTS):
         path = folder / "probe-overhead.json"
         if path.exists():
-            return {**json.loads(path.read_text()), "path": str(path)}
+            shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+            return {**json.loads(path.read_text()), "path": str(shown)}
     return None
 
 

@@ -16,6 +16,7 @@ from .health.monitor import (
 from .health.probe import AttentionHealth, health_probe, set_probe_enabled
 from .health.records import recording
 from .integrations import convert, layer, revert
+from .logit_limit import overflow_refusal
 from .mitigations import DefeatedMitigationWarning
 from .optimizer_steps import after_optimizer_step, attach_to_optimizer
 from .presets import create, list_variants, preset_options
@@ -45,6 +46,7 @@ __all__ = [
     "load_upgrading",
     "metrics",
     "nonfinite_guard",
+    "overflow_refusal",
     "preset_options",
     "recording",
     "reduce_health",
