@@ -18,8 +18,11 @@ model's). Convert:
   (``from_linear``; "preserve" when ``preserve_function``, so W_hat = W).
   Projections by module layout: ``q_proj``/``k_proj``/``v_proj``/``o_proj``
   (Llama, Mistral, Qwen2, HF's ViT); ``query``/``key``/``value`` plus the parent's
-  ``output.dense`` (BERT). GPT-2's ``c_attn``/``c_proj`` are ``Conv1D`` (weight stored
-  (in, out)): sigma_reparam refuses them, naming the reason.
+  ``output.dense`` (BERT), ``c_attn``/``c_proj`` (GPT-2). GPT-2's are transformers'
+  ``Conv1D`` (x W + b with W stored (in, out)): each becomes the nn.Linear computing the
+  same (weight W^T, copied) before it is reparametrised, and :func:`revert` folds it back
+  into a Conv1D (the attributes are recorded on the container), so a reverted state dict
+  loads strictly into a stock GPT-2.
 
 Attention modules are the innermost modules whose class name contains "Attention"
 and that carry ``scaling`` (the argument they pass to the attention function).
@@ -89,13 +92,32 @@ def _sigma_reason(layers: dict[str, tuple[nn.Module, str]]) -> str | None:
     if not layers:
         return ("sigma_reparam found no q_proj/k_proj/v_proj/o_proj, query/key/value or "
                 "c_attn/c_proj projections")
-    if conv := [role for role, (owner, a) in layers.items() if isinstance(getattr(owner, a), Conv1D)]:
-        return (f"sigma_reparam reparametrises nn.Linear (weight (out, in)); {conv} are "
-                f"transformers' Conv1D (GPT-2: weight stored (in, out)), not supported")
     if other := [role for role, (owner, a) in layers.items()
-                 if type(getattr(owner, a)) is not nn.Linear]:
-        return f"sigma_reparam needs nn.Linear projections; {other} are not"
+                 if type(getattr(owner, a)) not in (nn.Linear, Conv1D)]:
+        return f"sigma_reparam needs nn.Linear (or GPT-2's Conv1D) projections; {other} are not"
     return None
+
+
+def _as_linear(layer: nn.Module) -> nn.Linear:
+    """``layer`` itself (an nn.Linear), or the nn.Linear computing what a Conv1D computes:
+    x W + b = x (W^T)^T + b, its weight a copy of W^T (Conv1D stores W as (in, out))."""
+    if not isinstance(layer, Conv1D):
+        return layer
+    in_features, out_features = layer.weight.shape
+    linear = nn.Linear(in_features, out_features, layer.bias is not None, device="meta")
+    linear.weight = nn.Parameter(layer.weight.detach().T.contiguous(),
+                                 requires_grad=layer.weight.requires_grad)
+    linear.bias = layer.bias
+    return linear
+
+
+def _as_conv1d(linear: nn.Linear) -> Conv1D:
+    """The Conv1D computing what ``linear`` computes (its weight transposed back, copied)."""
+    conv = Conv1D(linear.out_features, linear.in_features)
+    conv.weight = nn.Parameter(linear.weight.detach().T.contiguous(),
+                               requires_grad=linear.weight.requires_grad)
+    conv.bias = linear.bias
+    return conv
 
 
 def _config(module: nn.Module, layers: dict[str, tuple[nn.Module, str]]) -> AttentionConfig:
@@ -151,9 +173,12 @@ def convert(model: PreTrainedModel, variant: str, include: Patterns = None, excl
         converted.append((name, module, container, layers))
     for name, module, container, layers in converted:
         if sigma:
+            container.conv1d_projections = frozenset(
+                role for role, (owner, attribute) in layers.items()
+                if isinstance(getattr(owner, attribute), Conv1D))
             for owner, attribute in layers.values():
                 setattr(owner, attribute, SigmaReparamLinear.from_linear(
-                    getattr(owner, attribute), preserve=sigma == "preserve"))
+                    _as_linear(getattr(owner, attribute)), preserve=sigma == "preserve"))
         setattr(module, NAME, container)
         container.input_hooks = watch_input(module)
         summary.swapped.append(name)
@@ -193,9 +218,11 @@ def revert(model: PreTrainedModel, allow_lossy: bool = False) -> tuple[PreTraine
                          f"express, changing the function: {summary.dropped}; pass "
                          f"allow_lossy=True to drop them anyway")
     for name, module, container in modules:
-        for owner, attribute in projections(model, name, module).values():
+        conv1d = getattr(container, "conv1d_projections", frozenset())
+        for role, (owner, attribute) in projections(model, name, module).items():
             if isinstance(layer := getattr(owner, attribute), SigmaReparamLinear):
-                setattr(owner, attribute, layer.fold())
+                folded = layer.fold()
+                setattr(owner, attribute, _as_conv1d(folded) if role in conv1d else folded)
         for handle in container.input_hooks:
             handle.remove()
         delattr(module, NAME)
