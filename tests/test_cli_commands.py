@@ -192,7 +192,7 @@ def test_bench_lists_benchmarks_only_with_whole_first_sentences(capsys):
         "Cost of the HealthMonitor: training steps of a ViT-S with the monitor at default "
         "sampling against none, interleaved in one process.")
     assert all(description.endswith(".") for description in listed.values())
-    assert "bench 'no_such_benchmark': no such benchmark; available: claims_table, " in \
+    assert "bench 'no_such_benchmark': no such benchmark; available: block_topk, claims_table, " in \
         error_of(["bench", "no_such_benchmark"], capsys)
 
 

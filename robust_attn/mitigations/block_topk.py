@@ -57,8 +57,8 @@ def _block_means(x: Tensor, blocks: Tensor, num_blocks: int) -> Tensor:
     """The mean of x (B, H, N, D) over the rows of each block (``blocks``: N block indices),
     (B, H, num_blocks, D); a block with no row gets zeros."""
     sums = x.new_zeros(*x.shape[:2], num_blocks, x.shape[-1]).index_add_(2, blocks, x)
-    counts = torch.bincount(blocks, minlength=num_blocks).clamp_min(1)
-    return sums / counts.to(x.dtype)[:, None]
+    counts = x.new_zeros(num_blocks).index_add_(0, blocks, x.new_ones(blocks.shape)).clamp_min(1)
+    return sums / counts[:, None]
 
 
 @torch.no_grad()
@@ -67,6 +67,8 @@ def selected_blocks(q: Tensor, keys: Tensor, block_size: int, k: int, causal: bo
     a block selected for query i's block (module docstring). Queries are aligned to the last Nq
     of the Nk positions."""
     num_queries, num_keys = q.shape[-2], keys.shape[-2]
+    if num_queries == 0 or num_keys == 0:  # nothing to select
+        return torch.zeros(*q.shape[:2], num_queries, num_keys, dtype=torch.bool, device=q.device)
     num_blocks = math.ceil(num_keys / block_size)
     key_blocks = torch.arange(num_keys, device=q.device) // block_size
     query_blocks = (torch.arange(num_queries, device=q.device) + num_keys - num_queries) // block_size
