@@ -22,6 +22,22 @@ def scores_and_allowed(scale, q, k, attn_mask, causal):
     return scores, allowed
 
 
+def with_sink_columns(module, q, v, token_logits):
+    """(logits, values) with the module's sinks in front of the tokens' own ``token_logits``
+    (B, H, N, N, masked) and ``v``, as the sinks mitigation prepends them: sink tokens' columns
+    scale q k_s with their values, and in front of all a sink logit's column s_h with a zero
+    value."""
+    columns, values = [token_logits], [v]
+    extras = module.mitigations
+    if "sink_tokens" in extras:
+        columns.insert(0, module.scale * q @ extras["sink_tokens"].key.mT)
+        values.insert(0, extras["sink_tokens"].value.expand(v.shape[0], -1, -1, -1))
+    if "sink_logit" in extras:
+        columns.insert(0, extras["sink_logit"].logit.view(1, -1, 1, 1).expand(*q.shape[:-1], 1))
+        values.insert(0, torch.zeros_like(v[:, :, :1]))
+    return torch.cat(columns, dim=-1), torch.cat(values, dim=-2)
+
+
 def forward_backward(module, forward, x):
     """forward(x), then backward of <out, cos(out)>: (out, dx, {parameter name: grad})."""
     module.zero_grad(set_to_none=True)

@@ -25,6 +25,7 @@ from .float64_reference import (
     float64_mask,
     forward_backward,
     scores_and_allowed,
+    with_sink_columns,
 )
 from .test_kernels import problems
 
@@ -72,20 +73,12 @@ def reference(module, x, attn_mask=None, causal=False):
         allowed = allowed & attn_mask
     elif attn_mask is not None:
         scores = scores + attn_mask
-    columns, values = [scores.masked_fill(~allowed, -math.inf)], [v]
-    extras = module.mitigations
-    if "sink_tokens" in extras:
-        columns.insert(0, module.scale * q @ extras["sink_tokens"].key.mT)
-        values.insert(0, extras["sink_tokens"].value.expand(v.shape[0], -1, -1, -1))
-    if "sink_logit" in extras:
-        columns.insert(0, extras["sink_logit"].logit.view(1, -1, 1, 1).expand(*q.shape[:-1], 1))
-        values.insert(0, torch.zeros_like(v[:, :, :1]))
-    logits = torch.cat(columns, dim=-1)
-    if "sigmoid" in extras:
+    logits, values = with_sink_columns(module, q, v, scores.masked_fill(~allowed, -math.inf))
+    if "sigmoid" in module.mitigations:
         weights = torch.sigmoid(logits - math.log(logits.shape[-1]))
     else:
         weights = SOFTMAX(logits)  # a row with no allowed key: zeros
-    out = weights @ torch.cat(values, dim=-2)
+    out = weights @ values
     return module.proj(rearrange(out, "b h n d -> b n (h d)")), weights
 
 

@@ -11,7 +11,7 @@ from robust_attn import RobustAttention, create
 from robust_attn.mitigations import MITIGATIONS
 from robust_attn.problem import SOFTMAX
 
-from .float64_reference import assert_same_forward_and_backward, forward_backward
+from .float64_reference import assert_same_forward_and_backward, forward_backward, with_sink_columns
 
 DIM, HEADS = 16, 2
 
@@ -53,15 +53,8 @@ def reference(module, x, attn_mask=None, causal=False):
         scores = scores + attn_mask
     if causal:
         allowed = allowed & torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
-    columns, values = [scores.masked_fill(~allowed, -math.inf)], [v]
-    extras = module.mitigations
-    if "sink_tokens" in extras:
-        columns.insert(0, module.scale * q @ extras["sink_tokens"].key.mT)
-        values.insert(0, extras["sink_tokens"].value.expand(v.shape[0], -1, -1, -1))
-    if "sink_logit" in extras:
-        columns.insert(0, extras["sink_logit"].logit.view(1, -1, 1, 1).expand(*q.shape[:-1], 1))
-        values.insert(0, torch.zeros_like(v[:, :, :1]))
-    out = SOFTMAX(torch.cat(columns, dim=-1)) @ torch.cat(values, dim=-2)
+    logits, values = with_sink_columns(module, q, v, scores.masked_fill(~allowed, -math.inf))
+    out = SOFTMAX(logits) @ values
     return module.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
