@@ -203,6 +203,7 @@ class RobustAttention(nn.Module):
         self.proj = self._layer(LayerSpec("proj", config.attn_dim, config.dim_out, proj_bias))
         self.proj_drop = nn.Dropout(_check_probability("proj_drop", proj_drop))
         self._observers: OrderedDict[int, ObserverEntry] = OrderedDict()
+        self.initialise_weights()  # e.g. spectral_qk's concentrated spectrum of the new qkv
         self._register_state_dict_hook(_record_options)
         self.register_load_state_dict_post_hook(_explain_absent_state)
 
@@ -221,6 +222,11 @@ class RobustAttention(nn.Module):
             return nn.Identity()
         return nn.Linear(spec.in_features, spec.out_features, bias=spec.bias,
                          **self.config.factory_kwargs)
+
+    def layers_by_role(self) -> dict[str, nn.Module]:
+        """The layers this module holds now, by role: what the mitigations' weight stages act on
+        (:data:`robust_attn.mitigations.base.HostLayers`)."""
+        return {"qkv": self.qkv, "q_norm": self.q_norm, "k_norm": self.k_norm, "proj": self.proj}
 
     def register_observer(self, fn: Observer, *, health: bool = False, maps: bool = False,
                           lse: bool = False) -> RemovableHandle:
@@ -308,7 +314,9 @@ class RobustAttention(nn.Module):
 
     def auxiliary_loss(self) -> Tensor:
         """Sum of the mitigations' auxiliary losses (0 when none has one); add it to the task loss."""
-        losses = [loss for m in self.mitigations.values() if (loss := m.auxiliary_loss()) is not None]
+        layers = self.layers_by_role()
+        losses = [loss for m in self.mitigations.values()
+                  if (loss := m.auxiliary_loss(layers)) is not None]
         return torch.stack(losses).sum() if losses else self.qkv.weight.new_zeros(())
 
     @torch.no_grad()
@@ -331,14 +339,16 @@ class RobustAttention(nn.Module):
         """Call after drawing fresh qkv/proj weights in place (a custom init): mitigations that
         shape the initial weights (spectral_qk) apply their initialisation again. Then call
         :meth:`reset_from_weights`."""
+        layers = self.layers_by_role()
         for mitigation in self.mitigations.values():
-            mitigation.initialise_weights()
+            mitigation.initialise_weights(layers)
 
     def reset_from_weights(self) -> None:
         """Call after replacing qkv/proj weights in place (a custom init, a loaded timm state dict)
         so that mitigations that derive state from them (sigma_reparam's u, v, gamma) catch up."""
+        layers = self.layers_by_role()
         for mitigation in self.mitigations.values():
-            mitigation.reset_from_weights()
+            mitigation.reset_from_weights(layers)
 
     def mitigation_state_keys(self) -> dict[str, list[str]]:
         """Per option, the state_dict keys (relative to this module) holding its mitigation's state.
@@ -409,8 +419,9 @@ class RobustAttention(nn.Module):
         return SOFTMAX
 
     def _mitigation_health(self, call: AttentionCall) -> dict[str, Tensor]:
+        layers = self.layers_by_role()
         return {f"{name}.{key}": value.detach() for name, m in self.mitigations.items()
-                for key, value in m.health(call).items()}
+                for key, value in m.health(layers, call).items()}
 
     def _check_input(self, x: Tensor, attn_mask: Tensor | None) -> None:
         if isinstance(x, torch.fx.Proxy):
@@ -569,5 +580,5 @@ def load_upgrading(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str,
     model.load_state_dict(state_dict, strict=False)
     for module, absent in upgrades.values():
         for option in absent:
-            module.mitigations[option].reset_from_weights()
+            module.mitigations[option].reset_from_weights(module.layers_by_role())
     return {name: sorted(absent) for name, (_, absent) in upgrades.items()}

@@ -25,8 +25,9 @@ def after_optimizer_step(model: nn.Module) -> None:
     """Run every mitigation's after-step stage in ``model``'s RobustAttention modules."""
     for module in model.modules():
         if isinstance(module, RobustAttention):
+            layers = module.layers_by_role()
             for mitigation in module.mitigations.values():
-                mitigation.after_optimizer_step()
+                mitigation.after_optimizer_step(layers)
 
 
 def attach_to_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> RemovableHandle:

@@ -93,10 +93,42 @@ def test_option_values():
             RobustAttention(DIM, HEADS, qk_clip=bad)
 
 
-@pytest.mark.parametrize("other", ["qk_norm", "sigma_reparam", "spectral_qk"])
-def test_options_that_defeat_it_or_build_qkv_are_refused(other):
+@pytest.mark.parametrize("other", ["qk_norm", "sigma_reparam"])
+def test_options_that_defeat_it_are_refused(other):
     with pytest.raises(ValueError, match=f"'qk_clip' and '{other}' conflict"):
         RobustAttention(DIM, HEADS, qk_clip=True, **{other: True})
+
+
+def test_it_clips_the_qkv_the_host_holds_now():
+    """No reference kept: a qkv the user put in after construction is the one clipped (and the
+    replaced one is left alone)."""
+    module = _module()
+    replaced = module.qkv
+    module.qkv = copy.deepcopy(replaced)
+    before = replaced.weight.detach().clone()
+    x = _x()
+    module(x)
+    robust_attn.after_optimizer_step(module)
+    assert torch.equal(replaced.weight, before)
+    module(x)
+    torch.testing.assert_close(_clip(module).max_logit[:2], torch.full((2,), TAU), rtol=1e-5, atol=0)
+
+
+def test_it_combines_with_spectral_qk_on_one_qkv():
+    """Both act on the host's qkv: spectral_qk concentrates its spectrum at construction, the
+    clip then bounds the same layer's logits."""
+    torch.manual_seed(0)
+    module = RobustAttention(DIM, HEADS, qk_clip=TAU, spectral_qk=True)
+    assert type(module.qkv) is torch.nn.Linear
+    with torch.no_grad():
+        module.qkv.weight[:2 * DIM] *= 30.0  # W_q and W_k: logits far above tau
+    x = _x()
+    module(x)
+    assert (_clip(module).max_logit > TAU).all()
+    robust_attn.after_optimizer_step(module)
+    module(x)
+    assert (_clip(module).max_logit <= TAU * (1 + 1e-5)).all()
+    assert torch.isfinite(module.auxiliary_loss())
 
 
 def test_a_fresh_module_is_the_baseline():

@@ -315,7 +315,7 @@ def test_entropy_bound_is_nearly_attained_by_aligned_rank_one_tokens(amplitude):
         attention.qkv.weight.zero_()
         attention.qkv.weight[0] = attention.qkv.weight[dim] = direction
         attention.qkv.weight[2 * dim:] = 0.5 * torch.eye(dim)
-    attention.mitigations["sigma_reparam"].reset_from_weights()
+    attention.mitigations["sigma_reparam"].reset_from_weights(attention.layers_by_role())
     coefficients = torch.full((tokens,), -1.0 / (tokens - 1))
     coefficients[0] = 1.0
     amplitudes = torch.tensor([amplitude, amplitude / 10])  # the bound is the weaker sequence's
@@ -353,7 +353,7 @@ def test_prevents_the_entropy_collapse_that_large_qk_weights_cause_in_the_baseli
         with torch.no_grad():
             attention.qkv.weight[:256].mul_(16)  # the q and k rows
         if variant == "sigma_reparam":
-            attention.mitigations["sigma_reparam"].reset_from_weights()
+            attention.mitigations["sigma_reparam"].reset_from_weights(attention.layers_by_role())
         attention(x)
         health[variant] = attention.health
     assert health["baseline"].min_entropy.max() < 0.1

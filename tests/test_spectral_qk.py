@@ -42,7 +42,7 @@ def test_mean_and_variance_are_those_of_the_explicit_eigenvalues(num_heads, head
     if not concentrated:
         with torch.no_grad():
             module.qkv.weight.normal_()
-    health = module.mitigations["spectral_qk"].health()
+    health = module.mitigations["spectral_qk"].health(module.layers_by_role())
     # Our normalisation: over D eigenvalues. The C x C matrix has the same non-zero
     # eigenvalues plus zeros, which add nothing to either sum.
     eigenvalues = _explicit_eigenvalues(module)
@@ -71,7 +71,7 @@ def test_loss_is_zero_when_concentrated_and_positive_otherwise(num_heads, head_d
 
 def test_auxiliary_loss_is_the_weighted_mean_spread():
     module = RobustAttention(24, 3, spectral_qk=0.5)
-    spread = module.mitigations["spectral_qk"].health()["spread"]
+    spread = module.mitigations["spectral_qk"].health(module.layers_by_role())["spread"]
     assert torch.allclose(module.auxiliary_loss(), 0.5 * spread.mean())
 
 
@@ -84,13 +84,13 @@ def test_optimizer_steps_on_the_auxiliary_loss_alone_reduce_the_variance(start):
             module.qkv.weight.copy_(RobustAttention(32, 4).qkv.weight)
         else:
             module.qkv.weight.add_(0.05 * torch.randn_like(module.qkv.weight))
-    before = _true_spread(module), module.mitigations["spectral_qk"].health()["eigenvalue_mean"]
+    before = _true_spread(module), module.mitigations["spectral_qk"].health(module.layers_by_role())["eigenvalue_mean"]
     optimizer = torch.optim.SGD(module.parameters(), lr=10.0)
     for _ in range(20):
         optimizer.zero_grad()
         module.auxiliary_loss().backward()
         optimizer.step()
-    after = _true_spread(module), module.mitigations["spectral_qk"].health()["eigenvalue_mean"]
+    after = _true_spread(module), module.mitigations["spectral_qk"].health(module.layers_by_role())["eigenvalue_mean"]
     assert (after[0] < 0.9 * before[0]).all()
     if start == "perturbed concentrated":  # the mean is held (approximately, see the docstring)
         assert torch.allclose(after[1], before[1], rtol=0.05)
@@ -106,7 +106,7 @@ def test_concentrated_init_has_lower_variance_than_the_default_init(num_heads, h
     assert torch.equal(concentrated.qkv.weight[:default.attn_dim],
                        default.qkv.weight[:default.attn_dim])  # W_Q is nn.Linear's draw
     assert (_true_spread(concentrated) < _true_spread(default)).all()
-    health = concentrated.mitigations["spectral_qk"].health()
+    health = concentrated.mitigations["spectral_qk"].health(concentrated.layers_by_role())
     assert (health["eigenvalue_mean"] > 0).all()
     w_q, w_k, _ = concentrated.qkv.weight.detach().chunk(3)
     w_q, w_k = (w.unflatten(0, (num_heads, head_dim)) for w in (w_q, w_k))

@@ -17,7 +17,10 @@ module refuses such combinations at construction.
 Per-call data reaches the stages in the :class:`~robust_attn.call.AttentionCall`
 (the module input, the mask, the RoPE embedding, the kernel choice); a stage
 never stores it on a module. Layers are built by role (:class:`LayerSpec`:
-"qkv", "proj", "q_norm", "k_norm").
+"qkv", "proj", "q_norm", "k_norm"); the stages that read or change weights get the
+host's layers by role (:data:`HostLayers`) at each call, so a mitigation keeps no
+reference to a layer it did not build (QK-clip and spectral_qk act on whatever qkv
+the host holds: the default one, or a converted model's).
 
 Facts about a mitigation live on its class, and the rest of the library reads
 them instead of special-casing it: the option values that keep a converted
@@ -54,6 +57,12 @@ class LayerSpec:
     in_features: int
     out_features: int
     bias: bool = False
+
+
+HostLayers = Mapping[str, nn.Module]
+"""The host's layers by role ("qkv", "q_norm", "k_norm", "proj"), as it holds them now
+(RobustAttention.layers_by_role); empty where the host has none of its own (the Hugging Face
+container, whose projections are the model's)."""
 
 
 class DefeatedMitigationWarning(UserWarning):
@@ -131,28 +140,33 @@ class Mitigation(nn.Module):
     def transform_output(self, attended: Attended, call: AttentionCall) -> Tensor:
         return attended.out
 
-    # After the host's weights were freshly drawn by a custom init: apply the mitigation's own
-    # initialisation of them (e.g. spectral_qk's concentrated QK spectrum). Not after a load.
-    def initialise_weights(self) -> None:
+    # The stages below that read or change weights get the host's layers by role
+    # (``HostLayers``: qkv, q_norm, k_norm, proj) at each call: a mitigation never keeps a
+    # reference to a layer it did not build, so it acts on whatever layer the host holds now.
+
+    # After the host's weights were freshly drawn (at construction, and by a custom init):
+    # apply the mitigation's own initialisation of them (e.g. spectral_qk's concentrated QK
+    # spectrum). Not after a load.
+    def initialise_weights(self, layers: HostLayers) -> None:
         return None
 
     # After the host's weights were replaced in place (an init, a loaded timm state dict):
     # recompute whatever the mitigation derives from them (e.g. sigma_reparam's u, v, gamma).
-    def reset_from_weights(self) -> None:
+    def reset_from_weights(self, layers: HostLayers) -> None:
         return None
 
     # After an optimiser step (robust_attn.after_optimizer_step): act on the updated weights
     # (QK-clip's rescaling).
-    def after_optimizer_step(self) -> None:
+    def after_optimizer_step(self, layers: HostLayers) -> None:
         return None
 
     # Side output: a loss the user adds to the task loss, or None.
-    def auxiliary_loss(self) -> Tensor | None:
+    def auxiliary_loss(self, layers: HostLayers) -> Tensor | None:
         return None
 
     # Side output: the mitigation's own health quantities, read by the probe (no grad), for the
     # call measured; with call=None (outside a forward) those of its weights alone.
-    def health(self, call: AttentionCall | None = None) -> dict[str, Tensor]:
+    def health(self, layers: HostLayers, call: AttentionCall | None = None) -> dict[str, Tensor]:
         return {}
 
     # Checkpoints: what the option's value changes in the function computed, beyond the state

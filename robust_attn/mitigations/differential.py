@@ -106,7 +106,7 @@ from ..call import Attended
 from ..claim import ENTROPY, RANK, Claim, witnesses_at
 from ..config import AttentionConfig
 from ..problem import AttentionProblem
-from .base import Mitigation
+from .base import HostLayers, Mitigation
 
 if TYPE_CHECKING:
     from ..call import AttentionCall
@@ -257,7 +257,7 @@ class Differential(Mitigation):
             f"{first.kernel}+{second.kernel}"
         return Attended(first.problem, out, None, kernel)
 
-    def health(self, call: AttentionCall | None = None) -> dict[str, Tensor]:
+    def health(self, layers: HostLayers, call: AttentionCall | None = None) -> dict[str, Tensor]:
         return {"lambda": self.lambda_full().detach().reshape(1).repeat(self.num_heads)}
 
     def keeps_function(self, source: nn.Module) -> bool:

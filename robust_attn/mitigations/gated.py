@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from ..claim import ENTROPY, RANK, Claim, witnesses_at
 from ..config import AttentionConfig
-from .base import Mitigation
+from .base import HostLayers, Mitigation
 
 if TYPE_CHECKING:
     from ..call import Attended, AttentionCall
@@ -100,7 +100,7 @@ class Gated(Mitigation):
     def transform_output(self, attended: Attended, call: AttentionCall) -> Tensor:
         return attended.out * self.gates(call.x)
 
-    def health(self, call: AttentionCall | None = None) -> dict[str, Tensor]:
+    def health(self, layers: HostLayers, call: AttentionCall | None = None) -> dict[str, Tensor]:
         if call is None:
             return {}
         return {"mean": self.gates(call.x).mean(dim=(0, 2, 3), dtype=torch.float32)}

@@ -69,10 +69,11 @@ Not from the paper (decisions of ours):
   micro-batches are lost (documented, not tested).
 
 The weights: W_q^h and W_k^h are rows [h D, (h + 1) D) and attn_dim + [h D, (h + 1) D)
-of the host's ``qkv`` layer. This mitigation builds that layer (a plain nn.Linear,
-exactly the default one, so timm state dicts load strictly) to keep a reference to
-it, as spectral_qk does; hence it cannot be combined with another option that
-builds qkv (sigma_reparam, spectral_qk).
+of the host's ``qkv`` layer, which the after-step stage receives with the host's other
+layers (``layers["qkv"]``): this mitigation builds no layer and keeps no reference to
+one, so it clips whatever qkv the host holds (the default nn.Linear, a converted timm
+model's; timm state dicts load strictly). It combines with spectral_qk (both act on the
+same qkv: the clip scales M_h = W_k^h W_q^h^T by gamma_h).
 
 Use: ``robust_attn.attach_to_optimizer(model, optimizer)`` once, or
 ``robust_attn.after_optimizer_step(model)`` after each ``optimizer.step()``. The
@@ -96,7 +97,7 @@ from ..claim import ENTROPY, RANK, Claim, witnesses_at
 from ..config import AttentionConfig
 from ..kernels.eager import attention_logits
 from ..problem import AttentionProblem
-from .base import LayerSpec, Mitigation
+from .base import HostLayers, Mitigation
 
 if TYPE_CHECKING:
     from ..call import Attended, AttentionCall
@@ -202,9 +203,7 @@ class QKClip(Mitigation):
                    "rows leaves the logits as they were (LayerNorm is scale invariant): qk_clip "
                    "would shrink W_q and W_k at every step without bounding anything",
         "sigma_reparam": "sigma_reparam's W_hat = gamma W / sigma(W) does not change when W is "
-                         "rescaled, so qk_clip's rescaling of W_q and W_k would do nothing (and "
-                         "both build the qkv layer)",
-        "spectral_qk": "both build the qkv layer (each keeps a reference to its weights)",
+                         "rescaled, so qk_clip's rescaling of W_q and W_k would do nothing",
     }
     claims = (Claim(
         "qk_clip", "Kimi Team 2025 (Kimi K2, arXiv:2507.20534; MuonClip's QK-Clip)",
@@ -231,8 +230,6 @@ class QKClip(Mitigation):
         self.register_buffer("max_logit", torch.full((config.num_heads,), -math.inf,
                                                       dtype=torch.float32,
                                                       device=config.device), persistent=False)
-        # Plain dict, not a submodule: RobustAttention owns qkv and its state_dict keys.
-        self._layers: dict[str, nn.Linear] = {}
 
     @classmethod
     def from_option(cls, value: Any, config: AttentionConfig) -> QKClip | None:
@@ -246,13 +243,6 @@ class QKClip(Mitigation):
                              f"threshold tau > 0 such as 100.0, False or None")
         return cls(config, float(value))
 
-    def make_layer(self, spec: LayerSpec, config: AttentionConfig) -> nn.Linear | None:
-        if spec.role != "qkv":  # proj stays RobustAttention's default
-            return None
-        qkv = nn.Linear(spec.in_features, spec.out_features, spec.bias, **config.factory_kwargs)
-        self._layers["qkv"] = qkv
-        return qkv
-
     def transform_output(self, attended: Attended, call: AttentionCall) -> Tensor:
         if self.training:
             block = head_max_logits(attended.problem)
@@ -260,11 +250,12 @@ class QKClip(Mitigation):
         return attended.out
 
     @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        """Clip the heads whose running maximum exceeds tau, then restart the maximum at -inf."""
+    def after_optimizer_step(self, layers: HostLayers) -> None:
+        """Clip the heads whose running maximum exceeds tau in the host's qkv, then restart the
+        maximum at -inf."""
         if _data_parallel():
             dist.all_reduce(self.max_logit, op=dist.ReduceOp.MAX)
-        clip_qk_(self._layers["qkv"], self.max_logit, self.tau, self.num_heads)
+        clip_qk_(layers["qkv"], self.max_logit, self.tau, self.num_heads)
         self.max_logit.fill_(-math.inf)
 
     def _apply(self, fn, recurse: bool = True):
@@ -284,7 +275,7 @@ class QKClip(Mitigation):
         ``to_empty``, which leaves the buffer uninitialised)."""
         self.max_logit.fill_(-math.inf)
 
-    def reset_from_weights(self) -> None:
+    def reset_from_weights(self, layers: HostLayers) -> None:
         """New weights: the maximum measured with the old ones no longer applies."""
         self.reset_parameters()
 

@@ -72,7 +72,7 @@ from torch import Tensor, nn
 
 from ..claim import ENTROPY, RANK, Claim, witness_at
 from ..config import AttentionConfig
-from .base import Mitigation
+from .base import HostLayers, Mitigation
 
 if TYPE_CHECKING:
     from ..call import AttentionCall
@@ -179,7 +179,7 @@ class ScalableSoftmax(Mitigation):
         # cast to q's dtype: a float32 scale must not promote a bfloat16 q (kernels need one dtype)
         return q * self.multipliers(q, k, call).to(q.dtype), k
 
-    def health(self, call: AttentionCall | None = None) -> dict[str, Tensor]:
+    def health(self, layers: HostLayers, call: AttentionCall | None = None) -> dict[str, Tensor]:
         scale = self.scale.detach().float()
         health = {"scale": scale}
         if call is not None and call.x is not None:

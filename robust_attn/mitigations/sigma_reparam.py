@@ -88,7 +88,7 @@ from .._compat import full_tensor as _whole
 from .._compat import local_tensor as _local
 from ..claim import NO_ENTROPY_COLLAPSE, RANK, Claim, witnesses_at
 from ..config import AttentionConfig
-from .base import LayerSpec, Mitigation
+from .base import HostLayers, LayerSpec, Mitigation
 
 if TYPE_CHECKING:
     from ..call import AttentionCall
@@ -452,7 +452,7 @@ class SigmaReparam(Mitigation):
                           stacklevel=3)
         return super().train(mode)
 
-    def reset_from_weights(self) -> None:
+    def reset_from_weights(self, layers: HostLayers) -> None:
         """Re-warm u, v from the current weights, and with "preserve" set gamma = sigma(W) again."""
         for layer in self._layers.values():
             if self.preserve:
@@ -461,7 +461,7 @@ class SigmaReparam(Mitigation):
                 layer.warm_start()
 
     @torch.no_grad()
-    def health(self, call: AttentionCall | None = None) -> dict[str, Tensor]:
+    def health(self, layers: HostLayers, call: AttentionCall | None = None) -> dict[str, Tensor]:
         stats = {}
         for role, layer in self._layers.items():
             stats[f"{role}.sigma"] = layer.sigma()

@@ -75,7 +75,7 @@ from torch import Tensor, nn
 from ..claim import ENTROPY, RANK, Claim, witnesses_at
 from ..config import AttentionConfig
 from ..problem import AttentionProblem
-from .base import Mitigation
+from .base import HostLayers, Mitigation
 
 if TYPE_CHECKING:
     from ..call import AttentionCall
@@ -158,7 +158,7 @@ class SinkTokens(Mitigation):
     def prepended_keys(self) -> int:
         return self.count
 
-    def health(self, call: AttentionCall | None = None) -> dict[str, Tensor]:
+    def health(self, layers: HostLayers, call: AttentionCall | None = None) -> dict[str, Tensor]:
         return {"key_norm": self.key.float().norm(dim=-1).mean(dim=-1),
                 "value_norm": self.value.float().norm(dim=-1).mean(dim=-1)}
 
@@ -215,7 +215,7 @@ class SinkLogit(Mitigation):
         self.logit.fill_(self.initial)
 
     @torch.no_grad()
-    def reset_from_weights(self) -> None:
+    def reset_from_weights(self, layers: HostLayers) -> None:
         """A fixed logit ("off_by_one") is a non-persistent buffer, which no state dict restores:
         set it to 0 again (it holds garbage after ``to_empty``). A learned one is loaded."""
         if not self.learned:
@@ -258,7 +258,7 @@ class SinkLogit(Mitigation):
         """A learned logit at or below PRESERVING_SINK_LOGIT adds nothing within float32."""
         return self.learned and bool((self.logit <= PRESERVING_SINK_LOGIT).all())
 
-    def health(self, call: AttentionCall | None = None) -> dict[str, Tensor]:
+    def health(self, layers: HostLayers, call: AttentionCall | None = None) -> dict[str, Tensor]:
         return {"logit": self.logit.float()}
 
     def extra_repr(self) -> str:

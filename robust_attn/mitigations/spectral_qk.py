@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from ..claim import ENTROPY, RANK, Claim, witnesses_at
 from ..config import AttentionConfig
-from .base import LayerSpec, Mitigation
+from .base import HostLayers, Mitigation
 
 DEFAULT_WEIGHT = 0.01  # our choice, not tuned
 # Largest loss weight (our choice): the spread is O(1) at a fresh init, so a larger weight makes the
@@ -105,11 +105,13 @@ def concentrate_qk_spectrum_(qkv_weight: Tensor, num_heads: int) -> None:
 
 
 class SpectralQK(Mitigation):
-    """Builds qkv with a concentrated QK eigenspectrum and regularises it (module docstring).
+    """Concentrates the QK eigenspectrum of the host's qkv at initialisation and regularises
+    it (module docstring).
 
     Option ``spectral_qk``: True (weight DEFAULT_WEIGHT) or a weight >= 0 for the
-    auxiliary loss; 0 keeps the init and the health, without a loss. qkv stays
-    a plain nn.Linear, so timm state dicts load strictly (loaded weights replace the init).
+    auxiliary loss; 0 keeps the init and the health, without a loss. It builds no layer: qkv
+    is the host's plain nn.Linear, so timm state dicts load strictly (loaded weights replace
+    the init), and its stages read the host's qkv when called (``layers["qkv"]``).
     """
 
     option = "spectral_qk"
@@ -144,8 +146,6 @@ class SpectralQK(Mitigation):
         super().__init__()
         self.loss_weight = weight
         self.num_heads = config.num_heads
-        # Plain dict, not a submodule: RobustAttention owns qkv and its state_dict keys.
-        self._layers: dict[str, nn.Linear] = {}
 
     @classmethod
     def from_option(cls, value: Any, config: AttentionConfig) -> SpectralQK | None:
@@ -159,28 +159,19 @@ class SpectralQK(Mitigation):
                              f"[0, {MAX_WEIGHT:g}] such as {DEFAULT_WEIGHT}, False or None")
         return cls(config, float(value))
 
-    def make_layer(self, spec: LayerSpec, config: AttentionConfig) -> nn.Linear | None:
-        if spec.role != "qkv":  # proj stays RobustAttention's default
-            return None
-        qkv = nn.Linear(spec.in_features, spec.out_features, spec.bias, **config.factory_kwargs)
-        concentrate_qk_spectrum_(qkv.weight, self.num_heads)
-        self._layers["qkv"] = qkv
-        return qkv
+    @torch.no_grad()
+    def initialise_weights(self, layers: HostLayers) -> None:
+        """Concentrate the spectrum of the host's freshly drawn qkv (at construction, after a
+        custom init)."""
+        concentrate_qk_spectrum_(layers["qkv"].weight, self.num_heads)
 
+    def auxiliary_loss(self, layers: HostLayers) -> Tensor:
+        products = qk_products(layers["qkv"].weight, self.num_heads)
+        return self.loss_weight * eigenvalue_spread(products).mean()
 
     @torch.no_grad()
-    def initialise_weights(self) -> None:
-        """Concentrate the spectrum of freshly drawn weights, as at construction."""
-        concentrate_qk_spectrum_(self._layers["qkv"].weight, self.num_heads)
-    def _products(self) -> Tensor:
-        return qk_products(self._layers["qkv"].weight, self.num_heads)
-
-    def auxiliary_loss(self) -> Tensor:
-        return self.loss_weight * eigenvalue_spread(self._products()).mean()
-
-    @torch.no_grad()
-    def health(self, call=None) -> dict[str, Tensor]:
-        products = self._products()
+    def health(self, layers: HostLayers, call=None) -> dict[str, Tensor]:
+        products = qk_products(layers["qkv"].weight, self.num_heads)
         mean, variance = eigenvalue_moments(products)
         return {"eigenvalue_mean": mean, "eigenvalue_variance": variance,
                 "spread": eigenvalue_spread(products)}

@@ -100,6 +100,11 @@ class HFAttentionMitigations(nn.Module):
         self._observers: OrderedDict[int, ObserverEntry] = OrderedDict()
         object.__setattr__(self, "_host", host)  # not registered: the host owns this module
 
+    def layers_by_role(self) -> dict[str, nn.Module]:
+        """Empty: the projections are the model's (the options that act on qkv's weights,
+        qk_clip and spectral_qk, are refused here)."""
+        return {}
+
     @property
     def host(self) -> nn.Module:
         """The HF attention module this container is attached to (the monitor's gradient norm
