@@ -15,11 +15,12 @@ from robust_attn.health.early_warnings import (
     IMMEDIATE,
     HealthWarning,
     Thresholds,
+    _format,  # one fix: None printed, not a crash
     _warning,
     suggest,
 )
-from robust_attn.health.early_warnings import _format  # one fix: None printed, not a crash
 from robust_attn.health.monitor.report import LayerSeries, MonitorReport
+
 
 def _recent(steps: list[int], values: list[float], count: int) -> dict:
     """The last ``count`` (step, value) pairs as evidence."""

@@ -19,9 +19,9 @@ from robust_attn.health import early_warnings
 from robust_attn.health.early_warnings import (
     GENERAL_ADVICE,
     RULES,
+    EarlyWarnings,
     Thresholds,
     check,
-    EarlyWarnings,
     replay,
     slope,
     suggestions,
