@@ -142,10 +142,10 @@ def test_padding_mask_equals_stock(builder):
 def test_generate_with_cache_equals_without(builder, variant):
     """Greedy generation with the KV cache equals generation without it (query offsets: ALiBi's
     positions, the single decoding query, scalable-softmax's key counts)."""
-    # A cap that bites. Sigmoid with a fixed bias: its default b = -log(Nk) takes one Nk per
-    # forward (the whole sequence's), so a full forward's rows differ from cached decoding's.
-    # (sigmoid's preset also adds qk_norm, which the HF function cannot run.)
-    overrides = {"softcap": {"softcap": 1.0}, "sigmoid": {"sigmoid": -2.0},
+    # A cap that bites. Sigmoid with its default b_i = -log(keys row i sees): a causal row's
+    # count is its position + 1, as a cached decoding query's (sigmoid's preset also adds
+    # qk_norm, which the HF function cannot run).
+    overrides = {"softcap": {"softcap": 1.0}, "sigmoid": {"sigmoid": True},
                  "strided": {"sparsity": robust_attn.sparse.Strided(stride=3)}}.get(variant, {})
     model, _ = robust_attn.convert(builder(), "baseline" if variant == "sigmoid" else variant,
                                    **overrides)
