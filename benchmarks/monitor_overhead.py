@@ -194,6 +194,13 @@ def markdown(result: dict) -> str:
         "stack, 6 heads, sampled at every step; medians of 51 calls (the warnings: of 11); "
         "the monitor's writers get the incremental warnings after each sample:",
         "",
+        readme_table(result),
+    ])
+
+
+def readme_table(result: dict) -> str:
+    """The history-cost table (README block ``monitor-history-cost``, rendered from the JSON)."""
+    return "\n".join([
         "| samples | report() (ms) | deep copy of the history (ms) | warnings of the new sample, "
         "incremental (ms) | check() from scratch (ms) |",
         "|---|---|---|---|---|",
