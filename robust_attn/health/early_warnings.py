@@ -188,8 +188,9 @@ def suggest(warning: HealthWarning, in_use: Collection[str]) -> HealthWarning:
 def _per_head(history: WarningHistory, metric: str):
     """(layer, head, that head's tail of ``metric``) for every head."""
     for layer in history.layers:
-        for head, tail in enumerate(layer.head_tails[metric]):
-            yield layer, head, tail
+        tails = layer.head_tails[metric]
+        for head in range(layer.heads):
+            yield layer, head, tails.head(head)
 
 
 def entropy_collapse(history: WarningHistory, t: Thresholds) -> list[HealthWarning]:

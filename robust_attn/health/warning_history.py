@@ -86,6 +86,43 @@ class Tail:
         return list(self.values)[-count:]
 
 
+class HeadTails:
+    """A per-head metric's last ``length`` rows (one value per head each) and each head's latest
+    finite value: one append a sample, not one per head."""
+
+    __slots__ = ("rows", "latest")
+
+    def __init__(self, heads: int, length: int):
+        self.rows: deque[list[float]] = deque(maxlen=length)
+        self.latest: list[float | None] = [None] * heads
+
+    def push(self, row: list[float]) -> None:
+        self.rows.append(row)
+        latest = self.latest
+        for head, value in enumerate(row):
+            if math.isfinite(value):
+                latest[head] = value
+
+    def head(self, head: int) -> HeadTail:
+        return HeadTail(self, head)
+
+
+class HeadTail:
+    """One head's view of :class:`HeadTails`, read like a :class:`Tail`."""
+
+    __slots__ = ("tails", "index")
+
+    def __init__(self, tails: HeadTails, index: int):
+        self.tails, self.index = tails, index
+
+    @property
+    def latest(self) -> float | None:
+        return self.tails.latest[self.index]
+
+    def last(self, count: int) -> list[float]:
+        return [row[self.index] for row in list(self.tails.rows)[-count:]]
+
+
 def robust_edge(previous: Sequence[float], band: float) -> float:
     """Upper edge of the robust band over ``previous`` (nan entries ignored; nan when none left):
 
@@ -110,7 +147,7 @@ class LayerHistory:
 
     def __init__(self, name: str, heads: int, explicit_sink: bool, length: int):
         self.name, self.heads, self.explicit_sink = name, heads, explicit_sink
-        self.head_tails = {metric: [Tail(length) for _ in range(heads)] for metric in HEAD_METRICS}
+        self.head_tails = {metric: HeadTails(heads, length) for metric in HEAD_METRICS}
         self.tails = {metric: Tail(length) for metric in LAYER_METRICS}
         self.entropy_medians = [RunningMedian() for _ in range(heads)]
         self.grad_norm: float | None = None  # the latest, finite or not
@@ -119,12 +156,11 @@ class LayerHistory:
 
     def push(self, series, index: int) -> None:
         for metric in HEAD_METRICS:
-            for tail, value in zip(self.head_tails[metric], getattr(series, metric)[index],
-                                   strict=True):
-                tail.push(value)
-        for head, value in enumerate(series.entropy[index]):
+            self.head_tails[metric].push(getattr(series, metric)[index])
+        for median, value in zip(self.entropy_medians, self.head_tails["entropy"].rows[-1],
+                                 strict=True):
             if math.isfinite(value):
-                self.entropy_medians[head].push(value)
+                median.push(value)
         for metric in LAYER_METRICS:
             self.tails[metric].push(getattr(series, metric)[index])
         if self.grad_norm is not None and math.isfinite(self.grad_norm):
@@ -184,13 +220,13 @@ class WarningHistory:
             layer.push(series, index)
         sinking = [layer for layer in self.layers if not layer.explicit_sink]
         if sinking:
-            masses = torch.tensor([tail.values[-1] for layer in sinking
-                                   for tail in layer.head_tails["sink_mass"]])
+            masses = torch.tensor([mass for layer in sinking
+                                   for mass in layer.head_tails["sink_mass"].rows[-1]])
             masses = masses[masses.isfinite()]
             self.sink_rates.push((masses > self.t.sink_eps).float().mean().item()
                                  if masses.numel() else math.nan)
 
-    def recent(self, tail: Tail) -> dict:
+    def recent(self, tail: Tail | HeadTail) -> dict:
         """The last ``evidence_samples`` (step, value) pairs of ``tail`` as evidence."""
         count = self.t.evidence_samples
         return {"steps": list(self.steps)[-count:], "values": tail.last(count)}
