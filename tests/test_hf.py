@@ -167,6 +167,24 @@ def test_generate_with_cache_equals_without(builder, variant):
 
 
 @pytest.mark.parametrize("builder", [llama, gpt2])
+def test_sigmoid_left_padded_generation_with_cache_equals_without(builder):
+    """Left padding: the mask carries causality in a full forward; sigmoid's b_i counts each
+    row's allowed keys, as a cached decoding query's mask does (padding excluded both ways)."""
+    model, _ = robust_attn.convert(builder(), "baseline", sigmoid=True)
+    prompt = ids(batch=2, tokens=6)
+    mask = torch.ones_like(prompt)
+    mask[0, :2] = 0
+    common = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, attention_mask=mask,
+                  output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        cached = model.generate(prompt, use_cache=True, **common)
+        uncached = model.generate(prompt, use_cache=False, **common)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits),
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("builder", [llama, gpt2])
 def test_static_cache_generation_equals_stock(builder):
     """A static cache: prefill has more keys (the cache's empty slots) than queries."""
     stock = builder()
