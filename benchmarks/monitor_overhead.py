@@ -227,7 +227,7 @@ def main() -> None:
     result = run(args.quick, args.batch, 2 if args.quick else args.cycles, args.every)
     depth = 2 if args.quick else 12
     result.update(report_depth=depth,
-                  report_cost=report_cost((10, 50) if args.quick else (10, 1000), depth))
+                  report_cost=report_cost((10, 50) if args.quick else (10, 100, 1000), depth))
     write(args.out, "monitor-overhead", result, markdown(result))
 
 

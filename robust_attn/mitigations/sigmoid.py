@@ -90,7 +90,7 @@ class SigmoidWeights:
 
     def __call__(self, scores: Tensor) -> Tensor:
         bias = -math.log(scores.shape[-1]) if self.bias is None else self.bias
-        return torch.sigmoid(scores + bias)
+        return torch.sigmoid(scores + bias) if bias else torch.sigmoid(scores)
 
 
 @dataclass(frozen=True, eq=False)
