@@ -166,6 +166,15 @@ def test_slope_and_robust_edge():
     assert robust_edge([4.0, 3.0, math.nan], 2.0) == pytest.approx(3.0 + 2.0 * 3e-3)
 
 
+@pytest.mark.parametrize(("field", "value"), [("trend_samples", 0), ("evidence_samples", 0),
+                                              ("loss_window", 2.5), ("persistence", True),
+                                              ("warmup_steps", -1)])
+def test_counts_in_the_thresholds_are_checked_naming_the_field(field, value):
+    """A count of 0 would read as 'the whole history' in a slice ([-0:]), not as none."""
+    with pytest.raises(ValueError, match=f"{field}="):
+        replace(Thresholds(), **{field: value})
+
+
 def test_running_median_is_the_median():
     generator = torch.Generator().manual_seed(0)
     running, seen = RunningMedian(), []

@@ -97,6 +97,15 @@ class Thresholds:
     warmup_steps: int = 0
     persistence: int = 1
 
+    def __post_init__(self):
+        for name, least in (("trend_samples", 1), ("loss_window", 1), ("oscillation_window", 1),
+                            ("evidence_samples", 1), ("persistence", 1), ("loss_min_history", 0),
+                            ("warmup_steps", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name}={value!r}: expected an integer >= {least} (a count of "
+                                 "samples, losses or steps)")
+
 
 @dataclass(frozen=True)
 class HealthWarning:
