@@ -120,6 +120,19 @@ def test_the_default_bias_counts_a_rows_allowed_keys():
                                atol=1e-12, rtol=0)
 
 
+def test_block_topk_keys_count_whatever_the_option_order():
+    """n_i counts the call's mask and causality: block_topk's selection (its own mask, added in
+    the same problem stage) counts in neither option order."""
+    torch.manual_seed(0)
+    first = RobustAttention(16, num_heads=2, sigmoid=True, block_topk=(2, 1)).double()
+    second = RobustAttention(16, num_heads=2, block_topk=(2, 1), sigmoid=True).double()
+    second.load_state_dict(first.state_dict())
+    x = torch.randn(2, 8, 16, dtype=torch.float64)
+    for causal in (False, True):
+        torch.testing.assert_close(first(x, is_causal=causal), second(x, is_causal=causal),
+                                   atol=1e-12, rtol=0)
+
+
 def test_the_chunked_kernel_runs_it_and_fused_kernels_refuse():
     module = RobustAttention(32, num_heads=4, sigmoid=True)
     x = torch.randn(2, 5, 32)

@@ -20,7 +20,9 @@ constant ``attn_bias`` after masking.
               (at least 1), so a causal row's output never depends on the
               tokens after it, and cached decoding (one query, every cached
               key allowed) equals a full causal forward. Keys that a sparsity
-              pattern (or block_topk) blocks still count.
+              pattern or block_topk's selection blocks still count (as
+              scalable_softmax's n: the call's mask and causality only, so the
+              result does not depend on the order of the options).
     a float   a fixed b (e.g. -log of the training length, to keep b fixed when
               the length changes at inference), in [-MAX_BIAS, MAX_BIAS] =
               [-1e4, 1e4] (our choice): scores + b then stays finite in float16
@@ -104,10 +106,12 @@ class RowBias:
         return score - self.log_counts[b, h, q_idx]
 
 
-def allowed_keys(problem: AttentionProblem) -> Tensor | None:
-    """How many keys each query row may attend to under the problem's mask and causality, at
-    least 1, float (B|1, H|1, Nq); None when neither blocks a key (every row sees Nk)."""
-    mask, allowed = problem.attn_mask, problem.causal_allowed()
+def allowed_keys(problem: AttentionProblem, call: AttentionCall) -> Tensor | None:
+    """How many keys each query row may attend to under the call's mask and causality, at least
+    1, float (B|1, H|1, Nq); None when neither blocks a key (every row sees Nk). The call's mask,
+    not the problem's: a mask another mitigation's problem stage adds (block_topk's) does not
+    count, whatever the order of the options."""
+    mask, allowed = call.attn_mask, problem.causal_allowed()
     if mask is not None:
         mask = mask if mask.dtype == torch.bool else mask > -math.inf
         allowed = mask if allowed is None else mask & allowed
@@ -165,7 +169,7 @@ class Sigmoid(Mitigation):
     def extend_keys(self, problem: AttentionProblem, call: AttentionCall) -> AttentionProblem:
         """With b = -log(n_i) and a mask or causality: each row's own count as a score modifier
         (module docstring), the normalizer's bias 0."""
-        counts = None if self.bias is not None else allowed_keys(problem)
+        counts = None if self.bias is not None else allowed_keys(problem, call)
         if counts is None:
             return problem
         batch, heads = problem.q.shape[:2]
