@@ -39,6 +39,11 @@ choice pass that constant as a float (e.g. ``sigmoid=-math.log(train_length)``);
 ``True`` counts per row, which equals -log(Nk) wherever every row sees every key
 (the unmasked, non-causal case the paper's analysis assumes).
 
+Checkpoints: ``True`` saves "-log(num_keys)" as before, and unmasked, non-causal models
+compute what they did. A causal or masked model trained with the earlier ``True`` (every row
+-log(Nk) of its call) computes differently now on the rows that saw fewer than Nk keys; at the
+training length, ``sigmoid=-math.log(train_length)`` reproduces what it was trained with.
+
 Score modifiers still apply to scale * q k^T; blocked keys (-inf) get weight
 sigmoid(-inf) = 0, so a row with no allowed key outputs zero. An unmasked,
 non-causal call's b = -log(Nk) lives in the normalizer; otherwise the problem
