@@ -19,13 +19,17 @@ With medians B, S and U of the three, the monitor at sampling period ``every`` c
 Then the cost of ``HealthMonitor.report()`` as the history grows: a 12-layer attention stack at
 ViT-S's head count, monitored at every step, its report taken (median of repeated calls) after 10
 and after 1000 samples, beside a deep copy of the same history (what report() did before it
-shared the series). Writes monitor-overhead.json and monitor-overhead.md (the machine included).
+shared the series); and the early warnings the writers get after each sample: an
+``EarlyWarnings`` that has read the earlier samples reading the new one and raising (what the
+monitor does per sample), beside ``check()`` of the whole report from scratch. Writes
+monitor-overhead.json and monitor-overhead.md (the machine included).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import inspect
 import statistics
 import time
@@ -36,6 +40,7 @@ from machine import machine
 from output import progress, write
 
 from robust_attn import HealthMonitor
+from robust_attn.health.early_warnings import EarlyWarnings, check
 from robust_attn.studies.stack import AttentionStack
 
 DEFAULT_EVERY = inspect.signature(HealthMonitor).parameters["every"].default
@@ -131,9 +136,23 @@ def median_seconds(function, repeats: int) -> float:
     return statistics.median(timed(function) for _ in range(repeats))
 
 
+def new_sample_seconds(report, thresholds, repeats: int) -> float:
+    """Median seconds for an EarlyWarnings that has read all but the last sample of ``report`` to
+    read that one and raise its warnings (each repeat on a copy; the copy is not timed)."""
+    before = EarlyWarnings(thresholds)
+    before.update(report, len(report.steps) - 1)
+    times = []
+    for _ in range(repeats):
+        warnings = copy.deepcopy(before)
+        gc.collect()  # not the copy's garbage: a running monitor makes none
+        times.append(timed(lambda w=warnings: (w.update(report), w.warnings())))
+    return statistics.median(times)
+
+
 def report_cost(samples: tuple[int, ...], depth: int, repeats: int = 51) -> list[dict]:
     """Median seconds of HealthMonitor.report(), and of a deep copy of its history, after each
-    number of samples (every=1: one sample per step) of a small ``depth``-layer stack."""
+    number of samples (every=1: one sample per step) of a small ``depth``-layer stack; and of the
+    warnings after the last sample, incrementally and from scratch (11 repeats)."""
     torch.manual_seed(0)
     stack = AttentionStack(depth, 48, 6, residual=True)
     x = torch.randn(1, 8, 48)
@@ -146,9 +165,14 @@ def report_cost(samples: tuple[int, ...], depth: int, repeats: int = 51) -> list
                 monitor.step(loss)
                 stack.zero_grad(set_to_none=True)
             history = monitor._report  # the monitor's own series: what a deep copy would copy
+            report = monitor.report()
             costs.append({"samples": count, "report_s": median_seconds(monitor.report, repeats),
                           "deepcopy_s": median_seconds(lambda h=history: copy.deepcopy(h),
-                                                       repeats)})
+                                                       repeats),
+                          "new_sample_warnings_s": new_sample_seconds(report, monitor.thresholds,
+                                                                      11),
+                          "check_s": median_seconds(lambda r=report: check(r, monitor.thresholds),
+                                                    11)})
     return costs
 
 
@@ -169,11 +193,21 @@ def markdown(result: dict) -> str:
         f"({result['every']} B) | | **{result['ratio']:.3f}** |",
         "",
         f"HealthMonitor.report() as the history grows: a {result['report_depth']}-layer attention "
-        "stack, 6 heads, sampled at every step; medians of 51 calls:",
+        "stack, 6 heads, sampled at every step; medians of 51 calls (the warnings: of 11); "
+        "the monitor's writers get the incremental warnings after each sample:",
         "",
-        "| samples | report() (ms) | deep copy of the history (ms) |",
-        "|---|---|---|",
-        *(f"| {c['samples']} | {1e3 * c['report_s']:.3f} | {1e3 * c['deepcopy_s']:.2f} |"
+        readme_table(result),
+    ])
+
+
+def readme_table(result: dict) -> str:
+    """The history-cost table (README block ``monitor-history-cost``, rendered from the JSON)."""
+    return "\n".join([
+        "| samples | report() (ms) | deep copy of the history (ms) | warnings of the new sample, "
+        "incremental (ms) | check() from scratch (ms) |",
+        "|---|---|---|---|---|",
+        *(f"| {c['samples']} | {1e3 * c['report_s']:.3f} | {1e3 * c['deepcopy_s']:.2f} | "
+          f"{1e3 * c['new_sample_warnings_s']:.3f} | {1e3 * c['check_s']:.2f} |"
           for c in result["report_cost"]),
         "",
     ])
@@ -195,7 +229,7 @@ def main() -> None:
     result = run(args.quick, args.batch, 2 if args.quick else args.cycles, args.every)
     depth = 2 if args.quick else 12
     result.update(report_depth=depth,
-                  report_cost=report_cost((10, 50) if args.quick else (10, 1000), depth))
+                  report_cost=report_cost((10, 50) if args.quick else (10, 100, 1000), depth))
     write(args.out, "monitor-overhead", result, markdown(result))
 
 

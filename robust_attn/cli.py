@@ -68,7 +68,7 @@ from statistics import fmean
 import torch
 from tqdm import tqdm
 
-from .health.early_warnings import HealthWarning, check
+from .health.early_warnings import EarlyWarnings, HealthWarning, check
 from .health.monitor import HealthMonitor, MonitorReport, presets_in_use
 from .integrations import convert
 from .presets import create, list_variants
@@ -454,8 +454,10 @@ def doctor_run(args: argparse.Namespace) -> int:
     variant = _run_variant(directory, args.variant)
     in_use = presets_in_use([create(variant, 8, num_heads=2)]) if variant else frozenset()
     # early_warnings.replay, one sample at a time under a progress bar
-    timeline = [(report.steps[k - 1], check(report.truncated(k), in_use=in_use))
-                for k in _progress(range(1, len(report.steps) + 1), args, "doctor: replaying")]
+    early_warnings, timeline = EarlyWarnings(), []
+    for k in _progress(range(1, len(report.steps) + 1), args, "doctor: replaying"):
+        early_warnings.update(report, k)
+        timeline.append((report.steps[k - 1], early_warnings.warnings(in_use)))
     first: dict[str, int] = {}
     for step, warnings in timeline:
         for warning in warnings:

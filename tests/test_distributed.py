@@ -9,22 +9,19 @@ training steps and causal attention.
 """
 
 import os
-import tempfile
-import traceback
 from copy import deepcopy
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from robust_attn import HealthMonitor, create, list_variants
 from robust_attn.health.distributed import all_reduce, reduce_health
+
+from .spawn_ranks import spawn_ranks
 
 THOROUGH = os.environ.get("ROBUST_ATTN_PROFILE") == "thorough"
 WORLD_SIZES = (2, 3) if THOROUGH else (2,)
@@ -172,28 +169,9 @@ def _checks(rank, world, mesh):
     return checks
 
 
-def _rank(rank, world, folder):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=120))
-    mesh = init_device_mesh("cpu", (world,))
-    results = {}
-    for name, check in _checks(rank, world, mesh).items():
-        try:
-            results[name] = check()
-        except Exception:  # reported by the tests that read this check
-            results[name] = traceback.format_exc()
-    torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda world: f"world{world}")
 def ranks(request) -> list[dict]:
-    world = request.param
-    with tempfile.TemporaryDirectory() as folder:
-        mp.spawn(_rank, args=(world, folder), nprocs=world)
-        return [torch.load(os.path.join(folder, f"rank{rank}.pt"), weights_only=False)
-                for rank in range(world)]
+    return spawn_ranks(_checks, request.param)
 
 
 def _result(ranks, name) -> list:

@@ -7,6 +7,7 @@ collapse rules are also run end to end on deep attention stacks at initialisatio
 
 import copy
 import math
+import statistics
 from dataclasses import replace
 
 import pytest
@@ -18,15 +19,18 @@ from robust_attn.health import early_warnings
 from robust_attn.health.early_warnings import (
     GENERAL_ADVICE,
     RULES,
+    EarlyWarnings,
     Thresholds,
     check,
     replay,
-    robust_band,
     slope,
     suggestions,
 )
 from robust_attn.health.monitor import LayerSeries, MonitorReport
+from robust_attn.health.warning_history import RunningMedian, robust_edge
 from robust_attn.studies.stack import AttentionStack, init_stack_weights
+
+from . import early_warnings_reference
 
 HEALTHY = {"entropy": 0.8, "min_entropy": 0.6, "sink_mass": 0.05, "max_logit": 5.0,
            "head_cosine": 0.3, "head_residual": 0.8, "input_residual": 0.9, "input_cosine": 0.1,
@@ -152,14 +156,98 @@ def test_thresholds_are_respected():
     assert "entropy_collapse" in codes(check(case, replace(AT, entropy_collapse=0.2)))
 
 
-def test_slope_and_robust_band():
+def test_slope_and_robust_edge():
     assert slope([0, 10, 20], [1.0, 0.5, 0.0]) == pytest.approx(-0.05)
     assert slope([0, 10], [1.0, 0.5]) is None
-    edge = robust_band([1.0, 2.0, 4.0, 3.0, None, 100.0], window=3, band=2.0)
-    assert math.isnan(edge[0]) and edge[1].item() == pytest.approx(1.0 + 2.0 * 1e-3)
-    # before step 4: [2, 4, 3], median 3, MAD 1; before step 5: [4, 3, None], lower median 3
-    assert edge[4].item() == pytest.approx(3.0 + 2.0 * 1.4826)
-    assert edge[5].item() == pytest.approx(3.0 + 2.0 * 3e-3)
+    assert math.isnan(robust_edge([], 2.0)) and math.isnan(robust_edge([math.nan], 2.0))
+    assert robust_edge([1.0], 2.0) == pytest.approx(1.0 + 2.0 * 1e-3)
+    # [2, 4, 3]: median 3, MAD 1; [4, 3, nan]: lower median 3, MAD 0 (floor 1e-3 * 3)
+    assert robust_edge([2.0, 4.0, 3.0], 2.0) == pytest.approx(3.0 + 2.0 * 1.4826)
+    assert robust_edge([4.0, 3.0, math.nan], 2.0) == pytest.approx(3.0 + 2.0 * 3e-3)
+
+
+@pytest.mark.parametrize(("field", "value"), [("trend_samples", 0), ("evidence_samples", 0),
+                                              ("loss_window", 2.5), ("persistence", True),
+                                              ("warmup_steps", -1)])
+def test_counts_in_the_thresholds_are_checked_naming_the_field(field, value):
+    """A count of 0 would read as 'the whole history' in a slice ([-0:]), not as none."""
+    with pytest.raises(ValueError, match=f"{field}="):
+        replace(Thresholds(), **{field: value})
+
+
+def test_running_median_is_the_median():
+    generator = torch.Generator().manual_seed(0)
+    running, seen = RunningMedian(), []
+    assert running.median() is None
+    for value in torch.randint(0, 20, (200,), generator=generator).double().tolist():
+        running.push(value)
+        seen.append(value)
+        assert running.median() == statistics.median(seen) and len(running) == len(seen)
+
+
+def random_report(generator, samples, every, layers, heads, rare=0.05):
+    """A report of random health series and losses, with nan, inf, spikes, falls and sinks in
+    places: every rule fires somewhere on some draws. Each series starts finite."""
+    def draw(low, high, shape=()):
+        value = low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)
+        odd = torch.rand(shape, generator=generator)
+        value = torch.where(odd < rare, torch.nan, value)
+        return torch.where((odd > rare) & (odd < 2 * rare), torch.inf, value).tolist()
+
+    steps = [i * every for i in range(samples)]
+    losses = [None if u < 0.1 else loss for u, loss in
+              zip(torch.rand(samples * every, generator=generator).tolist(),
+                  draw(1.0, 3.0, (samples * every,)), strict=True)]
+    losses[0] = 2.0
+    result = MonitorReport(every, steps, losses)
+    ranges = {"entropy": (0.0, 1.0), "min_entropy": (0.0, 1.0), "sink_mass": (0.0, 0.6),
+              "max_logit": (0.0, 30.0), "head_cosine": (0.0, 1.0), "head_residual": (0.0, 1.0),
+              "input_residual": (0.0, 0.05), "input_cosine": (0.95, 1.0),
+              "branch_gain": (0.0, 0.01), "map_similarity": (0.8, 1.0), "grad_norm": (0.0, 30.0),
+              "nonfinite": (0.0, 1.0)}
+    for layer in range(layers):
+        series = LayerSeries(f"layers.{layer}", heads, explicit_sink=layer == 1)
+        for metric, (low, high) in ranges.items():
+            values = draw(low, high, (samples, heads) if metric in HEAD_VALUED else (samples,))
+            values[0] = [low] * heads if metric in HEAD_VALUED else low
+            getattr(series, metric).extend(values)
+        result.layers.append(series)
+    return result
+
+
+def random_thresholds(generator):
+    integer = lambda low, high: int(torch.randint(low, high + 1, (), generator=generator))  # noqa: E731
+    return replace(Thresholds(), entropy_collapse=0.1, entropy_fall_rate=1e-3,
+                   entropy_fall_min=0.05, trend_samples=integer(3, 8), logit_bound=25.0,
+                   sink_share=0.3, loss_window=integer(3, 12), loss_min_history=integer(1, 5),
+                   loss_band=1.0, oscillation_window=integer(3, 6), oscillation_flips=0.5,
+                   oscillation_amplitude=0.05, exploding_factor=2.0, vanishing_ratio=0.05,
+                   evidence_samples=integer(1, 6), warmup_steps=integer(0, 30),
+                   persistence=integer(1, 3))
+
+
+def incremental_equals_from_scratch(seed):
+    """EarlyWarnings fed one sample (and its losses) at a time raises, after every sample and at
+    the end, exactly what the rules computed from scratch over the whole report raise (the
+    definitions as first written: tests/early_warnings_reference.py); returns the codes raised."""
+    generator = torch.Generator().manual_seed(seed)
+    t = random_thresholds(generator)
+    full = random_report(generator, samples=int(torch.randint(1, 30, (), generator=generator)),
+                         every=int(torch.randint(1, 4, (), generator=generator)), layers=3, heads=2)
+    incremental, fired = EarlyWarnings(t), set()
+    for samples in range(1, len(full.steps) + 1):
+        incremental.update(full, samples)
+        expected = early_warnings_reference.check(full.truncated(samples), t, in_use={"qk_norm"})
+        assert incremental.warnings(in_use={"qk_norm"}) == expected
+        fired |= {warning.code for warning in expected}
+    incremental.update(full)
+    assert incremental.warnings() == early_warnings_reference.check(full, t) == check(full, t)
+    return fired
+
+
+def test_incremental_warnings_equal_the_from_scratch_rules():
+    fired = set().union(*(incremental_equals_from_scratch(seed) for seed in range(16)))
+    assert fired == set(RULES)  # the draws exercise every rule, not only silence
 
 
 def test_warm_up_ignores_early_samples_but_not_divergence():

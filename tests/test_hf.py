@@ -142,10 +142,10 @@ def test_padding_mask_equals_stock(builder):
 def test_generate_with_cache_equals_without(builder, variant):
     """Greedy generation with the KV cache equals generation without it (query offsets: ALiBi's
     positions, the single decoding query, scalable-softmax's key counts)."""
-    # A cap that bites. Sigmoid with a fixed bias: its default b = -log(Nk) takes one Nk per
-    # forward (the whole sequence's), so a full forward's rows differ from cached decoding's.
-    # (sigmoid's preset also adds qk_norm, which the HF function cannot run.)
-    overrides = {"softcap": {"softcap": 1.0}, "sigmoid": {"sigmoid": -2.0},
+    # A cap that bites. Sigmoid with its default b_i = -log(keys row i sees): a causal row's
+    # count is its position + 1, as a cached decoding query's (sigmoid's preset also adds
+    # qk_norm, which the HF function cannot run).
+    overrides = {"softcap": {"softcap": 1.0}, "sigmoid": {"sigmoid": True},
                  "strided": {"sparsity": robust_attn.sparse.Strided(stride=3)}}.get(variant, {})
     model, _ = robust_attn.convert(builder(), "baseline" if variant == "sigmoid" else variant,
                                    **overrides)
@@ -163,6 +163,24 @@ def test_generate_with_cache_equals_without(builder, variant):
         steps = model.generate(prompt, use_cache=True, output_logits=True, return_dict_in_generate=True,
                                **common).logits
     torch.testing.assert_close(torch.stack(steps, 1)[0], full[0, prompt.shape[1] - 1:-1],
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("builder", [llama, gpt2])
+def test_sigmoid_left_padded_generation_with_cache_equals_without(builder):
+    """Left padding: the mask carries causality in a full forward; sigmoid's b_i counts each
+    row's allowed keys, as a cached decoding query's mask does (padding excluded both ways)."""
+    model, _ = robust_attn.convert(builder(), "baseline", sigmoid=True)
+    prompt = ids(batch=2, tokens=6)
+    mask = torch.ones_like(prompt)
+    mask[0, :2] = 0
+    common = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, attention_mask=mask,
+                  output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        cached = model.generate(prompt, use_cache=True, **common)
+        uncached = model.generate(prompt, use_cache=False, **common)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits),
                                atol=1e-5, rtol=0)
 
 

@@ -14,6 +14,8 @@ from robust_attn.mitigations.softcap import TanhSoftCap
 from robust_attn.problem import AttentionProblem
 from robust_attn.sparse import Strided
 
+from .spawn_ranks import spawn_ranks
+
 DIM, HEADS, TOKENS, BATCH = 12, 3, 7, 2
 HEAD_DIM = DIM // HEADS
 TAU = 4.0
@@ -443,51 +445,18 @@ def _data_parallel_step(rank, world, wrap):
             "reference": reference.state_dict()}
 
 
-def _data_parallel_rank(rank, world, folder):
-    import os
-    import traceback
-    from datetime import timedelta
-
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
+def _data_parallel_checks(rank, world, mesh):
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=120))
-    mesh = init_device_mesh("cpu", (world,))
-    results = {}
-    for name, wrap in {"ddp": DistributedDataParallel,
-                       "fsdp": lambda module: fully_shard(module, mesh=mesh)}.items():
-        try:
-            results[name] = _data_parallel_step(rank, world, wrap)
-        except Exception:
-            results[name] = traceback.format_exc()
-    torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
-    dist.barrier()  # both ranks' results are written before either tears down
-    dist.destroy_process_group()
+    return {"ddp": lambda: _data_parallel_step(rank, world, DistributedDataParallel),
+            "fsdp": lambda: _data_parallel_step(rank, world,
+                                                lambda module: fully_shard(module, mesh=mesh))}
 
 
 @pytest.fixture(scope="module")
 def data_parallel_ranks() -> list[dict]:
-    import os
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    world = 2
-    with tempfile.TemporaryDirectory() as folder:
-        files = [os.path.join(folder, f"rank{rank}.pt") for rank in range(world)]
-        try:
-            mp.spawn(_data_parallel_rank, args=(world, folder), nprocs=world)
-        except mp.ProcessExitedException:
-            # Seen once in CI: a rank aborted in gloo's teardown ("terminate called without an
-            # active exception") after the barrier, i.e. after both had written their results,
-            # which the tests below check; a rank that died earlier left no file and fails here.
-            if not all(os.path.exists(path) for path in files):
-                raise
-        return [torch.load(path, weights_only=False) for path in files]
+    return spawn_ranks(_data_parallel_checks, world=2)
 
 
 @pytest.mark.slow

@@ -315,3 +315,17 @@ def test_compiled_with_dynamic_shapes_one_graph_serves_every_length(causal):
         torch.testing.assert_close(compiled(x, is_causal=causal), module(x, is_causal=causal))
     assert counter.frame_count == 1
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("restriction", [{"sparsity": "strided"}, {"block_topk": (2, 1)}])
+def test_n_counts_the_keys_before_a_pattern_or_block_topk_restricts_them(restriction):
+    """The documented deviation (module docstring): n is the row's keys under the mask and
+    causality; the keys a sparsity pattern or block_topk's selection leave out still count."""
+    import robust_attn
+
+    if "sparsity" in restriction:
+        restriction = {"sparsity": robust_attn.sparse.Strided(stride=3)}
+    module = create("scalable_softmax", 16, num_heads=2, probe=True, **restriction)
+    module(torch.randn(2, 8, 16))
+    torch.testing.assert_close(module.health.extras["scalable_softmax.multiplier"],
+                               torch.full((2,), PAPER_SCALE * math.log(8)))

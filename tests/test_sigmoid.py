@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from robust_attn import RobustAttention, create
+from robust_attn.call import AttentionCall
 from robust_attn.kernels import select_kernel
 from robust_attn.kernels.eager import attention_weights
 from robust_attn.mitigations.sigmoid import SigmoidWeights
@@ -38,11 +39,13 @@ def _heads(module, x):
 
 
 def reference_weights(module, x, attn_mask=None, causal=False):
-    """(B, H, N, N): sigmoid(scale q k^T + mask + b) where allowed, 0 where blocked."""
+    """(B, H, N, N): sigmoid(scale q k^T + mask + b) where allowed, 0 where blocked; the default
+    b = -log(n_i), n_i the keys row i may see (at least 1)."""
     q, k, _ = _heads(module, x)
     scores, allowed = scores_and_allowed(module.scale, q, k, attn_mask, causal)
     bias = module.mitigations["sigmoid"].bias
-    bias = -math.log(k.shape[-2]) if bias is None else bias
+    if bias is None:
+        bias = -allowed.expand_as(scores).sum(-1, keepdim=True).clamp(min=1).double().log()
     return torch.where(allowed, torch.sigmoid(scores + bias), 0.0), allowed
 
 
@@ -71,8 +74,10 @@ def test_blocked_keys_get_zero_weight_and_empty_rows_output_zero(shape, bias, ca
     attn_mask = float64_mask(data.draw(ras.attention_masks(shape), label="attn_mask"))
     x = torch.randn(shape.batch, shape.tokens, shape.dim, dtype=torch.float64)
     q, k, v = _heads(module, x)
-    problem = AttentionProblem(q, k, v, module.scale, attn_mask, causal,
-                               normalizer=module.mitigations["sigmoid"].normalizer())
+    sigmoid = module.mitigations["sigmoid"]
+    problem = sigmoid.extend_keys(
+        AttentionProblem(q, k, v, module.scale, attn_mask, causal, normalizer=sigmoid.normalizer()),
+        AttentionCall(x, attn_mask, causal, None, "auto", 0.0))
     with torch.no_grad():
         weights = attention_weights(problem)
         expected, allowed = reference_weights(module, x, attn_mask, causal)
@@ -91,6 +96,41 @@ def test_the_default_bias_makes_every_weight_one_over_n_plus_one_for_equal_score
     problem = AttentionProblem(q, k, v, 0.5, normalizer=SigmoidWeights())
     weights = attention_weights(problem)
     torch.testing.assert_close(weights, torch.full_like(weights, 1 / (num_keys + 1)))
+
+
+@pytest.mark.parametrize("bias", [True, -2.5])
+@pytest.mark.parametrize("kernel", ["eager", "chunked"])
+def test_a_causal_rows_output_does_not_depend_on_later_tokens(bias, kernel):
+    """The first rows of a causal forward equal the forward of the sequence cut after them: b_i
+    counts the keys row i sees, not the call's (the length leak of b = -log(Nk))."""
+    module = RobustAttention(16, num_heads=2, sigmoid=bias, kernel=kernel).double()
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    full = module(x, is_causal=True)
+    for length in (1, 4, 8):
+        torch.testing.assert_close(module(x[:, :length], is_causal=True), full[:, :length],
+                                   atol=1e-12, rtol=0)
+
+
+def test_the_default_bias_counts_a_rows_allowed_keys():
+    """Key padding: each row's n_i is its unpadded keys; without a mask or causality, Nk."""
+    module = RobustAttention(16, num_heads=2, sigmoid=True).double()
+    x = torch.randn(1, 6, 16, dtype=torch.float64)
+    padded = torch.tensor([True] * 4 + [False] * 2).view(1, 1, 1, 6)
+    torch.testing.assert_close(module(x, padded)[:, :4], module(x[:, :4])[:, :4],
+                               atol=1e-12, rtol=0)
+
+
+def test_block_topk_keys_count_whatever_the_option_order():
+    """n_i counts the call's mask and causality: block_topk's selection (its own mask, added in
+    the same problem stage) counts in neither option order."""
+    torch.manual_seed(0)
+    first = RobustAttention(16, num_heads=2, sigmoid=True, block_topk=(2, 1)).double()
+    second = RobustAttention(16, num_heads=2, block_topk=(2, 1), sigmoid=True).double()
+    second.load_state_dict(first.state_dict())
+    x = torch.randn(2, 8, 16, dtype=torch.float64)
+    for causal in (False, True):
+        torch.testing.assert_close(first(x, is_causal=causal), second(x, is_causal=causal),
+                                   atol=1e-12, rtol=0)
 
 
 def test_the_chunked_kernel_runs_it_and_fused_kernels_refuse():

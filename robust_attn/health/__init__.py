@@ -3,6 +3,7 @@
     probe.py           per-call health of one attention module (AttentionHealth)
     monitor/           HealthMonitor: samples the probe during training, series, maps
     early_warnings.py  warnings raised from the monitored series
+    warning_history.py the running statistics the warnings read (one sample at a time)
     guard.py           a guard against non-finite values
     distributed.py     health reduced across ranks
 

@@ -57,7 +57,6 @@ name a preset the model already uses (``check``'s ``in_use``).
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
@@ -65,9 +64,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..mitigations import MITIGATIONS as MITIGATION_CLASSES
+from .warning_history import WarningHistory
 
 if TYPE_CHECKING:
-    from .monitor.report import LayerSeries, MonitorReport
+    from .monitor.report import MonitorReport
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,15 @@ class Thresholds:
     evidence_samples: int = 10
     warmup_steps: int = 0
     persistence: int = 1
+
+    def __post_init__(self):
+        for name, least in (("trend_samples", 1), ("loss_window", 1), ("oscillation_window", 1),
+                            ("evidence_samples", 1), ("persistence", 1), ("loss_min_history", 0),
+                            ("warmup_steps", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name}={value!r}: expected an integer >= {least} (a count of "
+                                 "samples, losses or steps)")
 
 
 @dataclass(frozen=True)
@@ -185,34 +194,21 @@ def suggest(warning: HealthWarning, in_use: Collection[str]) -> HealthWarning:
     return replace(warning, mitigations=tuple(kept), advice="; ".join([*kept.values(), advice]))
 
 
-def _recent(steps: list[int], values: list[float], count: int) -> dict:
-    """The last ``count`` (step, value) pairs as evidence."""
-    return {"steps": list(steps[-count:]), "values": list(values[-count:])}
+def _per_head(history: WarningHistory, metric: str):
+    """(layer, head, that head's tail of ``metric``) for every head."""
+    for layer in history.layers:
+        tails = layer.head_tails[metric]
+        for head in range(layer.heads):
+            yield layer, head, tails.head(head)
 
 
-def _finite(values: list[float]) -> list[float]:
-    return [value for value in values if math.isfinite(value)]
-
-
-def _latest(values: list[float]) -> float | None:
-    """The last finite value, or None."""
-    return next((value for value in reversed(values) if math.isfinite(value)), None)
-
-
-def _per_head(report: MonitorReport, metric: str):
-    """(layer series, head, that head's values over the sampled steps) for every head."""
-    for series in report.layers:
-        for head in range(series.heads):
-            yield series, head, series.head_series(metric, head)
-
-
-def entropy_collapse(report: MonitorReport, t: Thresholds) -> list[HealthWarning]:
+def entropy_collapse(history: WarningHistory, t: Thresholds) -> list[HealthWarning]:
     """A head's latest mean normalised entropy below ``t.entropy_collapse``."""
-    return [_warning("entropy_collapse", series.name, head,
-                     f"{series.name} head {head}: attention entropy {value:.3f} < "
-                     f"{t.entropy_collapse:g}", _recent(report.steps, values, t.evidence_samples))
-            for series, head, values in _per_head(report, "entropy")
-            if (value := _latest(values)) is not None and value < t.entropy_collapse]
+    return [_warning("entropy_collapse", layer.name, head,
+                     f"{layer.name} head {head}: attention entropy {value:.3f} < "
+                     f"{t.entropy_collapse:g}", history.recent(tail))
+            for layer, head, tail in _per_head(history, "entropy")
+            if (value := tail.latest) is not None and value < t.entropy_collapse]
 
 
 def slope(steps: list[int], values: list[float]) -> float | None:
@@ -229,141 +225,96 @@ def slope(steps: list[int], values: list[float]) -> float | None:
     return sum((s - s_bar) * (v - v_bar) for s, v in pairs) / spread if spread else None
 
 
-def entropy_falling(report: MonitorReport, t: Thresholds) -> list[HealthWarning]:
+def entropy_falling(history: WarningHistory, t: Thresholds) -> list[HealthWarning]:
     """A head's entropy falling fast against its own level: over the last ``t.trend_samples``
     samples, slope / m < -``t.entropy_fall_rate`` per step and the fitted fall > ``t.entropy_fall_min``
     x m, where m is the head's median entropy over the samples the rule sees (after the warm-up).
     Relative to the head's own history, so a head that is meant to be sharp is judged by its
     own scale."""
     warnings = []
-    steps = report.steps[-t.trend_samples:]
+    steps = list(history.steps)[-t.trend_samples:]
     span = steps[-1] - steps[0] if steps else 0
-    for series, head, values in _per_head(report, "entropy"):
-        rate = slope(steps, values[-t.trend_samples:])
-        history = _finite(values)
-        level = statistics.median(history) if history else math.nan
-        if rate is None or not level > 0:
+    for layer, head, tail in _per_head(history, "entropy"):
+        rate = slope(steps, tail.last(t.trend_samples))
+        level = layer.entropy_medians[head].median()
+        if rate is None or level is None or not level > 0:
             continue
         relative = rate / level
         if relative < -t.entropy_fall_rate and -relative * span > t.entropy_fall_min:
             warnings.append(_warning(
-                "entropy_falling", series.name, head,
-                f"{series.name} head {head}: attention entropy falling {-relative:.2g} of its "
+                "entropy_falling", layer.name, head,
+                f"{layer.name} head {head}: attention entropy falling {-relative:.2g} of its "
                 f"median {level:.3f} per step (> {t.entropy_fall_rate:g})",
-                {**_recent(report.steps, values, t.evidence_samples), "slope_per_step": rate,
-                 "median": level}))
+                {**history.recent(tail), "slope_per_step": rate, "median": level}))
     return warnings
 
 
-def logit_growth(report: MonitorReport, t: Thresholds) -> list[HealthWarning]:
+def logit_growth(history: WarningHistory, t: Thresholds) -> list[HealthWarning]:
     """A head's latest largest attention logit above ``t.logit_bound``."""
-    return [_warning("logit_growth", series.name, head,
-                     f"{series.name} head {head}: largest attention logit {value:.1f} > "
-                     f"{t.logit_bound:g}", _recent(report.steps, values, t.evidence_samples))
-            for series, head, values in _per_head(report, "max_logit")
-            if (value := _latest(values)) is not None and value > t.logit_bound]
+    return [_warning("logit_growth", layer.name, head,
+                     f"{layer.name} head {head}: largest attention logit {value:.1f} > "
+                     f"{t.logit_bound:g}", history.recent(tail))
+            for layer, head, tail in _per_head(history, "max_logit")
+            if (value := tail.latest) is not None and value > t.logit_bound]
 
 
-def rank_collapse(report: MonitorReport, t: Thresholds) -> list[HealthWarning]:
+def rank_collapse(history: WarningHistory, t: Thresholds) -> list[HealthWarning]:
     """Tokens entering a layer nearly identical: res below or mean cosine above its threshold."""
     warnings = []
-    for series in report.layers:
-        res, cosine = _latest(series.input_residual), _latest(series.input_cosine)
+    for layer in history.layers:
+        residual, cosine = layer.tails["input_residual"], layer.tails["input_cosine"]
+        res, cos = residual.latest, cosine.latest
         if (res is not None and res < t.rank_residual) or \
-                (cosine is not None and cosine > t.rank_cosine):
-            evidence = _recent(report.steps, series.input_residual, t.evidence_samples)
-            evidence["cosine"] = series.input_cosine[-t.evidence_samples:]
+                (cos is not None and cos > t.rank_cosine):
+            evidence = history.recent(residual)
+            evidence["cosine"] = cosine.last(t.evidence_samples)
             warnings.append(_warning(
-                "rank_collapse", series.name, None,
-                f"{series.name}: tokens entering it have res {res:.2g} (< {t.rank_residual:g} "
-                f"collapses) and mean cosine {cosine:.4f} (> {t.rank_cosine:g} collapses)",
-                evidence))
+                "rank_collapse", layer.name, None,
+                f"{layer.name}: tokens entering it have res {_format(res, '.2g')} (< "
+                f"{t.rank_residual:g} collapses) and mean cosine {_format(cos, '.4f')} (> "
+                f"{t.rank_cosine:g} collapses)", evidence))
     return warnings
 
 
-def attention_sink(report: MonitorReport, t: Thresholds) -> list[HealthWarning]:
+def _format(value: float | None, spec: str) -> str:
+    return "unknown" if value is None else format(value, spec)
+
+
+def attention_sink(history: WarningHistory, t: Thresholds) -> list[HealthWarning]:
     """Most heads sink: more than ``t.sink_share`` of heads put > ``t.sink_eps`` on the first key.
 
     Gu et al. (2025)'s Sink_1^eps (:func:`robust_attn.metrics.sink_rate`, eps = 0.3)
     over the heads of every layer that has no explicit sink key (for those,
     mass on the first key is the design).
     """
-    layers = [series for series in report.layers if not series.explicit_sink and series.sink_mass]
-    if not layers:
-        return []
-    rates = []
-    for index in range(len(report.steps)):
-        masses = torch.tensor([mass for series in layers for mass in series.sink_mass[index]])
-        masses = masses[masses.isfinite()]
-        rates.append((masses > t.sink_eps).float().mean().item() if masses.numel() else math.nan)
-    rate = _latest(rates)
+    rate = history.sink_rates.latest
     if rate is None or rate <= t.sink_share:
         return []
-    sinking = [f"{series.name}/{head}" for series in layers for head in range(series.heads)
-               if (mass := _latest(series.head_series("sink_mass", head))) is not None
-               and mass > t.sink_eps]
+    sinking = [f"{layer.name}/{head}" for layer, head, tail in _per_head(history, "sink_mass")
+               if not layer.explicit_sink and tail.latest is not None and tail.latest > t.sink_eps]
     return [_warning("attention_sink", None, None,
                      f"{rate:.0%} of heads put > {t.sink_eps:g} of their attention on the first "
                      f"key (> {t.sink_share:.0%})",
-                     {**_recent(report.steps, rates, t.evidence_samples), "heads": sinking})]
+                     {**history.recent(history.sink_rates), "heads": sinking})]
 
 
-def _loss_tensor(losses: list[float | None]) -> torch.Tensor:
-    """float64 losses, nan where none was fed."""
-    return torch.tensor([math.nan if loss is None else loss for loss in losses],
-                        dtype=torch.float64)
-
-
-def _finite_loss(loss: float | None) -> bool:
-    return loss is not None and math.isfinite(loss)
-
-
-def robust_band(losses: list[float | None], window: int, band: float) -> torch.Tensor:
-    """Upper edge of the running robust band for each step (nan where there is no history yet).
-
-    For step i, over the finite losses among the previous ``window`` steps::
-
-        edge_i = median + band * max(1.4826 * MAD, 1e-3 * |median|)
-
-    (MAD = median absolute deviation, 1.4826 MAD estimates a Gaussian sigma:
-    Hampel's robust z-score; the floor keeps a flat loss from flagging noise.
-    Medians of an even count are the lower middle value, as torch.nanmedian's.)
-    """
-    values = _loss_tensor(losses)
-    values = torch.where(values.isfinite(), values, torch.nan)
-    padded = torch.cat([torch.full((window,), torch.nan, dtype=torch.float64), values])
-    history = padded.unfold(0, window, 1)[:-1]  # row i: the `window` steps before step i
-    median = history.nanmedian(dim=1).values
-    mad = (history - median[:, None]).abs().nanmedian(dim=1).values
-    return median + band * torch.maximum(1.4826 * mad, 1e-3 * median.abs())
-
-
-def loss_spike(report: MonitorReport, t: Thresholds) -> list[HealthWarning]:
-    """Losses above the running robust band of the previous ``t.loss_window`` finite losses."""
-    losses = report.losses
-    if not losses:
+def loss_spike(history: WarningHistory, t: Thresholds) -> list[HealthWarning]:
+    """Losses above the robust band (:func:`~robust_attn.health.warning_history.robust_edge`) of
+    the previous ``t.loss_window`` steps' finite losses, when at least ``t.loss_min_history``."""
+    if not history.spikes:
         return []
-    edge = robust_band(losses, t.loss_window, t.loss_band)
-    finite = torch.tensor([_finite_loss(loss) for loss in losses], dtype=torch.long)
-    seen = torch.cat([torch.zeros(1, dtype=torch.long), finite.cumsum(0)])
-    known = seen[:-1] - seen[:-1].roll(t.loss_window).masked_fill(
-        torch.arange(len(losses)) < t.loss_window, 0)  # finite losses among the previous window
-    values = _loss_tensor(losses)
-    spikes = ((values > edge) & (known >= t.loss_min_history)).nonzero().flatten().tolist()
-    if not spikes:
-        return []
+    step, value, edge = history.recent_spikes[-1]
     return [_warning("loss_spike", None, None,
-                     f"loss spiked at {len(spikes)} step(s), latest step {spikes[-1]}: "
-                     f"{losses[spikes[-1]]:.4g} > band {edge[spikes[-1]].item():.4g}",
-                     {"steps": spikes[-t.evidence_samples:],
-                      "values": [losses[i] for i in spikes[-t.evidence_samples:]],
-                      "band": [edge[i].item() for i in spikes[-t.evidence_samples:]]})]
+                     f"loss spiked at {history.spikes} step(s), latest step {step}: "
+                     f"{value:.4g} > band {edge:.4g}",
+                     {"steps": [s for s, _, _ in history.recent_spikes],
+                      "values": [v for _, v, _ in history.recent_spikes],
+                      "band": [e for _, _, e in history.recent_spikes]})]
 
 
-def loss_oscillation(report: MonitorReport, t: Thresholds) -> list[HealthWarning]:
+def loss_oscillation(history: WarningHistory, t: Thresholds) -> list[HealthWarning]:
     """The last losses alternate up and down, with changes large against the loss itself."""
-    recent = [(step, loss) for step, loss in enumerate(report.losses)
-              if _finite_loss(loss)][-t.oscillation_window:]
+    recent = history.finite_losses
     if len(recent) < t.oscillation_window:
         return []
     losses = torch.tensor([loss for _, loss in recent], dtype=torch.float64)
@@ -379,91 +330,85 @@ def loss_oscillation(report: MonitorReport, t: Thresholds) -> list[HealthWarning
                       "flips": flips, "relative_amplitude": amplitude})]
 
 
-def divergence(report: MonitorReport, t: Thresholds) -> list[HealthWarning]:
+def divergence(history: WarningHistory, t: Thresholds) -> list[HealthWarning]:
     """A non-finite loss, or a layer whose latest probe counted non-finite q, k, v or output."""
     warnings = []
-    bad = [step for step, loss in enumerate(report.losses)
-           if loss is not None and not math.isfinite(loss)]
-    if bad:
+    if history.nonfinite_losses:
+        first = history.first_nonfinite_losses
         warnings.append(_warning("divergence", None, None,
-                                 f"non-finite loss at {len(bad)} step(s), first at step {bad[0]}",
-                                 {"steps": bad[:t.evidence_samples],
-                                  "values": [report.losses[s] for s in bad[:t.evidence_samples]]}))
-    for series in report.layers:
-        count = _latest(series.nonfinite)
-        if count is not None and count > 0:
-            warnings.append(_warning("divergence", series.name, None,
-                                     f"{series.name}: {count:g} non-finite values in q, k, v or "
-                                     "the attention output",
-                                     _recent(report.steps, series.nonfinite, t.evidence_samples)))
+                                 f"non-finite loss at {history.nonfinite_losses} step(s), first at "
+                                 f"step {first[0][0]}",
+                                 {"steps": [step for step, _ in first],
+                                  "values": [loss for _, loss in first]}))
+    for layer in history.layers:
+        tail = layer.tails["nonfinite"]
+        if tail.latest is not None and tail.latest > 0:
+            warnings.append(_warning("divergence", layer.name, None,
+                                     f"{layer.name}: {tail.latest:g} non-finite values in q, k, v "
+                                     "or the attention output", history.recent(tail)))
     return warnings
 
 
-def _gradient_norms(report: MonitorReport) -> list[tuple[LayerSeries, float]]:
-    return [(series, norm) for series in report.layers
-            if (norm := _latest(series.grad_norm)) is not None]
-
-
-def vanishing_gradients(report: MonitorReport, t: Thresholds) -> list[HealthWarning]:
+def vanishing_gradients(history: WarningHistory, t: Thresholds) -> list[HealthWarning]:
     """A layer's latest gradient norm below ``t.vanishing_ratio`` times the largest layer's, or 0.
 
     Relative, because the loss sets the gradients' scale: the layer learns
     that much slower than the fastest one (with SGD; Adam rescales, but
     cannot recover a direction lost in rounding).
     """
-    norms = _gradient_norms(report)
+    norms = [(layer, tail.latest) for layer in history.layers
+             if (tail := layer.tails["grad_norm"]).latest is not None]
     if not norms:
         return []
     largest = max(norm for _, norm in norms)
-    return [_warning("vanishing_gradients", series.name, None,
-                     f"{series.name}: gradient norm {norm:.2g} is < {t.vanishing_ratio:g} of the "
+    return [_warning("vanishing_gradients", layer.name, None,
+                     f"{layer.name}: gradient norm {norm:.2g} is < {t.vanishing_ratio:g} of the "
                      f"largest layer's ({largest:.2g})",
-                     {**_recent(report.steps, series.grad_norm, t.evidence_samples),
-                      "largest": largest})
-            for series, norm in norms if norm == 0 or norm < t.vanishing_ratio * largest]
+                     {**history.recent(layer.tails["grad_norm"]), "largest": largest})
+            for layer, norm in norms if norm == 0 or norm < t.vanishing_ratio * largest]
 
 
-def exploding_gradients(report: MonitorReport, t: Thresholds) -> list[HealthWarning]:
-    """A layer's latest gradient norm non-finite or > ``t.exploding_factor`` x its past median."""
+def exploding_gradients(history: WarningHistory, t: Thresholds) -> list[HealthWarning]:
+    """A layer's latest gradient norm non-finite or > ``t.exploding_factor`` x the median of its
+    earlier finite ones (at least 3)."""
     warnings = []
-    for series in report.layers:
-        if not series.grad_norm:
+    for layer in history.layers:
+        latest, earlier = layer.grad_norm, layer.earlier_grad_norms
+        if latest is None:
             continue
-        latest, earlier = series.grad_norm[-1], _finite(series.grad_norm[:-1])
-        median = statistics.median(earlier) if len(earlier) >= 3 else None
-        if math.isinf(latest) or (math.isnan(latest) and earlier) or \
+        median = earlier.median() if len(earlier) >= 3 else None
+        if math.isinf(latest) or (math.isnan(latest) and len(earlier)) or \
                 (median is not None and latest > t.exploding_factor * median):
             warnings.append(_warning(
-                "exploding_gradients", series.name, None,
-                f"{series.name}: gradient norm {latest:.3g}, earlier median "
+                "exploding_gradients", layer.name, None,
+                f"{layer.name}: gradient norm {latest:.3g}, earlier median "
                 f"{median if median is not None else math.nan:.3g}",
-                {**_recent(report.steps, series.grad_norm, t.evidence_samples),
-                 "earlier_median": median}))
+                {**history.recent(layer.tails["grad_norm"]), "earlier_median": median}))
     return warnings
 
 
-def redundant_layer(report: MonitorReport, t: Thresholds) -> list[HealthWarning]:
+def redundant_layer(history: WarningHistory, t: Thresholds) -> list[HealthWarning]:
     """A layer whose centred attention maps repeat the previous layer's (similarity > threshold)."""
-    return [_warning("redundant_layer", series.name, None,
-                     f"{series.name}: attention maps repeat the previous layer's (similarity "
-                     f"{value:.3f} > {t.redundant_similarity:g})",
-                     _recent(report.steps, series.map_similarity, t.evidence_samples))
-            for series in report.layers
-            if (value := _latest(series.map_similarity)) is not None
+    return [_warning("redundant_layer", layer.name, None,
+                     f"{layer.name}: attention maps repeat the previous layer's (similarity "
+                     f"{value:.3f} > {t.redundant_similarity:g})", history.recent(tail))
+            for layer in history.layers
+            if (value := (tail := layer.tails["map_similarity"]).latest) is not None
             and value > t.redundant_similarity]
 
 
-def lazy_layer(report: MonitorReport, t: Thresholds) -> list[HealthWarning]:
+def lazy_layer(history: WarningHistory, t: Thresholds) -> list[HealthWarning]:
     """A layer whose attention output is below ``t.lazy_gain`` of its input's norm."""
-    return [_warning("lazy_layer", series.name, None,
-                     f"{series.name}: attention output is {value:.2g} of its input (< "
+    return [_warning("lazy_layer", layer.name, None,
+                     f"{layer.name}: attention output is {value:.2g} of its input (< "
                      f"{t.lazy_gain:g}): the branch contributes almost nothing",
-                     _recent(report.steps, series.branch_gain, t.evidence_samples))
-            for series in report.layers
-            if (value := _latest(series.branch_gain)) is not None and value < t.lazy_gain]
+                     history.recent(tail))
+            for layer in history.layers
+            if (value := (tail := layer.tails["branch_gain"]).latest) is not None
+            and value < t.lazy_gain]
 
 
-RULES: dict[str, Callable[[MonitorReport, Thresholds], list[HealthWarning]]] = {
+RULES: dict[str, Callable[[WarningHistory, Thresholds], list[HealthWarning]]] = {
     "entropy_collapse": entropy_collapse, "entropy_falling": entropy_falling,
     "logit_growth": logit_growth, "rank_collapse": rank_collapse,
     "attention_sink": attention_sink, "loss_spike": loss_spike,
@@ -477,11 +422,65 @@ def _key(warning: HealthWarning) -> tuple:
     return warning.code, warning.layer, warning.head
 
 
-def _fired(report: MonitorReport, t: Thresholds, codes: Collection[str]) -> list[HealthWarning]:
-    """The rules' raw warnings: after the warm-up, except for the immediate codes."""
-    warmed = report.since(t.warmup_steps) if t.warmup_steps else report
-    return [warning for code in codes
-            for warning in RULES[code](report if code in IMMEDIATE else warmed, t)]
+class EarlyWarnings:
+    """:func:`check` kept up to date as a report grows: :meth:`update` with the report (the same
+    one, longer: a monitor's series are append-only), then :meth:`warnings`. Each new sample costs
+    O(layers x heads) (and O(log n) for two running medians), whatever the samples before it:
+    :class:`~robust_attn.health.warning_history.WarningHistory` keeps what the rules read.
+
+    Hysteresis: the keys the rules fired right after each of the last ``persistence - 1`` samples
+    (with the losses up to that sample's step) are kept; a warning counts when its key fired at
+    each of them and now.
+    """
+
+    def __init__(self, thresholds: Thresholds | None = None, codes: Collection[str] | None = None):
+        self.thresholds = t = thresholds or Thresholds()
+        self.codes = list(RULES) if codes is None else [code for code in RULES if code in codes]
+        self._all = WarningHistory(t)
+        self._warmed = WarningHistory(t, t.warmup_steps) if t.warmup_steps else self._all
+        self._histories = (self._all, self._warmed) if t.warmup_steps else (self._all,)
+        self._samples = 0
+        self._fired: dict[int, set[tuple]] = {}  # samples -> keys fired right after them
+
+    def update(self, report: MonitorReport, samples: int | None = None) -> None:
+        """Read ``report``'s samples after the ones read before: all of them and all its losses,
+        or the first ``samples`` and the losses up to the last one's step (as
+        :meth:`MonitorReport.truncated`)."""
+        count = len(report.steps) if samples is None else samples
+        if not self._samples <= count <= len(report.steps) or \
+                self._all.losses > len(report.losses):
+            raise ValueError(f"samples={samples!r}: the report has {len(report.steps)} samples and "
+                             f"{len(report.losses)} losses, {self._samples} and "
+                             f"{self._all.losses} already read: update with the same, longer report")
+        persistence = self.thresholds.persistence
+        for index in range(self._samples, count):
+            self._push_losses(report, report.steps[index] + 1)
+            for history in self._histories:
+                history.push_sample(report, index)
+            self._samples = index + 1
+            if persistence > 1 and self._samples > count - persistence:
+                self._fired[self._samples] = {_key(w) for w in self._fire()}
+        self._push_losses(report, len(report.losses) if samples is None else
+                          report.steps[count - 1] + 1 if count else 0)
+        self._fired = {k: keys for k, keys in self._fired.items() if k > count - persistence}
+
+    def warnings(self, in_use: Collection[str] = ()) -> list[HealthWarning]:
+        """The warnings the report read so far raises now (as :func:`check`)."""
+        current = self._fire()
+        for back in range(1, self.thresholds.persistence):
+            earlier = self._fired.get(self._samples - back, set())
+            current = [w for w in current if w.code in IMMEDIATE or _key(w) in earlier]
+        return [suggest(warning, in_use) for warning in current] if in_use else current
+
+    def _push_losses(self, report: MonitorReport, stop: int) -> None:
+        for index in range(self._all.losses, min(stop, len(report.losses))):
+            for history in self._histories:
+                history.push_loss(report.losses[index])
+
+    def _fire(self) -> list[HealthWarning]:
+        """The rules' raw warnings: after the warm-up, except for the immediate codes."""
+        return [warning for code in self.codes for warning in
+                RULES[code](self._all if code in IMMEDIATE else self._warmed, self.thresholds)]
 
 
 def check(report: MonitorReport, thresholds: Thresholds | None = None,
@@ -492,17 +491,12 @@ def check(report: MonitorReport, thresholds: Thresholds | None = None,
     A rule's warning counts when the rule fired for the same layer and head on
     each of the last ``thresholds.persistence`` sampled steps (hysteresis;
     immediate codes need once). in_use: presets the model already uses, left out
-    of the suggestions. codes: only these rules (default all).
+    of the suggestions. codes: only these rules (default all). Costs O(samples + losses); to
+    check a growing report after each sample, keep an :class:`EarlyWarnings` instead.
     """
-    t = thresholds or Thresholds()
-    codes = list(RULES) if codes is None else [code for code in RULES if code in codes]
-    current = _fired(report, t, codes)
-    for back in range(1, t.persistence):
-        samples = len(report.steps) - back
-        earlier = {_key(w) for w in _fired(report.truncated(samples), t, codes)} \
-            if samples >= 1 else set()
-        current = [w for w in current if w.code in IMMEDIATE or _key(w) in earlier]
-    return [suggest(warning, in_use) for warning in current] if in_use else current
+    warnings = EarlyWarnings(thresholds, codes)
+    warnings.update(report)
+    return warnings.warnings(in_use)
 
 
 def replay(report: MonitorReport, thresholds: Thresholds | None = None,
@@ -510,5 +504,8 @@ def replay(report: MonitorReport, thresholds: Thresholds | None = None,
            ) -> list[tuple[int, list[HealthWarning]]]:
     """(sampled step, the warnings :func:`check` raised right after it) for every sampled step:
     what a monitor checked after each sample would have said, for scoring lead time."""
-    return [(report.steps[k - 1], check(report.truncated(k), thresholds, in_use, codes))
-            for k in range(1, len(report.steps) + 1)]
+    warnings, timeline = EarlyWarnings(thresholds, codes), []
+    for samples in range(1, len(report.steps) + 1):
+        warnings.update(report, samples)
+        timeline.append((report.steps[samples - 1], warnings.warnings(in_use)))
+    return timeline

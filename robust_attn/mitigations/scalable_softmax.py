@@ -47,6 +47,20 @@ n is, per query row, the number of keys that query may attend, counted from the 
   within the causal triangle when both apply. Per batch and head when the mask has those
   dimensions.
 
+**Sparsity and block_topk: a documented deviation.** The paper's n is the size of the softmax's
+input vector, the keys the row's softmax runs over. A sparsity pattern (``sparsity=``) or
+block_topk's selection also restricts those keys, but n here counts only the mask and causality:
+this stage (transform_qk) runs before the problem exists, and the pattern's or the selection's
+keys per row are known only there (block_topk's only after scoring). So with either, n is the
+row's keys before the restriction (log n larger than the paper's by log(n / kept keys)): the
+function stays what it is at every length (no leak), but it is not the paper's SSMax over the
+kept keys. Counting the kept keys needs a problem-stage hook that both sparsity and block_topk
+expose (not done: those files belong elsewhere). tests/test_scalable_softmax.py pins this.
+
+Initial s: checked again (this session) and still not verified: the stored copy of the paper
+(arXiv 2501.19399v1, html) ends after the introduction, and no stored page or code quotes the
+initial value the paper uses; third-party implementations default to 0.43 (Figure 1's s) or 1.0.
+
 A row with n <= 1 gets log 1 = 0: its one key takes all the weight anyway, and a row with no
 allowed key (n = 0, output zero or the sinks') gets q = 0 instead of log 0 = -inf.
 

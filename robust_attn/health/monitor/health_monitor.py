@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import all_reduce, pack, unpack
-from ..early_warnings import HealthWarning, Thresholds, check
+from ..early_warnings import EarlyWarnings, HealthWarning, Thresholds
 from ..probe import AttentionHealth
 from .in_use import presets_in_use
 from .maps import attention_modules
@@ -64,9 +64,9 @@ class HealthMonitor:
             :meth:`attention_maps` (memory: one sampled map per module).
         writers: objects with ``write(report, warnings)``, called after each sampled step
             (:mod:`robust_attn.health.monitor.writers`); with writers, each sampled step also
-            runs :meth:`warnings`, whose cost grows with the samples so far (some rules read
-            whole series: about 1.5 ms after 10 samples and 170 ms after 1000, 12 layers of 4
-            heads, one CPU thread).
+            runs :meth:`warnings`, which reads only the samples since the last call
+            (:class:`~robust_attn.health.early_warnings.EarlyWarnings`): its cost does not grow
+            with the run (benchmarks/results/monitor-overhead.md).
     """
 
     def __init__(self, model: nn.Module, every: int = 10, reduce_across_ranks: bool = False,
@@ -83,6 +83,7 @@ class HealthMonitor:
         self.reduce_across_ranks = reduce_across_ranks
         self.process_group = process_group
         self.thresholds = thresholds or Thresholds()
+        self._early_warnings = EarlyWarnings(self.thresholds)
         self.keep_maps = keep_maps
         self.in_use = presets_in_use(self.modules.values())
         self._maps: dict[str, Tensor] = {}
@@ -144,7 +145,8 @@ class HealthMonitor:
     def warnings(self) -> list[HealthWarning]:
         """The early warnings the series so far raise (:mod:`robust_attn.health.early_warnings`); their
         suggestions leave out the presets the model already uses (:attr:`in_use`)."""
-        return check(self.report(), self.thresholds, in_use=self.in_use)
+        self._early_warnings.update(self.report())
+        return self._early_warnings.warnings(self.in_use)
 
     def to_csv(self, path):
         """Write :meth:`MonitorReport.to_csv` of the series so far; returns the path."""
@@ -185,7 +187,8 @@ class HealthMonitor:
         """Hand the writers the report with the new sample and the warnings it raises."""
         if self.writers:
             report = self.report()
-            warnings = check(report, self.thresholds, in_use=self.in_use)
+            self._early_warnings.update(report)
+            warnings = self._early_warnings.warnings(self.in_use)
             for writer in self.writers:
                 writer.write(report, warnings)
 
