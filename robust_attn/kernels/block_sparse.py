@@ -82,14 +82,19 @@ class BlockSparseLayout:
     """Which keys each query block gathers, in Python ints (a constant for torch.compile).
 
     Query block b holds queries b * block .. b * block + block - 1 (the last one cut at Nq);
-    key block c likewise holds keys c * block ...
+    key block c holds keys c * key_block ... A light block b attends, in this order: the global
+    keys; its band, the ``band`` keys from b * block + band_start on (keys outside [0, Nk) are
+    padding); and its ``num_key_blocks`` key blocks in ``key_blocks``.
     """
 
     block: int
+    key_block: int
     num_queries: int
     num_keys: int
     global_keys: tuple[int, ...]  # gathered by every light block, sorted
     light_blocks: tuple[int, ...]  # query blocks attending gathered keys, sorted
+    band_start: int  # first band key of light block b: b * block + band_start
+    band: int  # band length (0: no band)
     key_blocks: tuple[int, ...]  # (light blocks * K): the K key blocks each light block gathers
     num_key_blocks: int  # K
     heavy_blocks: tuple[int, ...]  # query blocks attending every key, sorted
@@ -101,7 +106,7 @@ class BlockSparseLayout:
 
 
 def _candidate_blocks(pattern: Pattern, causal: bool, num_queries: int, num_keys: int,
-                      block: int, device: torch.device) -> Tensor:
+                      block: int, key_block: int, device: torch.device) -> Tensor:
     """(query blocks, key blocks) bool: the block pairs that may hold an allowed non-global key,
     from the pattern's :meth:`~robust_attn.sparse.Pattern.key_ranges` (every pair where it has
     none), intersected with the causal mask's, aligned to the keys."""
@@ -116,8 +121,8 @@ def _candidate_blocks(pattern: Pattern, causal: bool, num_queries: int, num_keys
     # A difference array over key blocks: +1 where a range's first block is, -1 past its last.
     used = start < stop
     query_block = (rows // block)[:, None].expand_as(start)[used]
-    first, past = start[used] // block, (stop[used] - 1) // block + 1
-    key_blocks = -(-num_keys // block)
+    first, past = start[used] // key_block, (stop[used] - 1) // key_block + 1
+    key_blocks = -(-num_keys // key_block)
     steps = torch.zeros(-(-num_queries // block), key_blocks + 1, dtype=torch.int32, device=device)
     ones = torch.ones_like(first, dtype=torch.int32)
     steps.index_put_((query_block, first), ones, accumulate=True)
@@ -125,40 +130,55 @@ def _candidate_blocks(pattern: Pattern, causal: bool, num_queries: int, num_keys
     return steps.cumsum(dim=1)[:, :key_blocks] > 0
 
 
-def _block_needs(mask_mod: MaskMod, candidates: Tensor, num_queries: int, num_keys: int,
-                 is_global: Tensor, block: int) -> tuple[Tensor, Tensor]:
-    """(query blocks, key blocks) bool: does any query of the block attend a non-global key
-    there; and (Nq,) bool: does the query attend any non-global key.
+def _keys_used(mask_mod: MaskMod, candidates: Tensor, num_queries: int, num_keys: int,
+               is_global: Tensor, block: int, key_block: int) -> tuple[Tensor, Tensor]:
+    """(query blocks, key blocks * key_block) bool: does any query of the block attend the
+    non-global key; and (Nq,) bool: does the query attend any non-global key.
 
     Evaluates the mask on the pairs of the ``candidates`` block pairs only (elsewhere it
     allows no non-global key), a few at a time, on int32 indices (FlexAttention's index
     dtype; less memory traffic than int64)."""
     device = is_global.device
     pairs = torch.nonzero(candidates)
-    offsets = torch.arange(block, device=device, dtype=torch.int32)
-    needs = torch.zeros_like(candidates)
+    query_offsets = torch.arange(block, device=device, dtype=torch.int32)
+    key_offsets = torch.arange(key_block, device=device, dtype=torch.int32)
+    used = torch.zeros(candidates.shape[0], candidates.shape[1] * key_block, dtype=torch.bool,
+                       device=device)
     attends = torch.zeros(candidates.shape[0] * block, dtype=torch.int32, device=device)
-    step = max(1, _NEEDS_ELEMENTS // (block * block))
+    step = max(1, _NEEDS_ELEMENTS // (block * key_block))
     for chunk in pairs.split(step):
-        rows = chunk[:, :1].to(torch.int32) * block + offsets  # (pairs, block)
-        keys = chunk[:, 1:].to(torch.int32) * block + offsets
+        rows = chunk[:, :1].to(torch.int32) * block + query_offsets  # (pairs, block)
+        keys = chunk[:, 1:].to(torch.int32) * key_block + key_offsets  # (pairs, key_block)
         real_key = ~is_global[keys] & (keys < num_keys)
         allowed = evaluate(mask_mod, rows.clamp_max(num_queries - 1)[:, :, None],
                            keys.clamp_max(num_keys - 1)[:, None, :]) & real_key[:, None, :]
-        row_attends = allowed.any(dim=2)
-        needs[chunk[:, 0], chunk[:, 1]] = row_attends.any(dim=1)
-        attends.index_add_(0, rows.flatten(), row_attends.flatten().to(torch.int32))
-    return needs, attends[:num_queries] > 0
+        used[chunk[:, :1], keys.long()] = allowed.any(dim=1)
+        attends.index_add_(0, rows.flatten(), allowed.any(dim=2).flatten().to(torch.int32))
+    return used, attends[:num_queries] > 0
 
 
-def _light_blocks_cost(counts: Tensor, light_keys: int, block: int, num_keys: int) -> list:
+def _band(used: Tensor, block: int, offset: int) -> tuple[int, int]:
+    """(band_start, band): the keys, relative to each query block's first query (aligned to the
+    keys: + ``offset``), that most query blocks use; (0, 0) when none is used by most."""
+    query_blocks, width = used.shape
+    blocks, keys = torch.nonzero(used, as_tuple=True)
+    relative = keys - blocks * block - offset + width  # >= 0
+    common = torch.nonzero(torch.bincount(relative, minlength=2 * width) * 2 > query_blocks)
+    if not common.numel():
+        return 0, 0
+    first, last = int(common[0]) - width, int(common[-1]) - width
+    return first + offset, last - first + 1
+
+
+def _light_blocks_cost(counts: Tensor, light_keys: int, block: int, key_block: int,
+                       num_keys: int) -> list:
     """(scores, K) for each K a light block may gather: blocks needing more key blocks are heavy."""
     cost = []
     smallest = 1 if light_keys == 0 else 0  # every light block gathers at least one key
     for k in sorted(set(counts.tolist()) | {smallest}):
         k = max(k, smallest)
         light = int((counts <= k).sum())
-        cost.append((light * block * (light_keys + k * block)
+        cost.append((light * block * (light_keys + k * key_block)
                      + (len(counts) - light) * block * num_keys, k))
     return cost
 
@@ -185,16 +205,37 @@ def _block_rows(blocks: Tensor, block: int) -> Tensor:
     return blocks[:, None] * block + torch.arange(block, device=blocks.device)
 
 
+def _in_band(blocks: Tensor, keys: Tensor, block: int, band_start: int, band: int) -> Tensor:
+    """Bool, ``keys``' shape: is the key in the band of the query block (``blocks``, broadcast)."""
+    relative = keys - blocks * block - band_start
+    return (relative >= 0) & (relative < band)
+
+
+def key_block_size(block: int) -> int:
+    """Granularity of the key blocks gathered beyond the band: 64 keys (BigBird's random blocks),
+    or the query block when shorter."""
+    return min(64, block)
+
+
 @functools.lru_cache(maxsize=32)
 def _layout(pattern: Pattern, causal: bool, num_queries: int, num_keys: int, block: int,
             device: torch.device) -> BlockSparseLayout:
     mask_mod = structural_mask_mod(pattern, causal, num_queries, num_keys)
+    key_block = key_block_size(block)
     global_keys = _global_keys(pattern, num_queries, num_keys)
-    is_global = _is_global(global_keys, num_keys, block, device)
-    candidates = _candidate_blocks(pattern, causal, num_queries, num_keys, block, device)
-    needs, attends = _block_needs(mask_mod, candidates, num_queries, num_keys, is_global, block)
+    is_global = _is_global(global_keys, num_keys, key_block, device)
+    candidates = _candidate_blocks(pattern, causal, num_queries, num_keys, block, key_block, device)
+    used, attends = _keys_used(mask_mod, candidates, num_queries, num_keys, is_global, block,
+                               key_block)
+    band_start, band = _band(used, block, num_keys - num_queries)
+    query_blocks = used.shape[0]
+    outside = used & ~_in_band(torch.arange(query_blocks, device=device)[:, None],
+                               torch.arange(used.shape[1], device=device)[None], block,
+                               band_start, band)
+    needs = outside.view(query_blocks, -1, key_block).any(dim=2)
     counts = needs.sum(dim=1)
-    _, k = min(_light_blocks_cost(counts, len(global_keys), block, num_keys))
+    light_keys = len(global_keys) + band
+    _, k = min(_light_blocks_cost(counts, light_keys, block, key_block, num_keys))
     light_blocks = torch.nonzero(counts <= k).flatten()
     heavy_blocks = torch.nonzero(counts > k).flatten().tolist()
     # Each light block's key blocks: the needed ones first (a stable sort keeps them in order),
@@ -203,18 +244,18 @@ def _layout(pattern: Pattern, causal: bool, num_queries: int, num_keys: int, blo
     # Only the last query block can be cut short, and it sorts last.
     heavy_rows = sum(min(block, num_queries - b * block) for b in heavy_blocks)
     # Which part has queries with no allowed key: known here, so the plan needs no
-    # data-dependent branch. A light block gathers every key block it needs, so its queries,
+    # data-dependent branch. A light block gathers every key it needs, so its queries,
     # like the heavy ones, see every key they may attend: a query has one if it may attend a
     # global key or a non-global one (``attends``).
     rows = torch.arange(num_queries, device=device)
     attends = attends | evaluate(mask_mod, rows[:, None], _index(global_keys, device)[None]).any(dim=1)
     is_light = torch.zeros_like(counts, dtype=torch.bool).index_fill(0, light_blocks, True)[rows // block]
     return BlockSparseLayout(
-        block, num_queries, num_keys, global_keys, tuple(light_blocks.tolist()),
-        tuple(key_blocks[:, :k].flatten().tolist()), k, tuple(heavy_blocks), heavy_rows,
-        light_rows_without_key=not bool(attends[is_light].all()),
+        block, key_block, num_queries, num_keys, global_keys, tuple(light_blocks.tolist()),
+        band_start, band, tuple(key_blocks[:, :k].flatten().tolist()), k, tuple(heavy_blocks),
+        heavy_rows, light_rows_without_key=not bool(attends[is_light].all()),
         heavy_rows_without_key=not bool(attends[~is_light].all()),
-        share=(len(light_blocks) * block * (len(global_keys) + k * block) + heavy_rows * num_keys)
+        share=(len(light_blocks) * block * (light_keys + k * key_block) + heavy_rows * num_keys)
         / (num_queries * num_keys))
 
 
@@ -232,78 +273,157 @@ def block_sparse_layout(pattern: Pattern, causal: bool, num_queries: int, num_ke
         return _layout(pattern, causal, num_queries, num_keys, block, device)
 
 
-# Query rows (R,), the keys each block of them gathers (blocks, L), allowed (blocks, R / blocks, L).
-Rows = tuple[Tensor, Tensor, Tensor]
+def _contiguous(blocks: tuple[int, ...]) -> range | None:
+    """``blocks`` as a range when they are consecutive (then rows are a slice, not a gather)."""
+    return range(blocks[0], blocks[-1] + 1) if blocks and blocks[-1] - blocks[0] + 1 == len(blocks) \
+        else None
 
 
-def _parts(layout: BlockSparseLayout, mask_mod: MaskMod, device: torch.device) -> tuple[Rows, Rows]:
-    """The light and the heavy query rows, the keys they gather and the pattern there (blocked:
-    padding past Nk, global keys gathered again in a key block), built from the layout with
-    shape-static operations only (traceable)."""
-    num_queries, num_keys, block = layout.num_queries, layout.num_keys, layout.block
-    global_keys, num_light = _index(layout.global_keys, device), len(layout.light_blocks)
-    positions = _block_rows(_index(layout.key_blocks, device), block).view(
-        num_light, layout.num_key_blocks * block)
-    keys = torch.cat([global_keys.expand(num_light, -1), positions.clamp_max(num_keys - 1)], dim=1)
-    key_ok = torch.cat([torch.ones_like(keys[:, :len(global_keys)], dtype=torch.bool),
-                        (positions < num_keys)
-                        & ~_is_global(layout.global_keys, num_keys, block, device)[positions]], dim=1)
-    rows = _block_rows(_index(layout.light_blocks, device), block).clamp_max(num_queries - 1)
-    # The pattern on int32 indices, as in the layout: half the memory traffic of int64.
-    light_allowed = evaluate(mask_mod, rows.int()[:, :, None], keys.int()[:, None, :]) & key_ok[:, None, :]
-
-    heavy_rows = _block_rows(_index(layout.heavy_blocks, device), block).flatten()
-    heavy_rows = heavy_rows[:layout.heavy_rows]
-    all_keys = torch.arange(num_keys, device=device)
-    heavy_allowed = evaluate(mask_mod, heavy_rows.int()[:, None], all_keys.int()[None])[None]
-    return (rows.flatten(), keys, light_allowed), (heavy_rows, all_keys[None], heavy_allowed)
+def _light_keys(layout: BlockSparseLayout, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(light blocks, L) the key each light block attends in each slot (clamped into [0, Nk)),
+    and (light blocks, L) bool: is the slot a key of its own (not padding, not a global key
+    again in the band, not a band key again in a key block)."""
+    num_keys, block, key_block = layout.num_keys, layout.block, layout.key_block
+    blocks = _index(layout.light_blocks, device)[:, None]
+    is_global = _is_global(layout.global_keys, num_keys, key_block, device)
+    global_keys = _index(layout.global_keys, device).expand(len(layout.light_blocks), -1)
+    band = blocks * block + layout.band_start + torch.arange(layout.band, device=device)
+    gathered = _block_rows(_index(layout.key_blocks, device), key_block).view(
+        len(layout.light_blocks), layout.num_key_blocks * key_block)
+    band_ok = (band >= 0) & (band < num_keys)
+    band_ok &= ~is_global[band.clamp(0, num_keys - 1)]
+    gathered_ok = (gathered < num_keys) & ~is_global[gathered] & ~_in_band(
+        blocks, gathered, block, layout.band_start, layout.band)
+    keys = torch.cat([global_keys, band, gathered], dim=1).clamp(0, num_keys - 1)
+    return keys, torch.cat([torch.ones_like(global_keys, dtype=torch.bool), band_ok, gathered_ok],
+                           dim=1)
 
 
 @dataclass(frozen=True)
 class _Attend:
-    """Some query rows attending gathered keys with a mask; ``keep`` zeroes rows with no key."""
+    """Some query rows attending their keys with a mask; ``keep`` zeroes rows with no key."""
 
     rows: Tensor  # (R,) query rows, R = blocks * block_rows
-    keys: Tensor  # (blocks, L) key indices gathered for each block of rows
-    mask: Tensor  # (blocks, block_rows, L) bool (SDPA's fused CPU kernel needs it 4D: mask[None])
+    mask: Tensor | None  # (blocks, block_rows, L) bool; None: every key allowed
     keep: Tensor | None  # (blocks, block_rows, 1): 0 for rows with no allowed key; None: all have
 
-    @classmethod
-    def build(cls, rows: Tensor, keys: Tensor, allowed: Tensor, rows_without_key: bool) -> _Attend:
-        """Rows with no allowed key (``rows_without_key``, known from the layout: no
-        data-dependent branch here) attend a placeholder key, the first, and are zeroed."""
+    @staticmethod
+    def masks(allowed: Tensor, rows_without_key: bool) -> tuple[Tensor | None, Tensor | None]:
+        """(mask, keep) from the allowed pairs: rows with no allowed key (``rows_without_key``,
+        known from the layout: no data-dependent branch here) attend a placeholder key, the
+        first, and are zeroed."""
         if not rows_without_key:
-            return cls(rows, keys, allowed, None)
+            return allowed, None
         has_key = allowed.any(dim=-1, keepdim=True)
         mask = torch.cat([allowed[..., :1] | ~has_key, allowed[..., 1:]], dim=-1)
-        return cls(rows, keys, mask, has_key.to(torch.get_default_dtype()))
+        return mask, has_key.to(torch.get_default_dtype())
 
-    def __call__(self, problem: AttentionProblem, dropout_p: float) -> Tensor:
-        """(B, H, R, Dv)."""
-        (batch, heads), blocks = problem.q.shape[:2], self.keys.shape[0]
-
-        def gather(t: Tensor, index: Tensor) -> Tensor:
-            return t.index_select(2, index.flatten()).flatten(0, 1).unflatten(1, (blocks, -1))
-
+    def attend(self, problem: AttentionProblem, q: Tensor, k: Tensor, v: Tensor,
+               dropout_p: float) -> Tensor:
+        """q (B * H, blocks, block_rows, D), k and v (B * H, blocks, L, D) -> (B, H, R, Dv)."""
         out = F.scaled_dot_product_attention(
-            gather(problem.q, self.rows), gather(problem.k, self.keys),
-            gather(problem.v, self.keys), attn_mask=self.mask[None], dropout_p=dropout_p,
-            scale=problem.scale,
-        )
+            q, k, v, attn_mask=None if self.mask is None else self.mask[None],
+            dropout_p=dropout_p, scale=problem.scale)
         if self.keep is not None:
             out = out * self.keep.to(out.dtype)
-        return out.flatten(1, 2).unflatten(0, (batch, heads))
+        return out.flatten(1, 2).unflatten(0, problem.q.shape[:2])
+
+
+@dataclass(frozen=True)
+class _Heavy(_Attend):
+    """Query rows attending every key."""
+
+    def __call__(self, problem: AttentionProblem, dropout_p: float) -> Tensor:
+        q = problem.q.index_select(2, self.rows).flatten(0, 1)[:, None]
+        return self.attend(problem, q, problem.k.flatten(0, 1)[:, None],
+                           problem.v.flatten(0, 1)[:, None], dropout_p)
+
+
+@dataclass(frozen=True)
+class _Light(_Attend):
+    """Query blocks attending the global keys, their band and their gathered key blocks.
+
+    The band is a strided view of the padded keys (``unfold``: overlapping windows, no copy;
+    its backward sums the windows' gradients), and consecutive query blocks are a view of the
+    padded queries, so a banded pattern gathers nothing."""
+
+    layout: BlockSparseLayout
+    global_keys: Tensor  # (G,)
+    gathered: Tensor  # (light blocks * K * key_block,)
+
+    def queries(self, q: Tensor) -> Tensor:
+        """(B * H, light blocks, block, D)."""
+        layout, blocks = self.layout, _contiguous(self.layout.light_blocks)
+        if blocks is None:
+            return q.index_select(2, self.rows).flatten(0, 1).unflatten(1, (len(layout.light_blocks), -1))
+        first, past = blocks.start * layout.block, blocks.stop * layout.block
+        q = F.pad(q, (0, 0, 0, max(0, past - layout.num_queries)))
+        return q[:, :, first:past].flatten(0, 1).unflatten(1, (len(blocks), layout.block))
+
+    def band(self, t: Tensor) -> Tensor:
+        """(B, H, light blocks, band, D): the bands, a view of t padded (a gather when the light
+        blocks are not consecutive)."""
+        layout, blocks = self.layout, _contiguous(self.layout.light_blocks)
+        query_blocks = -(-layout.num_queries // layout.block)
+        before = max(0, -layout.band_start)
+        after = max(0, (query_blocks - 1) * layout.block + layout.band_start + layout.band
+                    - layout.num_keys)
+        padded = F.pad(t, (0, 0, before, after))[:, :, max(0, layout.band_start):]
+        bands = padded.unfold(2, layout.band, layout.block).transpose(-1, -2)
+        if blocks is None:
+            return bands.index_select(2, _index(layout.light_blocks, t.device))
+        return bands[:, :, blocks.start:blocks.stop]
+
+    def keys(self, t: Tensor) -> Tensor:
+        """(B * H, light blocks, L, D): t's global keys, band and gathered key blocks."""
+        layout, num_light = self.layout, len(self.layout.light_blocks)
+        parts = []
+        if layout.global_keys:
+            parts.append(t.index_select(2, self.global_keys)[:, :, None].expand(
+                -1, -1, num_light, -1, -1))
+        if layout.band:
+            parts.append(self.band(t))
+        if layout.num_key_blocks:
+            parts.append(t.index_select(2, self.gathered).unflatten(2, (num_light, -1)))
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)).flatten(0, 1)
+
+    def __call__(self, problem: AttentionProblem, dropout_p: float) -> Tensor:
+        return self.attend(problem, self.queries(problem.q), self.keys(problem.k),
+                           self.keys(problem.v), dropout_p)
+
+
+def _light(layout: BlockSparseLayout, mask_mod: MaskMod, device: torch.device) -> _Light:
+    rows = _block_rows(_index(layout.light_blocks, device), layout.block)
+    keys, key_ok = _light_keys(layout, device)
+    # The pattern on int32 indices, as in the layout: half the memory traffic of int64.
+    allowed = evaluate(mask_mod, rows.clamp_max(layout.num_queries - 1).int()[:, :, None],
+                       keys.int()[:, None, :]) & key_ok[:, None, :]
+    mask, keep = _Attend.masks(allowed, layout.light_rows_without_key)
+    if keep is None and bool(mask.all()):  # known when the plan is built: no mask at all
+        mask = None
+    gathered = _block_rows(_index(layout.key_blocks, device), layout.key_block).flatten()
+    return _Light(rows.flatten().clamp_max(layout.num_queries - 1), mask, keep, layout,
+                  _index(layout.global_keys, device), gathered.clamp_max(layout.num_keys - 1))
+
+
+def _heavy(layout: BlockSparseLayout, mask_mod: MaskMod, device: torch.device) -> _Heavy:
+    rows = _block_rows(_index(layout.heavy_blocks, device), layout.block).flatten()
+    rows = rows[:layout.heavy_rows]
+    keys = torch.arange(layout.num_keys, device=device)
+    allowed = evaluate(mask_mod, rows.int()[:, None], keys.int()[None])[None]
+    return _Heavy(rows, *_Attend.masks(allowed, layout.heavy_rows_without_key))
 
 
 @dataclass(frozen=True)
 class BlockSparsePlan:
-    """Light query blocks gathering their keys, heavy rows attending all keys, and ``order``:
-    where each query's output lies in cat(light outputs, heavy outputs)."""
+    """Light query blocks attending their keys, heavy rows attending all keys, and ``order``:
+    where each query's output lies in cat(light outputs, heavy outputs) (None: the light
+    outputs, cut at Nq, are in token order already)."""
 
     layout: BlockSparseLayout
-    light: _Attend
-    heavy: _Attend
-    order: Tensor  # (Nq,)
+    light: _Light
+    heavy: _Heavy
+    order: Tensor | None  # (Nq,)
 
     @property
     def share(self) -> float:
@@ -315,12 +435,13 @@ def build_plan(layout: BlockSparseLayout, pattern: Pattern, causal: bool,
                device: torch.device) -> BlockSparsePlan:
     """The plan's tensors from its layout (shape-static operations only: traceable)."""
     mask_mod = structural_mask_mod(pattern, causal, layout.num_queries, layout.num_keys)
-    light, heavy = _parts(layout, mask_mod, device)
-    # The light rows past Nq (clamped in light[0]) sort after every real row.
-    light_rows = _block_rows(_index(layout.light_blocks, device), layout.block).flatten()
-    order = torch.cat([light_rows, heavy[0]]).argsort()[:layout.num_queries]
-    return BlockSparsePlan(layout, _Attend.build(*light, layout.light_rows_without_key),
-                           _Attend.build(*heavy, layout.heavy_rows_without_key), order)
+    light, heavy = _light(layout, mask_mod, device), _heavy(layout, mask_mod, device)
+    order = None
+    if layout.heavy_blocks:
+        # The light rows past Nq (clamped in light.rows) sort after every real row.
+        light_rows = _block_rows(_index(layout.light_blocks, device), layout.block).flatten()
+        order = torch.cat([light_rows, heavy.rows]).argsort()[:layout.num_queries]
+    return BlockSparsePlan(layout, light, heavy, order)
 
 
 # Eager mode reuses the plan's tensors; traced code builds them in the graph instead.
@@ -331,6 +452,13 @@ def block_size(num_queries: int) -> int:
     """Query block length: about N / 16, a power of two in [16, 128] (larger blocks use SDPA's
     fused CPU kernel better; smaller ones follow a short sequence's pattern more closely)."""
     return min(128, max(16, 2 ** round(math.log2(num_queries / 16))))
+
+
+# A layout with twice the block is taken when it computes at most this many times the scores:
+# SDPA's CPU kernel does a score of a 256-query block about 1.2x faster than of a 128-query one
+# (measured at N = 8192, H = 8, D = 64, fwd+bwd: 0.63 s for 256 x 768 keys against 0.65 s for
+# 128 x 640).
+LARGER_BLOCK_SHARE = 1.2
 
 
 def _plan(layout: BlockSparseLayout, pattern: Pattern, causal: bool,
@@ -349,16 +477,26 @@ def block_sparse_plan(pattern: Pattern, causal: bool, num_queries: int, num_keys
 
 
 def _problem_layout(problem: AttentionProblem, block: int | None) -> BlockSparseLayout:
+    """The layout at ``block``, or when None at :func:`block_size` or twice it, whichever computes
+    fewer scores (the larger when within :data:`LARGER_BLOCK_SHARE` of the smaller: a pattern
+    whose blocks are 256 tokens, such as the benchmark's Fixed(256, 8), gathers nothing then)."""
     # operator.index makes a symbolic length concrete (export with a static length).
     num_queries, num_keys = operator.index(problem.num_queries), operator.index(problem.num_keys)
-    block = block_size(num_queries) if block is None else block
-    return block_sparse_layout(problem.pattern, problem.causal, num_queries, num_keys, block,
-                               problem.q.device)
+    blocks = (block,) if block is not None else (block_size(num_queries),)
+    if block is None and 2 * blocks[0] <= min(256, num_queries):
+        blocks += (2 * blocks[0],)
+    layouts = [block_sparse_layout(problem.pattern, problem.causal, num_queries, num_keys, b,
+                                   problem.q.device) for b in blocks]
+    if len(layouts) == 2 and layouts[1].share <= LARGER_BLOCK_SHARE * layouts[0].share:
+        return layouts[1]
+    return layouts[0]
 
 
 def block_sparse_attention(problem: AttentionProblem, dropout_p: float = 0.0,
                            block: int | None = None) -> Tensor:
     plan = _plan(_problem_layout(problem, block), problem.pattern, problem.causal, problem.q.device)
+    if plan.order is None:
+        return plan.light(problem, dropout_p)[:, :, :problem.num_queries]
     parts = [part(problem, dropout_p) for part in (plan.light, plan.heavy) if part.rows.numel()]
     return torch.cat(parts, dim=2).index_select(2, plan.order)
 
