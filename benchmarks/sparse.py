@@ -118,11 +118,11 @@ def patterns(unit: int, num_tokens: int) -> dict[str, Pattern | None]:
     }
 
 
-def step(case: dict, clock: Clock, memory: PeakMemory) -> dict:
+def step(case: dict, clock: Clock) -> dict:
     """One training step of the case's kernel on its q, k, v, and one of its whole layer; the
     gradients cleared after."""
     problem, layer, x = case["problem"], case["layer"], case["x"]
-    result = training_step(lambda: case["kernel"].run(problem, 0.0), case["grad"], clock, memory)
+    result = training_step(lambda: case["kernel"].run(problem, 0.0), case["grad"], clock)
     whole = training_step(lambda: layer(x), case["layer_grad"], clock)
     result.update({f"layer_{key}": value for key, value in whole.items()})
     for t in (problem.q, problem.k, problem.v, x, *layer.parameters()):
@@ -162,17 +162,35 @@ def prepare(name: str, pattern: Pattern | None, num_tokens: int, config: Config)
     }
 
 
+def peak(case: dict, memory: PeakMemory) -> dict:
+    """The peak memory of one training step of the case's kernel (untimed)."""
+    problem = case["problem"]
+    result = training_step(lambda: case["kernel"].run(problem, 0.0), case["grad"],
+                           Clock(torch.device("cpu")), memory)
+    for t in (problem.q, problem.k, problem.v):
+        t.grad = None
+    return {key: result[key] for key in ("forward_peak_mib", "step_peak_mib")}
+
+
 def measure(config: Config) -> list[dict]:
-    memory, clock = PeakMemory(), Clock(torch.device("cpu"))
-    rows = []
+    """Timed rounds at every N first, then one step of each case for its peak memory: measuring
+    peaks makes glibc return every freed allocation at once (measure.PeakMemory), and the page
+    faults that costs would slow the kernels that allocate most (the sparse ones) in the timing."""
+    clock, timed = Clock(torch.device("cpu")), {}
     for index, num_tokens in enumerate(progress(config.sizes, "sparse sizes")):
         cases = {name: prepare(name, pattern, num_tokens, config)
                  for name, pattern in patterns(config.unit, num_tokens).items()}
         # first calls of every kernel untimed, at the first N only
         runs = interleaved(list(cases), config.repeats[num_tokens],
-                           lambda name, cases=cases: step(cases[name], clock, memory),
+                           lambda name, cases=cases: step(cases[name], clock),
                            warmup=index == 0)
-        rows += [summarise(case, runs[name], runs["dense"], num_tokens) for name, case in cases.items()]
+        timed[num_tokens] = [summarise(case, runs[name], runs["dense"], num_tokens)
+                             for name, case in cases.items()]
+    memory, rows = PeakMemory(), []
+    for num_tokens, summaries in timed.items():
+        for row, (name, pattern) in zip(summaries, patterns(config.unit, num_tokens).items(),
+                                        strict=True):
+            rows.append({**row, **peak(prepare(name, pattern, num_tokens, config), memory)})
     return rows
 
 
@@ -181,8 +199,6 @@ def summarise(case: dict, runs: list[dict], dense: list[dict], num_tokens: int) 
            "definition": "dense" if case["problem"].pattern is None else str(case["problem"].pattern),
            "kernel": case["kernel"].name, "density": case["density"], "repeats": len(runs),
            "setup_s": case["setup_s"], "fallback_warning": case["fallback"]}
-    for key in ("forward_peak_mib", "step_peak_mib"):
-        row[key] = median(runs, key)
     for key in ("forward_s", "forward_backward_s", "layer_forward_s", "layer_forward_backward_s"):
         row[key] = median(runs, key)
         row[f"speedup_{key[:-2]}"] = median(dense, key) / row[key]

@@ -70,6 +70,7 @@ from .._compat import assume_constant_result, outside_tracing_modes
 from ..problem import AttentionProblem
 from ..sparse.pattern import MaskMod, Pattern, evaluate, key_range, structural_mask_mod
 from .base import Kernel
+from .lse_merge import Part, merged_attention
 from .structured import structured_unsupported
 
 # auto uses this kernel only when its plan computes at most this share of the dense scores.
@@ -350,6 +351,7 @@ class _Light(_Attend):
     layout: BlockSparseLayout
     global_keys: Tensor  # (G,)
     gathered: Tensor  # (light blocks * K * key_block,)
+    pieces: tuple  # (mask, empty rows) of each key part, see _pieces
 
     def queries(self, q: Tensor) -> Tensor:
         """(B * H, light blocks, block, D)."""
@@ -374,22 +376,57 @@ class _Light(_Attend):
             return bands.index_select(2, _index(layout.light_blocks, t.device))
         return bands[:, :, blocks.start:blocks.stop]
 
-    def keys(self, t: Tensor) -> Tensor:
-        """(B * H, light blocks, L, D): t's global keys, band and gathered key blocks."""
+    def key_parts(self, t: Tensor) -> list[Tensor]:
+        """t's global keys (B * H, 1, G, D), bands (B * H, light blocks, band, D) and gathered
+        key blocks (B * H, light blocks, K * key_block, D), those the layout has."""
         layout, num_light = self.layout, len(self.layout.light_blocks)
         parts = []
         if layout.global_keys:
-            parts.append(t.index_select(2, self.global_keys)[:, :, None].expand(
-                -1, -1, num_light, -1, -1))
+            parts.append(t.index_select(2, self.global_keys).flatten(0, 1)[:, None])
         if layout.band:
-            parts.append(self.band(t))
+            parts.append(self.band(t).flatten(0, 1))
         if layout.num_key_blocks:
-            parts.append(t.index_select(2, self.gathered).unflatten(2, (num_light, -1)))
-        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)).flatten(0, 1)
+            parts.append(t.index_select(2, self.gathered).flatten(0, 1).unflatten(1, (num_light, -1)))
+        return parts
+
+    def keys(self, t: Tensor) -> Tensor:
+        """(B * H, light blocks, L, D): the key parts side by side (a copy when more than one)."""
+        parts = [part.expand(-1, len(self.layout.light_blocks), -1, -1) for part in self.key_parts(t)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    def merges(self, problem: AttentionProblem, dropout_p: float) -> bool:
+        """Whether the key parts run as separate fused calls merged by their log-sum-exp (on the
+        CPU, several parts, no dropout, equal head dims) instead of one call on copied keys."""
+        return (len(self.pieces) > 1 and dropout_p == 0.0 and problem.q.device.type == "cpu"
+                and problem.q.shape[-1] == problem.v.shape[-1])
 
     def __call__(self, problem: AttentionProblem, dropout_p: float) -> Tensor:
-        return self.attend(problem, self.queries(problem.q), self.keys(problem.k),
-                           self.keys(problem.v), dropout_p)
+        queries = self.queries(problem.q)
+        if not self.merges(problem, dropout_p):
+            return self.attend(problem, queries, self.keys(problem.k), self.keys(problem.v),
+                               dropout_p)
+        rows = (queries.shape[0], queries.shape[1] * queries.shape[2])
+        parts = [Part(queries.reshape(rows[0], k.shape[1], -1, queries.shape[-1]), k, v, mask, empty)
+                 for k, v, (mask, empty) in zip(self.key_parts(problem.k), self.key_parts(problem.v),
+                                                self.pieces, strict=True)]
+        return merged_attention(parts, rows, problem.scale).unflatten(0, problem.q.shape[:2])
+
+
+def _pieces(layout: BlockSparseLayout, allowed: Tensor) -> tuple:
+    """(mask, empty rows) of each key part (global keys, band, key blocks: those the layout has)
+    for :func:`~robust_attn.kernels.lse_merge.merged_attention`: the global keys' over all the
+    light rows at once, (1, R, G); the others per block. None where nothing is blocked."""
+    sizes = [len(layout.global_keys), layout.band, layout.num_key_blocks * layout.key_block]
+    pieces = []
+    for index, piece in enumerate(allowed.split(sizes, dim=-1)):
+        if not sizes[index]:
+            continue
+        if index == 0:
+            piece = piece.reshape(1, -1, piece.shape[-1])
+        empty = ~piece.any(dim=-1)
+        pieces.append((None, None) if bool(piece.all()) else
+                      (piece, empty if bool(empty.any()) else None))
+    return tuple(pieces)
 
 
 def _light(layout: BlockSparseLayout, mask_mod: MaskMod, device: torch.device) -> _Light:
@@ -399,11 +436,15 @@ def _light(layout: BlockSparseLayout, mask_mod: MaskMod, device: torch.device) -
     allowed = evaluate(mask_mod, rows.clamp_max(layout.num_queries - 1).int()[:, :, None],
                        keys.int()[:, None, :]) & key_ok[:, None, :]
     mask, keep = _Attend.masks(allowed, layout.light_rows_without_key)
-    if keep is None and bool(mask.all()):  # known when the plan is built: no mask at all
+    # Choices on the plan's data are made when it is built eagerly; traced code keeps the mask
+    # and the one call on copied keys (a branch on traced data would break the graph).
+    traced = torch.compiler.is_compiling()
+    if not traced and keep is None and bool(mask.all()):
         mask = None
     gathered = _block_rows(_index(layout.key_blocks, device), layout.key_block).flatten()
     return _Light(rows.flatten().clamp_max(layout.num_queries - 1), mask, keep, layout,
-                  _index(layout.global_keys, device), gathered.clamp_max(layout.num_keys - 1))
+                  _index(layout.global_keys, device), gathered.clamp_max(layout.num_keys - 1),
+                  () if traced else _pieces(layout, allowed))
 
 
 def _heavy(layout: BlockSparseLayout, mask_mod: MaskMod, device: torch.device) -> _Heavy:
