@@ -70,7 +70,7 @@ from .._compat import assume_constant_result, outside_tracing_modes
 from ..problem import AttentionProblem
 from ..sparse.pattern import MaskMod, Pattern, evaluate, key_range, structural_mask_mod
 from .base import Kernel
-from .lse_merge import Part, merged_attention
+from .lse_merge import Part, additive_mask, merged_attention
 from .structured import structured_unsupported
 
 # auto uses this kernel only when its plan computes at most this share of the dense scores.
@@ -274,6 +274,11 @@ def block_sparse_layout(pattern: Pattern, causal: bool, num_queries: int, num_ke
         return _layout(pattern, causal, num_queries, num_keys, block, device)
 
 
+def _pad_rows(t: Tensor, before: int, after: int) -> Tensor:
+    """t (B, H, N, D) with zero rows before and after (F.pad copies even when both are 0)."""
+    return F.pad(t, (0, 0, before, after)) if before > 0 or after > 0 else t
+
+
 def _contiguous(blocks: tuple[int, ...]) -> range | None:
     """``blocks`` as a range when they are consecutive (then rows are a slice, not a gather)."""
     return range(blocks[0], blocks[-1] + 1) if blocks and blocks[-1] - blocks[0] + 1 == len(blocks) \
@@ -305,25 +310,26 @@ class _Attend:
     """Some query rows attending their keys with a mask; ``keep`` zeroes rows with no key."""
 
     rows: Tensor  # (R,) query rows, R = blocks * block_rows
-    mask: Tensor | None  # (blocks, block_rows, L) bool; None: every key allowed
+    mask: Tensor | None  # (blocks, block_rows, L) additive; None: every key allowed
     keep: Tensor | None  # (blocks, block_rows, 1): 0 for rows with no allowed key; None: all have
 
     @staticmethod
     def masks(allowed: Tensor, rows_without_key: bool) -> tuple[Tensor | None, Tensor | None]:
         """(mask, keep) from the allowed pairs: rows with no allowed key (``rows_without_key``,
         known from the layout: no data-dependent branch here) attend a placeholder key, the
-        first, and are zeroed."""
+        first, and are zeroed. The mask is additive (0 or -inf, in the default dtype), as SDPA
+        would convert a bool one on every call."""
         if not rows_without_key:
-            return allowed, None
+            return additive_mask(allowed), None
         has_key = allowed.any(dim=-1, keepdim=True)
         mask = torch.cat([allowed[..., :1] | ~has_key, allowed[..., 1:]], dim=-1)
-        return mask, has_key.to(torch.get_default_dtype())
+        return additive_mask(mask), has_key.to(torch.get_default_dtype())
 
     def attend(self, problem: AttentionProblem, q: Tensor, k: Tensor, v: Tensor,
                dropout_p: float) -> Tensor:
         """q (B * H, blocks, block_rows, D), k and v (B * H, blocks, L, D) -> (B, H, R, Dv)."""
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if self.mask is None else self.mask[None],
+            q, k, v, attn_mask=None if self.mask is None else self.mask[None].to(q.dtype),
             dropout_p=dropout_p, scale=problem.scale)
         if self.keep is not None:
             out = out * self.keep.to(out.dtype)
@@ -359,7 +365,7 @@ class _Light(_Attend):
         if blocks is None:
             return q.index_select(2, self.rows).flatten(0, 1).unflatten(1, (len(layout.light_blocks), -1))
         first, past = blocks.start * layout.block, blocks.stop * layout.block
-        q = F.pad(q, (0, 0, 0, max(0, past - layout.num_queries)))
+        q = _pad_rows(q, 0, past - layout.num_queries)
         return q[:, :, first:past].flatten(0, 1).unflatten(1, (len(blocks), layout.block))
 
     def band(self, t: Tensor) -> Tensor:
@@ -370,7 +376,7 @@ class _Light(_Attend):
         before = max(0, -layout.band_start)
         after = max(0, (query_blocks - 1) * layout.block + layout.band_start + layout.band
                     - layout.num_keys)
-        padded = F.pad(t, (0, 0, before, after))[:, :, max(0, layout.band_start):]
+        padded = _pad_rows(t, before, after)[:, :, max(0, layout.band_start):]
         bands = padded.unfold(2, layout.band, layout.block).transpose(-1, -2)
         if blocks is None:
             return bands.index_select(2, _index(layout.light_blocks, t.device))
@@ -425,7 +431,7 @@ def _pieces(layout: BlockSparseLayout, allowed: Tensor) -> tuple:
             piece = piece.reshape(1, -1, piece.shape[-1])
         empty = ~piece.any(dim=-1)
         pieces.append((None, None) if bool(piece.all()) else
-                      (piece, empty if bool(empty.any()) else None))
+                      (additive_mask(piece), empty if bool(empty.any()) else None))
     return tuple(pieces)
 
 
@@ -439,7 +445,7 @@ def _light(layout: BlockSparseLayout, mask_mod: MaskMod, device: torch.device) -
     # Choices on the plan's data are made when it is built eagerly; traced code keeps the mask
     # and the one call on copied keys (a branch on traced data would break the graph).
     traced = torch.compiler.is_compiling()
-    if not traced and keep is None and bool(mask.all()):
+    if not traced and keep is None and bool(allowed.all()):
         mask = None
     gathered = _block_rows(_index(layout.key_blocks, device), layout.key_block).flatten()
     return _Light(rows.flatten().clamp_max(layout.num_queries - 1), mask, keep, layout,

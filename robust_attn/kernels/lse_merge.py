@@ -31,8 +31,8 @@ from .._compat import cpu_flash_attention, cpu_flash_attention_backward
 
 @dataclass(frozen=True)
 class Part:
-    """Queries (X, Y, R_p, D), keys and values (X, Y, L_p, D) of one part, the bool mask
-    (broadcastable to (X, Y, R_p, L_p); None: every key allowed) and ``empty``, broadcastable to
+    """Queries (X, Y, R_p, D), keys and values (X, Y, L_p, D) of one part, the mask (bool, or
+    additive: :func:`additive_mask`; broadcastable to (X, Y, R_p, L_p); None: every key allowed) and ``empty``, broadcastable to
     (X, Y, R_p): rows with no allowed key. Every part's (X, Y, R_p) rows are the same rows,
     in the same order, reshaped (see :func:`merged_attention`)."""
 
@@ -43,13 +43,20 @@ class Part:
     empty: Tensor | None
 
 
-def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """The fused kernel's mask: 0 where allowed, -inf elsewhere, in the queries' dtype, 4-D (the
-    kernel takes 2-D or 4-D masks only)."""
+def additive_mask(allowed: Tensor) -> Tensor:
+    """0 where ``allowed``, -inf elsewhere, in the default dtype: the mask SDPA's fused kernels add
+    to the scores (they convert a bool mask to it on every call)."""
+    return torch.zeros(allowed.shape, dtype=torch.get_default_dtype(),
+                       device=allowed.device).masked_fill(~allowed, -math.inf)
+
+
+def _kernel_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """The fused kernel's mask: additive (bool masks become :func:`additive_mask`), in the
+    queries' dtype, 4-D (the kernel takes 2-D or 4-D masks only)."""
     if mask is None:
         return None
-    mask = mask.reshape((1,) * (4 - mask.dim()) + mask.shape)
-    return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, -math.inf)
+    mask = additive_mask(mask) if mask.dtype == torch.bool else mask
+    return mask.reshape((1,) * (4 - mask.dim()) + mask.shape).to(dtype)
 
 
 class _Merged(torch.autograd.Function):
@@ -88,7 +95,7 @@ def merged_attention(parts: list[Part], rows: tuple[int, int], scale: float) -> 
     """(rows[0], rows[1], Dv): softmax attention of the rows over the keys of every part (module
     docstring); each part's outputs, reshaped to ``rows``, are in the same row order."""
     dtype = parts[0].q.dtype
-    masks = tuple(_additive(part.mask, dtype) for part in parts)
+    masks = tuple(_kernel_mask(part.mask, dtype) for part in parts)
     empties = tuple(part.empty for part in parts)
     tensors = [t for part in parts for t in (part.q, part.k, part.v)]
     return _Merged.apply(scale, rows, masks, empties, *tensors)
