@@ -36,6 +36,7 @@ shared, so ratios measured in one run are the figures to quote).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import math
 import sys
@@ -163,8 +164,13 @@ def prepare(name: str, pattern: Pattern | None, num_tokens: int, config: Config)
 
 
 def peak(case: dict, memory: PeakMemory) -> dict:
-    """The peak memory of one training step of the case's kernel (untimed)."""
+    """The peak memory of one training step of the case's kernel (untimed), after glibc gave
+    back the heap memory freed before (``malloc_trim``: the timed rounds ran with glibc's
+    default allocation thresholds, so a step could otherwise reuse freed heap pages and show
+    no growth)."""
     problem = case["problem"]
+    if memory.works:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     result = training_step(lambda: case["kernel"].run(problem, 0.0), case["grad"],
                            Clock(torch.device("cpu")), memory)
     for t in (problem.q, problem.k, problem.v):
