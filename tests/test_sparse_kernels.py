@@ -261,15 +261,31 @@ def test_block_sparse_plan_is_cached_per_length_and_skips_blocked_work():
     assert block_sparse_plan(pattern, False, 512, 512, cpu, 16) is plan
     longer = block_sparse_plan(pattern, False, 600, 600, cpu, 16)
     assert longer is not plan and longer.order.shape == (600,)
-    # Query blocks 1..31 attend the 2 global keys and their band, keys b * 16 - 7 .. b * 16 + 22
-    # (the window's 7 keys on each side of the block); block 0 (the global queries) attends all
-    # 512 keys: 9.2% of the dense scores.
-    assert plan.share == (31 * 16 * (2 + 30) + 16 * 512) / 512**2
+    # Every query block attends the 2 global keys and its band, keys b * 16 - 7 .. b * 16 + 22
+    # (the window's 7 keys on each side of the block); the 2 global queries attend all 512 keys
+    # besides: 6.6% of the dense scores.
+    assert plan.share == (32 * 16 * (2 + 30) + 2 * 512) / 512**2
     # The layout is Python ints, so torch.compile and torch.export take it as a constant.
     layout = plan.layout
-    assert layout.global_keys == (0, 1) and layout.light_blocks == tuple(range(1, 32))
+    assert layout.global_keys == (0, 1) and layout.light_blocks == tuple(range(32))
     assert (layout.band_start, layout.band) == (-7, 30)
-    assert layout.heavy_blocks == (0,) and layout.num_key_blocks == 0
+    assert layout.heavy_rows == (0, 1) and layout.num_key_blocks == 0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_global_queries_in_a_light_block_equal_eager(causal):
+    """Longformer's global queries attend every key as heavy rows while their block stays light
+    (band and global keys): outputs and gradients as the eager reference, with prepended keys."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 203, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 1, 2, 205, 8, dtype=torch.float64)
+    pattern = SlidingWindow(10) | GlobalTokens(3)
+    problem = AttentionProblem(q, k, v, 8 ** -0.5, causal=causal, pattern=pattern,
+                               prepended_keys=2)
+    layout = block_sparse_plan(pattern, causal, 203, 205, torch.device("cpu"), 16).layout
+    # Causal global queries see only earlier keys, all in their band: no heavy row then.
+    assert layout.heavy_rows == (() if causal else (0, 1, 2)) and 0 in layout.light_blocks
+    assert_equals_eager(lambda p, d: block_sparse_attention(p, d, block=16), problem)
 
 
 def test_flex_block_mask_is_cached_per_pattern_and_length_and_rebuilt_for_a_new_length():

@@ -1,32 +1,40 @@
-"""Block-sparse attention by gathering each query block's keys (overlapping chunks, generalised).
+"""Block-sparse attention: each query block attends its band of keys, the global keys and a few
+gathered key blocks (overlapping chunks, generalised).
 
-Queries are cut into blocks of :func:`block_size` tokens (128 from N = 2048).
-A layout, built from the exact pattern once per (pattern, causal, Nq, Nk,
-block, device) and cached, says for each query block which keys it gathers:
+Queries are cut into blocks of :func:`block_size` tokens (128 from N = 2048; twice that
+where it computes at most :data:`LARGER_BLOCK_SHARE` times the scores). A layout, built from
+the exact pattern once per (pattern, causal, Nq, Nk, block, device) and cached, says for each
+query block which keys it attends:
 
 - global keys: the pattern's hint (global tokens, Child et al.'s summary
-  columns, prefix tokens) and keys prepended by mitigations, gathered for every
-  query block;
-- key blocks: the blocks holding any other allowed key. For a sliding window
-  they are a contiguous span, so the query blocks attend overlapping chunks of
-  keys; for random blocks, a scattered few;
+  columns, prefix tokens) and keys prepended by mitigations, for every query block;
+- the band: the keys, at fixed offsets from the block's first query, that most
+  query blocks use (a sliding window's span: keys b * block + band_start ..
+  + band - 1, token-exact);
+- key blocks: blocks of :func:`key_block_size` keys (64) holding any other allowed
+  key, K per block (BigBird's random blocks, the part of a window outside the band);
 - heavy query blocks, which need more than K key blocks (K chosen to minimise
-  the scores computed; the global query tokens), attend every key with a dense
-  mask row instead.
+  the scores computed), attend every key with a dense mask row instead; when few
+  rows of such a block need more than the global keys and the band (Longformer's
+  global queries), only those rows do, and the block stays light.
 
-Each light query block then attends its L = G + K * block gathered keys in
-one batched SDPA call, with a small (block, L) bool mask: the pattern there,
-with padding and keys gathered twice blocked. Scores computed:
+Each light query block attends its L = G + band + K * key_block keys with a small
+(block, L) mask: the pattern there, with padding and keys seen twice blocked. The
+band is a strided view of the padded keys (``unfold``, no copy; its backward sums the
+overlapping windows' gradients) and consecutive light blocks a view of the queries,
+so a banded pattern gathers nothing. On the CPU without dropout the three parts run as
+separate fused SDPA calls merged by the rows' log-sum-exp
+(:mod:`robust_attn.kernels.lse_merge`), so no key is copied to put them side by side;
+otherwise they are concatenated for one call. Scores computed:
 light blocks * block * L + heavy rows * Nk instead of Nq * Nk; memory is linear
-in N for a fixed window (the gathered keys and values, and their gradients,
-are N * L / block rows each). Building the layout evaluates the pattern on the
+in N for a fixed window (the bands' gradients and the gathered keys are N * L / block
+rows each). Building the layout evaluates the pattern on the
 block pairs its :meth:`~robust_attn.sparse.Pattern.key_ranges` touch (every pair
 for a pattern without them, such as Strided or AxialColumns, as FlexAttention's
 create_block_mask does), in cache-sized pieces on int32 indices: at N = 16384 the
 benchmark's patterns build layout and plan in a few tenths of a second on a 2-core CPU
-(benchmarks/setup_costs.py), where every pair took up to 21 s. Every step is an
-index_select, reshape or cat, so gradients flow (index_select's backward adds into the
-gathered keys).
+(benchmarks/setup_costs.py), where every pair took up to 21 s. Every step is a view,
+an index_select, a reshape or a cat, or the merge's own backward, so gradients flow.
 
 A query with no allowed key attends a placeholder key and its output is
 multiplied by 0: zeros, with zero gradients, never nan.
@@ -98,8 +106,8 @@ class BlockSparseLayout:
     band: int  # band length (0: no band)
     key_blocks: tuple[int, ...]  # (light blocks * K): the K key blocks each light block gathers
     num_key_blocks: int  # K
-    heavy_blocks: tuple[int, ...]  # query blocks attending every key, sorted
-    heavy_rows: int  # queries in heavy blocks
+    heavy_rows: tuple[int, ...]  # queries attending every key, sorted (some may be in light
+    # blocks too: their light outputs are dropped)
     light_rows_without_key: bool  # some light query has no allowed key
     heavy_rows_without_key: bool
     share: float  # scores computed, as a share of the dense Nq * Nk
@@ -237,27 +245,50 @@ def _layout(pattern: Pattern, causal: bool, num_queries: int, num_keys: int, blo
     counts = needs.sum(dim=1)
     light_keys = len(global_keys) + band
     _, k = min(_light_blocks_cost(counts, light_keys, block, key_block, num_keys))
-    light_blocks = torch.nonzero(counts <= k).flatten()
     heavy_blocks = torch.nonzero(counts > k).flatten().tolist()
+    light_scores = block * (light_keys + k * key_block)  # per light block
+    # Heavy blocks kept light but for their rows that need keys beyond the global ones and the
+    # band; tried only where heavy blocks are few (each costs an evaluation of block x Nk).
+    kept, heavy_rows = [], []
+    for b in heavy_blocks:
+        rows = torch.arange(b * block, min((b + 1) * block, num_queries), device=device)
+        beyond = _beyond_band(mask_mod, rows, b, block, band_start, band, is_global, num_keys) \
+            if len(heavy_blocks) * block * 8 <= num_queries else torch.ones_like(rows, dtype=torch.bool)
+        if light_scores + int(beyond.sum()) * num_keys < len(rows) * num_keys:
+            kept.append(b)
+            rows = rows[beyond]
+        heavy_rows += rows.tolist()
+    light_blocks = torch.nonzero((counts <= k) | torch.isin(
+        torch.arange(query_blocks, device=device), _index(tuple(kept), device))).flatten()
     # Each light block's key blocks: the needed ones first (a stable sort keeps them in order),
     # padded with unneeded ones, where the mask allows no key.
     key_blocks = needs[light_blocks].to(torch.int8).argsort(dim=1, descending=True, stable=True)
-    # Only the last query block can be cut short, and it sorts last.
-    heavy_rows = sum(min(block, num_queries - b * block) for b in heavy_blocks)
     # Which part has queries with no allowed key: known here, so the plan needs no
     # data-dependent branch. A light block gathers every key it needs, so its queries,
     # like the heavy ones, see every key they may attend: a query has one if it may attend a
-    # global key or a non-global one (``attends``).
+    # global key or a non-global one (``attends``). Heavy rows in a light block may have none
+    # there (their light output is dropped).
     rows = torch.arange(num_queries, device=device)
     attends = attends | evaluate(mask_mod, rows[:, None], _index(global_keys, device)[None]).any(dim=1)
     is_light = torch.zeros_like(counts, dtype=torch.bool).index_fill(0, light_blocks, True)[rows // block]
+    is_heavy = torch.zeros_like(is_light).index_fill(0, _index(tuple(heavy_rows), device), True)
     return BlockSparseLayout(
         block, key_block, num_queries, num_keys, global_keys, tuple(light_blocks.tolist()),
-        band_start, band, tuple(key_blocks[:, :k].flatten().tolist()), k, tuple(heavy_blocks),
-        heavy_rows, light_rows_without_key=not bool(attends[is_light].all()),
-        heavy_rows_without_key=not bool(attends[~is_light].all()),
-        share=(len(light_blocks) * block * (light_keys + k * key_block) + heavy_rows * num_keys)
+        band_start, band, tuple(key_blocks[:, :k].flatten().tolist()), k, tuple(heavy_rows),
+        light_rows_without_key=bool(kept) or not bool(attends[is_light].all()),
+        heavy_rows_without_key=not bool(attends[is_heavy].all()),
+        share=(len(light_blocks) * light_scores + len(heavy_rows) * num_keys)
         / (num_queries * num_keys))
+
+
+def _beyond_band(mask_mod: MaskMod, rows: Tensor, query_block: int, block: int, band_start: int,
+                 band: int, is_global: Tensor, num_keys: int) -> Tensor:
+    """(len(rows),) bool: does the row (of ``query_block``) attend a key that is neither global
+    nor in the block's band."""
+    keys = torch.arange(num_keys, device=rows.device)
+    outside = ~is_global[:num_keys] & ~_in_band(torch.tensor(query_block, device=rows.device),
+                                                keys, block, band_start, band)
+    return (evaluate(mask_mod, rows[:, None], keys[None]) & outside).any(dim=1)
 
 
 @assume_constant_result
@@ -454,8 +485,7 @@ def _light(layout: BlockSparseLayout, mask_mod: MaskMod, device: torch.device) -
 
 
 def _heavy(layout: BlockSparseLayout, mask_mod: MaskMod, device: torch.device) -> _Heavy:
-    rows = _block_rows(_index(layout.heavy_blocks, device), layout.block).flatten()
-    rows = rows[:layout.heavy_rows]
+    rows = _index(layout.heavy_rows, device)
     keys = torch.arange(layout.num_keys, device=device)
     allowed = evaluate(mask_mod, rows.int()[:, None], keys.int()[None])[None]
     return _Heavy(rows, *_Attend.masks(allowed, layout.heavy_rows_without_key))
@@ -484,10 +514,13 @@ def build_plan(layout: BlockSparseLayout, pattern: Pattern, causal: bool,
     mask_mod = structural_mask_mod(pattern, causal, layout.num_queries, layout.num_keys)
     light, heavy = _light(layout, mask_mod, device), _heavy(layout, mask_mod, device)
     order = None
-    if layout.heavy_blocks:
-        # The light rows past Nq (clamped in light.rows) sort after every real row.
+    if layout.heavy_rows:
+        # Each query's light output, then the heavy outputs over it (light rows past Nq drop).
         light_rows = _block_rows(_index(layout.light_blocks, device), layout.block).flatten()
-        order = torch.cat([light_rows, heavy.rows]).argsort()[:layout.num_queries]
+        real = light_rows < layout.num_queries
+        order = torch.zeros(layout.num_queries, dtype=torch.long, device=device)
+        order[light_rows[real]] = torch.nonzero(real).flatten()
+        order[heavy.rows] = len(light_rows) + torch.arange(len(heavy.rows), device=device)
     return BlockSparsePlan(layout, light, heavy, order)
 
 
