@@ -78,7 +78,7 @@ from .._compat import assume_constant_result, outside_tracing_modes
 from ..problem import AttentionProblem
 from ..sparse.pattern import MaskMod, Pattern, evaluate, key_range, structural_mask_mod
 from .base import Kernel
-from .lse_merge import Part, additive_mask, merged_attention
+from .lse_merge import Part, merged_attention
 from .structured import structured_unsupported
 
 # auto uses this kernel only when its plan computes at most this share of the dense scores.
@@ -226,6 +226,22 @@ def key_block_size(block: int) -> int:
     return min(64, block)
 
 
+@functools.lru_cache(maxsize=8)
+def _usage(pattern: Pattern, causal: bool, num_queries: int, num_keys: int, block: int,
+           device: torch.device) -> tuple[Tensor, Tensor]:
+    """:func:`_keys_used` for the pattern at ``block``; for twice :func:`block_size` derived from
+    the usage at it (a query block of 2b uses what its two halves use), so that choosing
+    between the two block sizes evaluates the pattern once."""
+    base, key_block = block_size(num_queries), key_block_size(block)
+    if block == 2 * base and key_block_size(base) == key_block:
+        used, attends = _usage(pattern, causal, num_queries, num_keys, base, device)
+        return F.pad(used, (0, 0, 0, used.shape[0] % 2)).view(-1, 2, used.shape[1]).any(dim=1), attends
+    mask_mod = structural_mask_mod(pattern, causal, num_queries, num_keys)
+    is_global = _is_global(_global_keys(pattern, num_queries, num_keys), num_keys, key_block, device)
+    candidates = _candidate_blocks(pattern, causal, num_queries, num_keys, block, key_block, device)
+    return _keys_used(mask_mod, candidates, num_queries, num_keys, is_global, block, key_block)
+
+
 @functools.lru_cache(maxsize=32)
 def _layout(pattern: Pattern, causal: bool, num_queries: int, num_keys: int, block: int,
             device: torch.device) -> BlockSparseLayout:
@@ -233,9 +249,7 @@ def _layout(pattern: Pattern, causal: bool, num_queries: int, num_keys: int, blo
     key_block = key_block_size(block)
     global_keys = _global_keys(pattern, num_queries, num_keys)
     is_global = _is_global(global_keys, num_keys, key_block, device)
-    candidates = _candidate_blocks(pattern, causal, num_queries, num_keys, block, key_block, device)
-    used, attends = _keys_used(mask_mod, candidates, num_queries, num_keys, is_global, block,
-                               key_block)
+    used, attends = _usage(pattern, causal, num_queries, num_keys, block, device)
     band_start, band = _band(used, block, num_keys - num_queries)
     query_blocks = used.shape[0]
     outside = used & ~_in_band(torch.arange(query_blocks, device=device)[:, None],
@@ -341,26 +355,25 @@ class _Attend:
     """Some query rows attending their keys with a mask; ``keep`` zeroes rows with no key."""
 
     rows: Tensor  # (R,) query rows, R = blocks * block_rows
-    mask: Tensor | None  # (blocks, block_rows, L) additive; None: every key allowed
+    mask: Tensor | None  # (blocks, block_rows, L) bool; None: every key allowed
     keep: Tensor | None  # (blocks, block_rows, 1): 0 for rows with no allowed key; None: all have
 
     @staticmethod
     def masks(allowed: Tensor, rows_without_key: bool) -> tuple[Tensor | None, Tensor | None]:
         """(mask, keep) from the allowed pairs: rows with no allowed key (``rows_without_key``,
         known from the layout: no data-dependent branch here) attend a placeholder key, the
-        first, and are zeroed. The mask is additive (0 or -inf, in the default dtype), as SDPA
-        would convert a bool one on every call."""
+        first, and are zeroed."""
         if not rows_without_key:
-            return additive_mask(allowed), None
+            return allowed, None
         has_key = allowed.any(dim=-1, keepdim=True)
         mask = torch.cat([allowed[..., :1] | ~has_key, allowed[..., 1:]], dim=-1)
-        return additive_mask(mask), has_key.to(torch.get_default_dtype())
+        return mask, has_key.to(torch.get_default_dtype())
 
     def attend(self, problem: AttentionProblem, q: Tensor, k: Tensor, v: Tensor,
                dropout_p: float) -> Tensor:
         """q (B * H, blocks, block_rows, D), k and v (B * H, blocks, L, D) -> (B, H, R, Dv)."""
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if self.mask is None else self.mask[None].to(q.dtype),
+            q, k, v, attn_mask=None if self.mask is None else self.mask[None],
             dropout_p=dropout_p, scale=problem.scale)
         if self.keep is not None:
             out = out * self.keep.to(out.dtype)
@@ -462,7 +475,7 @@ def _pieces(layout: BlockSparseLayout, allowed: Tensor) -> tuple:
             piece = piece.reshape(1, -1, piece.shape[-1])
         empty = ~piece.any(dim=-1)
         pieces.append((None, None) if bool(piece.all()) else
-                      (additive_mask(piece), empty if bool(empty.any()) else None))
+                      (piece, empty if bool(empty.any()) else None))
     return tuple(pieces)
 
 

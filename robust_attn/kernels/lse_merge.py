@@ -31,10 +31,11 @@ from .._compat import cpu_flash_attention, cpu_flash_attention_backward
 
 @dataclass(frozen=True)
 class Part:
-    """Queries (X, Y, R_p, D), keys and values (X, Y, L_p, D) of one part, the mask (bool, or
-    additive: :func:`additive_mask`; broadcastable to (X, Y, R_p, L_p); None: every key allowed) and ``empty``, broadcastable to
-    (X, Y, R_p): rows with no allowed key. Every part's (X, Y, R_p) rows are the same rows,
-    in the same order, reshaped (see :func:`merged_attention`)."""
+    """One part: queries (X, Y, R_p, D), keys and values (X, Y, L_p, D), the mask (bool or
+    additive, broadcastable to (X, Y, R_p, L_p); None: every key allowed) and ``empty``,
+    broadcastable to (X, Y, R_p): rows with no allowed key (None: none). Every part's
+    (X, Y, R_p) rows are the same rows, in the same order, reshaped (see
+    :func:`merged_attention`)."""
 
     q: Tensor
     k: Tensor
