@@ -29,10 +29,13 @@ Sources, and where this deviates:
   mixture, and the score is MoBA's mean-key gate; RobustAttention has one key head per query
   head, so there is no group to share over.
 
-Cost: the selection is B H (N / block_size)^2 dot products, but the layout is applied as a
-dense (B, H, N, N + prepended) bool mask, so the kernel still does dense work (SDPA with a
+Cost: the selection is B H (N / block_size)^2 dot products, but the module applies the layout
+as a dense (B, H, N, N + prepended) bool mask, so the kernel still does dense work (SDPA with a
 mask, or the chunked kernel): correct, not faster (benchmarks/block_topk.py measures it). The
-structured block_sparse kernel runs one pattern planned per shape, not a layout per call.
+same selection as a per-call layout (:func:`selected_key_blocks` on
+:func:`robust_attn.kernels.selected_blocks.selected_blocks_attention`) skips the unselected
+blocks; the module does not route to it yet, since a layout is not part of AttentionProblem
+(the probe, the log-sum-exp contract and the other kernels read the problem's mask).
 """
 
 from __future__ import annotations
