@@ -165,7 +165,8 @@ def refuse_torchscript(message: str) -> Callable[[Any], Any]:
 def cpu_flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
                         scale: float) -> tuple[Tensor, Tensor]:
     """SDPA's fused CPU kernel with each row's log-sum-exp: ``(out, lse)``, lse (..., Nq) in the
-    accumulation dtype (float32; float64 for float64 inputs), which ``F.scaled_dot_product_attention`` does not return. The private op
+    accumulation dtype (float32; float64 for float64 inputs), which
+    ``F.scaled_dot_product_attention`` does not return. The private op
     ``aten._scaled_dot_product_flash_attention_for_cpu`` (torch 2.14) returns both; its mask must
     be additive in q's dtype (a bool mask is refused); a row whose keys are all masked gives
     out = 0 and lse = 0, not -inf. No dropout (the callers pass none)."""
