@@ -264,8 +264,12 @@ def readme_table(report: dict) -> str:
                 f"| {row['speedup_layer_forward_backward']:.1f}x | {_peaks(row)} |")
     dense = next(row for row in report["results"] if row["N"] == 8192 and row["pattern"] == "dense")
     outside = dense["layer_forward_backward_s"] - dense["forward_backward_s"]
+    growth = "; ".join(f"{name} " + ", ".join(f"{key}: x{value:.2f}" for key, value in ratios.items())
+                       for name, ratios in report["targets"]["peak_memory_growth_per_doubling"].items()
+                       if ratios)
     m = report["machine"]
-    lines += ["", "Whole-layer ceiling: a layer whose attention took no time would be "
+    lines += ["", f"Peak memory per doubling of N (2 when linear, 4 when quadratic): {growth}.",
+              "", "Whole-layer ceiling: a layer whose attention took no time would be "
               f"{dense['layer_forward_backward_s'] / outside:.1f}x the dense layer (dense layer "
               f"{dense['layer_forward_backward_s']:.2f} s, of which {outside:.2f} s outside dense "
               "attention: projections, reshapes).",

@@ -1,6 +1,7 @@
 """Every sparse path equals the dense masked eager reference, forward and gradients; auto picks a
 structured kernel where one applies and warns, naming the cost, where none does."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -29,6 +30,7 @@ from robust_attn.sparse import (
     Fixed,
     GlobalTokens,
     GridWindow,
+    Pattern,
     RandomBlocks,
     SlidingWindow,
     Strided,
@@ -286,6 +288,38 @@ def test_global_queries_in_a_light_block_equal_eager(causal):
     # Causal global queries see only earlier keys, all in their band: no heavy row then.
     assert layout.heavy_rows == (() if causal else (0, 1, 2)) and 0 in layout.light_blocks
     assert_equals_eager(lambda p, d: block_sparse_attention(p, d, block=16), problem)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RowsAttendAll(Pattern):
+    """Queries start .. stop - 1 attend every key (a heavy block amid light ones)."""
+
+    start: int
+    stop: int
+
+    def mask_mod(self, num_tokens):
+        start, stop = self.start, self.stop
+        return lambda b, h, q_idx, kv_idx: (q_idx >= start) & (q_idx < stop) & (kv_idx >= 0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_light_blocks_around_a_heavy_one_equal_eager(causal):
+    """Light blocks that are not consecutive gather their queries and bands (no view), around
+    a heavy block in the middle; with the key parts merged and, for values of another head dim,
+    concatenated for one SDPA call."""
+    torch.manual_seed(0)
+    pattern = SlidingWindow(5) | GlobalTokens(2) | RandomBlocks(8, 2, seed=1) | _RowsAttendAll(40, 48)
+    layout = block_sparse_plan(pattern, causal, 93, 94, torch.device("cpu"), 8).layout
+    light = layout.light_blocks
+    assert 5 not in light and light[0] < 5 < light[-1]  # not consecutive
+    assert layout.band and layout.num_key_blocks and layout.global_keys
+    for value_dim in (8, 6):  # 8: merged by the log-sum-exp; 6: one call on concatenated keys
+        q = torch.randn(1, 2, 93, 8, dtype=torch.float64)
+        k = torch.randn(1, 2, 94, 8, dtype=torch.float64)
+        v = torch.randn(1, 2, 94, value_dim, dtype=torch.float64)
+        problem = AttentionProblem(q, k, v, 8 ** -0.5, causal=causal, pattern=pattern,
+                                   prepended_keys=1)
+        assert_equals_eager(lambda p, d: block_sparse_attention(p, d, block=8), problem)
 
 
 def test_flex_block_mask_is_cached_per_pattern_and_length_and_rebuilt_for_a_new_length():
