@@ -5,8 +5,11 @@ alone, so the dense-mask cost is shown as it is.
     python benchmarks/block_topk.py [--quick] [--out benchmarks/results]
 
 Writes block-topk.json and block-topk.md (block-topk-quick.* with --quick: N = 512, one repeat).
-The selection is applied as a dense bool mask (robust_attn/mitigations/block_topk.py), so the
-kernel does dense work plus the mask; a block-sparse kernel would need a layout per call.
+The module applies the selection as a dense bool mask (robust_attn/mitigations/block_topk.py), so
+its kernel does dense work plus the mask. The kernel-level rows compare, on the same q, k, v
+(H = 8, head dim 64), dense SDPA, the selection as a dense mask with SDPA (what the module runs),
+and the selection as a per-call layout on the selected-blocks kernel
+(robust_attn/kernels/selected_blocks.py), which skips the unselected blocks.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from machine import machine
 from output import load_average, progress, write
 
 from robust_attn import create
-from robust_attn.mitigations.block_topk import selected_blocks
+from robust_attn.kernels.selected_blocks import selected_blocks_attention
+from robust_attn.mitigations.block_topk import selected_blocks, selected_key_blocks
+from robust_attn.problem import AttentionProblem
 
 DIM, HEADS, BATCH = 256, 4, 1
 # (block size, k beyond the own block): NSA's selection block of 64 with 2 more; MoBA's block of
@@ -42,6 +47,53 @@ def selection_seconds(tokens: int, block_size: int, k: int, causal: bool) -> flo
     start = time.perf_counter()
     selected_blocks(q, keys, block_size, k, causal)
     return time.perf_counter() - start
+
+
+KERNEL_HEADS, KERNEL_HEAD_DIM = 8, 64
+
+
+def kernel_variants(block_size: int, k: int, causal: bool) -> dict:
+    """name -> f(q, k, v): the attention output, selection included."""
+    def dense(q, keys, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, keys, v, is_causal=causal)
+
+    def dense_mask(q, keys, v):
+        mask = selected_blocks(q, keys, block_size, k, causal)
+        if causal:
+            mask &= torch.ones(q.shape[-2], keys.shape[-2], dtype=torch.bool).tril()
+        return torch.nn.functional.scaled_dot_product_attention(q, keys, v, attn_mask=mask)
+
+    def per_call_layout(q, keys, v):
+        problem = AttentionProblem(q, keys, v, q.shape[-1] ** -0.5, causal=causal)
+        return selected_blocks_attention(problem, selected_key_blocks(q, keys, block_size, k, causal),
+                                         block_size)
+
+    return {"dense SDPA": dense, "selection as a dense mask + SDPA": dense_mask,
+            "selection as a per-call layout (selected_blocks kernel)": per_call_layout}
+
+
+def kernel_rows(tokens: int, repeats: int) -> list[dict]:
+    """Forward + backward of each kernel variant, interleaved, at every setting and causality."""
+    torch.manual_seed(0)
+    q, keys, v = (torch.randn(1, KERNEL_HEADS, tokens, KERNEL_HEAD_DIM, requires_grad=True)
+                  for _ in range(3))
+    grad = torch.randn(q.shape)
+    rows = []
+    for causal in (False, True):
+        for block_size, k in SETTINGS:
+            variants = kernel_variants(block_size, k, causal)
+            times = {name: [] for name in variants}
+            for _ in range(repeats + 1):  # the first is a warm-up
+                for name, fn in variants.items():
+                    start = time.perf_counter()
+                    fn(q, keys, v).backward(grad)
+                    times[name].append(time.perf_counter() - start)
+            dense = statistics.median(times["dense SDPA"][1:])
+            rows += [{"setting": f"({block_size}, {k})", "causal": causal, "variant": name,
+                      "step_s": statistics.median(values[1:]),
+                      "ratio_to_dense": statistics.median(values[1:]) / dense}
+                     for name, values in times.items()]
+    return rows
 
 
 def run(quick: bool) -> dict:
@@ -68,7 +120,9 @@ def run(quick: bool) -> dict:
             rows.append({"variant": name, "causal": causal, "step_s": step,
                          "ratio_to_dense": step / dense, "selection_s": select})
     return {"benchmark": "block top-k", "shape": {"batch": BATCH, "tokens": tokens, "dim": DIM,
-            "heads": HEADS}, "repeats": repeats, "rows": rows, "load_average": load_average(),
+            "heads": HEADS}, "repeats": repeats, "rows": rows,
+            "kernel_shape": {"heads": KERNEL_HEADS, "head_dim": KERNEL_HEAD_DIM},
+            "kernel_rows": kernel_rows(tokens, repeats), "load_average": load_average(),
             "machine": machine()}
 
 
@@ -88,6 +142,16 @@ def markdown(result: dict) -> str:
         select = "-" if row["selection_s"] is None else f"{row['selection_s']:.4f}"
         lines.append(f"| {row['variant']} | {row['causal']} | {row['step_s']:.3f} | "
                      f"{row['ratio_to_dense']:.2f} | {select} |")
+    lines += [
+        "", f"Kernel level (B=1, N={shape['tokens']}, H={result['kernel_shape']['heads']}, "
+        f"head dim {result['kernel_shape']['head_dim']}, forward + backward, the selection "
+        "included; ratios against dense SDPA in the same interleaved rounds):", "",
+        "| setting (block size, k) | causal | variant | fwd+bwd (s) | ratio to dense |",
+        "|---|---|---|---|---|",
+    ]
+    for row in result["kernel_rows"]:
+        lines.append(f"| {row['setting']} | {row['causal']} | {row['variant']} | "
+                     f"{row['step_s']:.3f} | {row['ratio_to_dense']:.2f} |")
     return "\n".join([*lines, ""])
 
 

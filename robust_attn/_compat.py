@@ -160,3 +160,29 @@ def refuse_torchscript(message: str) -> Callable[[Any], Any]:
         raise RuntimeError(message)
 
     return __prepare_scriptable__
+
+
+def cpu_flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                        scale: float) -> tuple[Tensor, Tensor]:
+    """SDPA's fused CPU kernel with each row's log-sum-exp: ``(out, lse)``, lse (..., Nq) in the
+    accumulation dtype (float32; float64 for float64 inputs), which
+    ``F.scaled_dot_product_attention`` does not return. The private op
+    ``aten._scaled_dot_product_flash_attention_for_cpu`` (torch 2.14) returns both; its mask must
+    be additive in q's dtype (a bool mask is refused); a row whose keys are all masked gives
+    out = 0 and lse = 0, not -inf. No dropout (the callers pass none)."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+    return out, lse
+
+
+def cpu_flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                                 lse: Tensor, mask: Tensor | None,
+                                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients (dq, dk, dv) of :func:`cpu_flash_attention` from the private op
+    ``aten._scaled_dot_product_flash_attention_for_cpu_backward`` (torch 2.14). It recomputes the
+    weights as exp(s - lse) and takes D_i = sum_d grad_out_id out_id (FlashAttention-2's
+    backward, Dao 2023, Algorithm 2), so with the lse and out of a larger softmax that these keys
+    are part of, it gives this part's share of that softmax's gradients."""
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale)
+    return dq, dk, dv

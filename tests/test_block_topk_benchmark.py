@@ -25,3 +25,10 @@ def test_quick_benchmark_writes_json_and_markdown(tmp_path):
     assert all((row["selection_s"] is None) == row["variant"].startswith("dense") for row in rows)
     table = (tmp_path / "block-topk-quick.md").read_text()
     assert "| block_topk=(64, 2) | True |" in table and report["machine"]["cpu"] in table
+    kernel_rows = report["kernel_rows"]
+    assert {(row["variant"], row["setting"], row["causal"]) for row in kernel_rows} == {
+        (variant, setting, causal) for causal in (False, True) for setting in ("(64, 2)", "(512, 2)")
+        for variant in ("dense SDPA", "selection as a dense mask + SDPA",
+                        "selection as a per-call layout (selected_blocks kernel)")}
+    assert all(row["step_s"] > 0 for row in kernel_rows)
+    assert "| (64, 2) | False | selection as a per-call layout (selected_blocks kernel) |" in table

@@ -4,6 +4,7 @@ a torch release that changes it fails here first."""
 from __future__ import annotations
 
 import functools
+import math
 import os
 import subprocess
 import sys
@@ -270,3 +271,31 @@ def test_refuse_torchscript_is_raised_by_torch_jit_script_for_a_submodule():
     assert torch.jit.script(torch.nn.Sequential(torch.nn.Identity()))(torch.ones(1)) == 1
     with pytest.raises(RuntimeError, match="^no TorchScript here$"):
         torch.jit.script(torch.nn.Sequential(torch.nn.Linear(2, 2), Refusing()))
+
+
+def test_the_cpu_flash_op_returns_each_rows_log_sum_exp_and_zeros_for_a_row_with_no_key():
+    """_compat.cpu_flash_attention: out and lse as the math gives them; a row whose keys are all
+    masked gets out = 0 and lse = 0 (not -inf: lse_merge marks such rows itself); a bool mask
+    is refused (lse_merge passes an additive one)."""
+    from robust_attn._compat import cpu_flash_attention, cpu_flash_attention_backward
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.zeros(5, 5, dtype=torch.float64)
+    mask[1] = -math.inf
+    out, lse = cpu_flash_attention(q, k, v, mask, 0.5)
+    scores = 0.5 * q @ k.mT + mask
+    assert lse.shape == (2, 3, 5) and lse.dtype == torch.float64  # float32 for float32 inputs
+    torch.testing.assert_close(lse[:, :, [0, 2, 3, 4]], scores.logsumexp(-1)[:, :, [0, 2, 3, 4]])
+    assert not lse[:, :, 1].any() and not out[:, :, 1].any()
+    from robust_attn.kernels.eager import eager_attention
+    from robust_attn.problem import AttentionProblem
+
+    expected = eager_attention(AttentionProblem(q, k, v, 0.5, attn_mask=mask))  # zeros in row 1
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    actual = cpu_flash_attention_backward(grad, q, k, v, out, lse, mask, 0.5)
+    for a, e in zip(actual, torch.autograd.grad(expected, (q, k, v), grad), strict=True):
+        torch.testing.assert_close(a, e)
+    with pytest.raises(RuntimeError, match="same data type as query"):
+        cpu_flash_attention(q, k, v, mask == 0, 0.5)

@@ -26,3 +26,16 @@ def test_quick_benchmark_writes_json_and_markdown(tmp_path):
         assert row["speedup_forward_backward"] > 0
     table = (tmp_path / "sparse-cpu-quick.md").read_text()
     assert "| N | pattern | kernel | density |" in table and report["machine"]["cpu"] in table
+
+
+def test_readme_table_is_rendered_from_the_committed_results(monkeypatch):
+    """The README's sparse-table block is sparse.readme_table of the committed N <= 8192 run,
+    which judges every target at N = 8192."""
+    from .test_claims_table import readme_block
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import sparse
+
+    committed = json.loads((SCRIPT.parent / "results" / "sparse-cpu-max8192.json").read_text())
+    assert set(committed["targets"]["speedup_target_met"]) == set(sparse.TARGETS)
+    assert readme_block("sparse-table") == sparse.readme_table(committed)

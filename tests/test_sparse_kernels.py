@@ -1,6 +1,7 @@
 """Every sparse path equals the dense masked eager reference, forward and gradients; auto picks a
 structured kernel where one applies and warns, naming the cost, where none does."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -11,10 +12,10 @@ from hypothesis import strategies as st
 from robust_attn.kernels import KERNELS, SparseFallbackWarning, select_kernel
 from robust_attn.kernels import flex as flex_kernel
 from robust_attn.kernels.block_sparse import (
-    _block_needs,
     _candidate_blocks,
     _global_keys,
     _is_global,
+    _keys_used,
     block_sparse_attention,
     block_sparse_plan,
 )
@@ -29,6 +30,7 @@ from robust_attn.sparse import (
     Fixed,
     GlobalTokens,
     GridWindow,
+    Pattern,
     RandomBlocks,
     SlidingWindow,
     Strided,
@@ -136,25 +138,27 @@ def test_key_ranges_hold_every_allowed_key_but_the_global_ones(case):
     assert not (pattern.dense(num_tokens) & ~is_global & ~inside).any()
 
 
-@given(sparse_problems(any_patterns, prepended=2), st.sampled_from([2, 4, 8, 16]))
-def test_block_needs_from_the_key_ranges_equal_those_from_every_pair(problem, block):
-    """The layout's needed key blocks, and which queries attend a non-global key, as evaluating
-    the pattern on all Nq x Nk pairs gives them."""
-    pattern, causal = problem.pattern, problem.causal
+@given(sparse_problems(any_patterns, prepended=2), st.sampled_from([2, 4, 8, 16]),
+       st.sampled_from([1, 2]))
+def test_keys_used_from_the_key_ranges_equal_those_from_every_pair(problem, key_block, ratio):
+    """The keys each query block uses, and which queries attend a non-global key, as evaluating
+    the pattern on all Nq x Nk pairs gives them (query blocks of ``ratio`` key blocks)."""
+    pattern, causal, block = problem.pattern, problem.causal, key_block * ratio
     num_queries, num_keys = problem.num_queries, problem.num_keys
     mask_mod = structural_mask_mod(pattern, causal, num_queries, num_keys)
-    is_global = _is_global(_global_keys(pattern, num_queries, num_keys), num_keys, block,
+    is_global = _is_global(_global_keys(pattern, num_queries, num_keys), num_keys, key_block,
                            torch.device("cpu"))
-    candidates = _candidate_blocks(pattern, causal, num_queries, num_keys, block, torch.device("cpu"))
-    needs, attends = _block_needs(mask_mod, candidates, num_queries, num_keys, is_global, block)
+    candidates = _candidate_blocks(pattern, causal, num_queries, num_keys, block, key_block,
+                                   torch.device("cpu"))
+    used, attends = _keys_used(mask_mod, candidates, num_queries, num_keys, is_global, block,
+                               key_block)
 
     query_blocks, key_blocks = candidates.shape
     rows = torch.arange(query_blocks * block).clamp_max(num_queries - 1)
-    keys = torch.arange(key_blocks * block)
+    keys = torch.arange(key_blocks * key_block)
     allowed = (mask_mod(torch.tensor(0), torch.tensor(0), rows[:, None], keys.clamp_max(num_keys - 1)[None])
                & ~is_global & (keys < num_keys))
-    expected = allowed.view(query_blocks, block, key_blocks, block).any(dim=3).any(dim=1)
-    assert torch.equal(needs, expected)
+    assert torch.equal(used, allowed.view(query_blocks, block, -1).any(dim=1))
     assert torch.equal(attends, allowed.any(dim=1)[:num_queries])
 
 
@@ -259,14 +263,63 @@ def test_block_sparse_plan_is_cached_per_length_and_skips_blocked_work():
     assert block_sparse_plan(pattern, False, 512, 512, cpu, 16) is plan
     longer = block_sparse_plan(pattern, False, 600, 600, cpu, 16)
     assert longer is not plan and longer.order.shape == (600,)
-    # Query blocks 1..31 gather 3 key blocks of 16 and the 2 global keys; block 0 (the global
-    # queries) attends all 512 keys: 12.6% of the dense scores.
-    assert plan.share == (31 * 16 * (3 * 16 + 2) + 16 * 512) / 512**2
+    # Every query block attends the 2 global keys and its band, keys b * 16 - 7 .. b * 16 + 22
+    # (the window's 7 keys on each side of the block); the 2 global queries attend all 512 keys
+    # besides: 6.6% of the dense scores.
+    assert plan.share == (32 * 16 * (2 + 30) + 2 * 512) / 512**2
     # The layout is Python ints, so torch.compile and torch.export take it as a constant.
     layout = plan.layout
-    assert layout.global_keys == (0, 1) and layout.light_blocks == tuple(range(1, 32))
-    assert layout.heavy_blocks == (0,) and layout.num_key_blocks == 3
-    assert all(type(b) is int for b in layout.key_blocks)
+    assert layout.global_keys == (0, 1) and layout.light_blocks == tuple(range(32))
+    assert (layout.band_start, layout.band) == (-7, 30)
+    assert layout.heavy_rows == (0, 1) and layout.num_key_blocks == 0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_global_queries_in_a_light_block_equal_eager(causal):
+    """Longformer's global queries attend every key as heavy rows while their block stays light
+    (band and global keys): outputs and gradients as the eager reference, with prepended keys."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 203, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 1, 2, 205, 8, dtype=torch.float64)
+    pattern = SlidingWindow(10) | GlobalTokens(3)
+    problem = AttentionProblem(q, k, v, 8 ** -0.5, causal=causal, pattern=pattern,
+                               prepended_keys=2)
+    layout = block_sparse_plan(pattern, causal, 203, 205, torch.device("cpu"), 16).layout
+    # Causal global queries see only earlier keys, all in their band: no heavy row then.
+    assert layout.heavy_rows == (() if causal else (0, 1, 2)) and 0 in layout.light_blocks
+    assert_equals_eager(lambda p, d: block_sparse_attention(p, d, block=16), problem)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RowsAttendAll(Pattern):
+    """Queries start .. stop - 1 attend every key (a heavy block amid light ones)."""
+
+    start: int
+    stop: int
+
+    def mask_mod(self, num_tokens):
+        start, stop = self.start, self.stop
+        return lambda b, h, q_idx, kv_idx: (q_idx >= start) & (q_idx < stop) & (kv_idx >= 0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_light_blocks_around_a_heavy_one_equal_eager(causal):
+    """Light blocks that are not consecutive gather their queries and bands (no view), around
+    a heavy block in the middle; with the key parts merged and, for values of another head dim,
+    concatenated for one SDPA call."""
+    torch.manual_seed(0)
+    pattern = SlidingWindow(5) | GlobalTokens(2) | RandomBlocks(8, 2, seed=1) | _RowsAttendAll(40, 48)
+    layout = block_sparse_plan(pattern, causal, 93, 94, torch.device("cpu"), 8).layout
+    light = layout.light_blocks
+    assert 5 not in light and light[0] < 5 < light[-1]  # not consecutive
+    assert layout.band and layout.num_key_blocks and layout.global_keys
+    for value_dim in (8, 6):  # 8: merged by the log-sum-exp; 6: one call on concatenated keys
+        q = torch.randn(1, 2, 93, 8, dtype=torch.float64)
+        k = torch.randn(1, 2, 94, 8, dtype=torch.float64)
+        v = torch.randn(1, 2, 94, value_dim, dtype=torch.float64)
+        problem = AttentionProblem(q, k, v, 8 ** -0.5, causal=causal, pattern=pattern,
+                                   prepended_keys=1)
+        assert_equals_eager(lambda p, d: block_sparse_attention(p, d, block=8), problem)
 
 
 def test_flex_block_mask_is_cached_per_pattern_and_length_and_rebuilt_for_a_new_length():

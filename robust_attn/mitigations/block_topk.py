@@ -29,10 +29,13 @@ Sources, and where this deviates:
   mixture, and the score is MoBA's mean-key gate; RobustAttention has one key head per query
   head, so there is no group to share over.
 
-Cost: the selection is B H (N / block_size)^2 dot products, but the layout is applied as a
-dense (B, H, N, N + prepended) bool mask, so the kernel still does dense work (SDPA with a
+Cost: the selection is B H (N / block_size)^2 dot products, but the module applies the layout
+as a dense (B, H, N, N + prepended) bool mask, so the kernel still does dense work (SDPA with a
 mask, or the chunked kernel): correct, not faster (benchmarks/block_topk.py measures it). The
-structured block_sparse kernel runs one pattern planned per shape, not a layout per call.
+same selection as a per-call layout (:func:`selected_key_blocks` on
+:func:`robust_attn.kernels.selected_blocks.selected_blocks_attention`) skips the unselected
+blocks; the module does not route to it yet, since a layout is not part of AttentionProblem
+(the probe, the log-sum-exp contract and the other kernels read the problem's mask).
 """
 
 from __future__ import annotations
@@ -62,13 +65,13 @@ def _block_means(x: Tensor, blocks: Tensor, num_blocks: int) -> Tensor:
 
 
 @torch.no_grad()
-def selected_blocks(q: Tensor, keys: Tensor, block_size: int, k: int, causal: bool) -> Tensor:
-    """Bool (B, H, Nq, Nk) over the tokens' keys ``keys`` (B, H, Nk, D): True where key j lies in
-    a block selected for query i's block (module docstring). Queries are aligned to the last Nq
-    of the Nk positions."""
+def selected_key_blocks(q: Tensor, keys: Tensor, block_size: int, k: int, causal: bool) -> Tensor:
+    """Int64 (B, H, key blocks, min(k, key blocks - 1) + 1): for each block of positions, the own
+    block first, then the k others its mean query scores highest against their mean key (module
+    docstring), over the tokens' keys ``keys`` (B, H, Nk, D) and the queries ``q`` aligned to the
+    last Nq of the Nk positions: the per-call layout of
+    :func:`robust_attn.kernels.selected_blocks.selected_blocks_attention`. Distinct in each row."""
     num_queries, num_keys = q.shape[-2], keys.shape[-2]
-    if num_queries == 0 or num_keys == 0:  # nothing to select
-        return torch.zeros(*q.shape[:2], num_queries, num_keys, dtype=torch.bool, device=q.device)
     num_blocks = math.ceil(num_keys / block_size)
     key_blocks = torch.arange(num_keys, device=q.device) // block_size
     query_blocks = (torch.arange(num_queries, device=q.device) + num_keys - num_queries) // block_size
@@ -83,8 +86,23 @@ def selected_blocks(q: Tensor, keys: Tensor, block_size: int, k: int, causal: bo
     # Where fewer than k blocks are candidates (early blocks under causality) topk also returns
     # future ones, -inf: harmless, since causality blocks every key of a future block.
     top = gate.topk(min(k, num_blocks - 1), dim=-1).indices
-    chosen = torch.zeros_like(gate, dtype=torch.bool).scatter_(-1, top, True)
-    chosen |= torch.eye(num_blocks, dtype=torch.bool, device=q.device)
+    return torch.cat([rows[:, None].expand(*top.shape[:-1], 1), top], dim=-1)
+
+
+@torch.no_grad()
+def selected_blocks(q: Tensor, keys: Tensor, block_size: int, k: int, causal: bool) -> Tensor:
+    """Bool (B, H, Nq, Nk) over the tokens' keys ``keys`` (B, H, Nk, D): True where key j lies in
+    a block selected for query i's block (:func:`selected_key_blocks`). Queries are aligned to the
+    last Nq of the Nk positions."""
+    num_queries, num_keys = q.shape[-2], keys.shape[-2]
+    if num_queries == 0 or num_keys == 0:  # nothing to select
+        return torch.zeros(*q.shape[:2], num_queries, num_keys, dtype=torch.bool, device=q.device)
+    blocks = selected_key_blocks(q, keys, block_size, k, causal)
+    num_blocks = blocks.shape[-2]
+    chosen = torch.zeros(*blocks.shape[:-1], num_blocks, dtype=torch.bool, device=q.device)
+    chosen.scatter_(-1, blocks, True)
+    key_blocks = torch.arange(num_keys, device=q.device) // block_size
+    query_blocks = (torch.arange(num_queries, device=q.device) + num_keys - num_queries) // block_size
     return chosen[..., query_blocks, :][..., key_blocks]
 
 
