@@ -5,11 +5,12 @@ alone, so the dense-mask cost is shown as it is.
     python benchmarks/block_topk.py [--quick] [--out benchmarks/results]
 
 Writes block-topk.json and block-topk.md (block-topk-quick.* with --quick: N = 512, one repeat).
-The module applies the selection as a dense bool mask (robust_attn/mitigations/block_topk.py), so
-its kernel does dense work plus the mask. The kernel-level rows compare, on the same q, k, v
-(H = 8, head dim 64), dense SDPA, the selection as a dense mask with SDPA (what the module runs),
-and the selection as a per-call layout on the selected-blocks kernel
-(robust_attn/kernels/selected_blocks.py), which skips the unselected blocks.
+The module passes its selection to the kernels as a per-call block selection
+(robust_attn/sparse/selection.py), which the selected-blocks kernel
+(robust_attn/kernels/selected_blocks.py) runs on the selected blocks only; each module row names
+the kernel that ran. The kernel-level rows compare, on the same q, k, v (H = 8, head dim 64),
+dense SDPA, the selection as a dense mask with SDPA (what any other kernel gets, e.g. with a
+padding mask), and the selected-blocks kernel.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from machine import machine
 from output import load_average, progress, write
 
-from robust_attn import create
+from robust_attn import create, recording
 from robust_attn.kernels.selected_blocks import selected_blocks_attention
 from robust_attn.mitigations.block_topk import selected_blocks, selected_key_blocks
 from robust_attn.problem import AttentionProblem
@@ -41,11 +42,18 @@ def step_seconds(module: torch.nn.Module, x: torch.Tensor, causal: bool) -> floa
     return time.perf_counter() - start
 
 
+def kernel_run(module: torch.nn.Module, x: torch.Tensor, causal: bool) -> str:
+    """The kernel ``module`` runs on ``x`` (its record's)."""
+    with torch.no_grad(), recording(module) as records:
+        module(x, is_causal=causal)
+    return records[0][1].attended.kernel
+
+
 def selection_seconds(tokens: int, block_size: int, k: int, causal: bool) -> float:
-    """The block selection alone (its no-grad mask), in seconds."""
+    """The block selection alone (the selected key blocks, no grad), in seconds."""
     q, keys = torch.randn(2, BATCH, HEADS, tokens, DIM // HEADS).unbind(0)
     start = time.perf_counter()
-    selected_blocks(q, keys, block_size, k, causal)
+    selected_key_blocks(q, keys, block_size, k, causal)
     return time.perf_counter() - start
 
 
@@ -117,8 +125,8 @@ def run(quick: bool) -> dict:
             option = module.mitigations["block_topk"].saved_value() if "block_topk" in name else None
             select = (statistics.median(selection_seconds(tokens, *option, causal)
                                         for _ in range(repeats)) if option else None)
-            rows.append({"variant": name, "causal": causal, "step_s": step,
-                         "ratio_to_dense": step / dense, "selection_s": select})
+            rows.append({"variant": name, "causal": causal, "kernel": kernel_run(module, x, causal),
+                         "step_s": step, "ratio_to_dense": step / dense, "selection_s": select})
     return {"benchmark": "block top-k", "shape": {"batch": BATCH, "tokens": tokens, "dim": DIM,
             "heads": HEADS}, "repeats": repeats, "rows": rows,
             "kernel_shape": {"heads": KERNEL_HEADS, "head_dim": KERNEL_HEAD_DIM},
@@ -132,16 +140,16 @@ def markdown(result: dict) -> str:
         f"Block top-k attention, forward + backward of one module (B={shape['batch']}, "
         f"N={shape['tokens']}, C={shape['dim']}, H={shape['heads']}), median of "
         f"{result['repeats']} interleaved repeats after a warm-up, {info['cpu']}, "
-        f"{info['threads']} thread, torch {info['torch']}, load {result['load_average']}. The "
-        "selection runs as a dense mask, so block top-k costs dense attention plus the mask:",
+        f"{info['threads']} thread, torch {info['torch']}, load {result['load_average']}; the "
+        "kernel the module ran:",
         "",
-        "| variant | causal | fwd+bwd (s) | ratio to dense | selection alone (s) |",
-        "|---|---|---|---|---|",
+        "| variant | causal | kernel | fwd+bwd (s) | ratio to dense | selection alone (s) |",
+        "|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         select = "-" if row["selection_s"] is None else f"{row['selection_s']:.4f}"
-        lines.append(f"| {row['variant']} | {row['causal']} | {row['step_s']:.3f} | "
-                     f"{row['ratio_to_dense']:.2f} | {select} |")
+        lines.append(f"| {row['variant']} | {row['causal']} | {row['kernel']} | "
+                     f"{row['step_s']:.3f} | {row['ratio_to_dense']:.2f} | {select} |")
     lines += [
         "", f"Kernel level (B=1, N={shape['tokens']}, H={result['kernel_shape']['heads']}, "
         f"head dim {result['kernel_shape']['head_dim']}, forward + backward, the selection "

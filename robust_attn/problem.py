@@ -5,6 +5,7 @@ Every kernel computes the same thing (heads layout (B, H, N, D)):
     s_ij  = score_mods(scale * q_i . k_j)  +  bias_ij          (bias: -inf blocks a key)
     s_ij  = -inf  where causal and j > i + (Nk - Nq)
     s_ij  = -inf  where a sparsity pattern blocks (i, j)
+    s_ij  = -inf  where a per-call block selection leaves j's block out for i's block
     out_i = sum_j normalizer(s)_ij v_j
 
 Score modifiers use FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx)``
@@ -45,6 +46,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from .sparse import Pattern
+    from .sparse.selection import BlockSelection
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
@@ -89,6 +91,9 @@ class AttentionProblem:
         (aligned as described in the module docstring); None allows every pair.
     prepended_keys: how many of the keys were prepended in front of the tokens' own
         (sinks); positional score modifiers skip them (module docstring).
+    selection: a per-call block selection (block_topk: robust_attn.sparse.selection), applied
+        like a mask on top of the others; None allows every pair. The selected-blocks kernel
+        runs it; every other kernel gets it as a bool mask (:meth:`with_selection_as_mask`).
     """
 
     q: Tensor
@@ -101,6 +106,7 @@ class AttentionProblem:
     normalizer: Callable[[Tensor], Tensor] = SOFTMAX
     pattern: Pattern | None = None
     prepended_keys: int = 0
+    selection: BlockSelection | None = None
 
     @property
     def num_queries(self) -> int:
@@ -118,7 +124,8 @@ class AttentionProblem:
     def may_block_keys(self) -> bool:
         """A mask, causality or a pattern may block keys, so a row may have none allowed.
         (Score modifiers change scores; they do not block.)"""
-        return self.attn_mask is not None or self.causal or self.pattern is not None
+        return (self.attn_mask is not None or self.causal or self.pattern is not None
+                or self.selection is not None)
 
     def score_mod(self) -> ScoreMod | None:
         """The score modifiers as one function of (score, b, h, q_idx, kv_idx) at kernel indices,
@@ -177,6 +184,27 @@ class AttentionProblem:
         keys = torch.arange(self.num_keys, device=self.q.device)
         return self.pattern.allowed(self.query_index(query_index), keys, self.num_queries,
                                     self.num_keys)
+
+    def selection_allowed(self, query_index: Tensor | None = None) -> Tensor | None:
+        """Bool (B|1, H|1, Nq', Nk) block-selection mask for the given query rows (all rows when
+        None)."""
+        if self.selection is None:
+            return None
+        return self.selection.allowed(self.num_queries, self.num_keys, self.prepended_keys,
+                                      query_index)
+
+    def with_selection_as_mask(self) -> AttentionProblem:
+        """The same problem with its block selection folded into ``attn_mask`` (a bool mask ANDed;
+        a float mask gets -inf outside the selected blocks), for a kernel that does not run
+        selections: B H Nq Nk bools."""
+        if self.selection is None:
+            return self
+        allowed, mask = self.selection_allowed(), self.attn_mask
+        if mask is None or mask.dtype == torch.bool:
+            mask = allowed if mask is None else mask & allowed
+        else:
+            mask = torch.where(allowed, mask, -math.inf)
+        return self.with_(attn_mask=mask, selection=None)
 
     def query_index(self, query_index: Tensor | None = None) -> Tensor:
         if query_index is not None:

@@ -7,9 +7,16 @@ import pytest
 import torch
 from einops import rearrange
 
+import robust_attn
 from robust_attn import RobustAttention, create
+from robust_attn.kernels import KERNELS
+from robust_attn.kernels.eager import EAGER
 from robust_attn.mitigations import MITIGATIONS
-from robust_attn.problem import SOFTMAX
+from robust_attn.call import AttentionCall
+from robust_attn.mitigations.block_topk import selected_key_blocks
+from robust_attn.mitigations.outlier_removal import uniform_attention_output
+from robust_attn.problem import SOFTMAX, AttentionProblem
+from robust_attn.sparse.selection import BlockSelection
 
 from .float64_reference import assert_same_forward_and_backward, forward_backward, with_sink_columns
 
@@ -64,7 +71,7 @@ def _check(module, x, attn_mask=None, causal=False):
     assert_same_forward_and_backward(actual, expected)
 
 
-@pytest.mark.parametrize("kernel", ["auto", "sdpa", "chunked", "eager"])
+@pytest.mark.parametrize("kernel", ["auto", "selected_blocks", "sdpa", "chunked", "eager"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("tokens", [29, 32])
 def test_equals_the_reference_forward_and_backward(kernel, causal, tokens):
@@ -147,3 +154,61 @@ def test_preset_option_and_saved_value():
 def test_bad_options_name_the_option(bad):
     with pytest.raises(ValueError, match=r"block_topk=.*\(block_size, k\)"):
         RobustAttention(DIM, num_heads=HEADS, block_topk=bad)
+
+
+def _kernels_run(module, x, attn_mask=None, lse=False):
+    with robust_attn.recording(module, lse=lse) as records:
+        module(x, attn_mask=attn_mask)
+    return [record.attended.kernel for _, record in records]
+
+
+def test_auto_runs_the_selected_blocks_kernel_where_it_can_and_a_mask_elsewhere():
+    """No mask: only the selected blocks are computed. A padding mask, or a log-sum-exp asked
+    for: the selection becomes a mask for the usual kernels, and the result is the same."""
+    module = _module(block_topk=(8, 1))
+    x = torch.randn(2, 32, DIM, dtype=torch.float64)
+    assert _kernels_run(module, x) == ["selected_blocks"]
+    padding = torch.ones(2, 1, 1, 32, dtype=torch.bool)
+    padding[0, ..., 27:] = False
+    assert "selected_blocks" not in _kernels_run(module, x, padding)
+    _check(module, x, padding)
+    assert "selected_blocks" not in _kernels_run(module, x, lse=True)
+    with pytest.raises(ValueError, match="no sparsity pattern or attn_mask"):
+        _module("selected_blocks", block_topk=(8, 1))(x, attn_mask=padding)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_no_kernel_ignores_a_selection(causal):
+    """Every kernel that runs a problem with a block selection computes what eager computes with
+    the selection as a mask (outputs and log-sum-exp), so none can drop it."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 2, 29, 8, dtype=torch.float64)
+    blocks = selected_key_blocks(q, k, 8, 1, causal)
+    problem = AttentionProblem(q, k, v, 8 ** -0.5, causal=causal,
+                               selection=BlockSelection(blocks, 8))
+    masked = problem.with_selection_as_mask()
+    expected = EAGER.solve(masked.with_(selection=None), lse=True)
+    assert not torch.equal(expected.out, EAGER.solve(problem.with_(selection=None)).out)
+    ran = []
+    for name, kernel in KERNELS.items():
+        lse = kernel.unsupported(problem, 0.0, lse=True) is None
+        if kernel.unsupported(problem, 0.0) is not None:
+            continue
+        ran.append(name)
+        solved = kernel.solve(problem, lse=lse)
+        torch.testing.assert_close(solved.out, expected.out, msg=name)
+        if lse:
+            torch.testing.assert_close(solved.lse, expected.lse.float(), msg=name)
+    assert {"selected_blocks", "sdpa", "chunked", "eager"} <= set(ran)
+
+
+def test_outlier_removal_removes_the_uniform_attention_over_the_selected_blocks():
+    """U is uniform over the keys each query may attend: the selected blocks, not every key."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 2, 29, 8, dtype=torch.float64)
+    problem = AttentionProblem(q, k, v, 8 ** -0.5,
+                               selection=BlockSelection(selected_key_blocks(q, k, 8, 1, False), 8))
+    call = AttentionCall(None)
+    expected = uniform_attention_output(problem.with_selection_as_mask(), call)
+    torch.testing.assert_close(uniform_attention_output(problem, call).expand_as(expected), expected)
+    assert not torch.allclose(v.mean(dim=-2, keepdim=True).expand_as(expected), expected)

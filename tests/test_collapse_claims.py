@@ -204,11 +204,11 @@ def test_masked_keys_get_zero_weight(variant, seed, data):
 
 def depends_on_positions(variant: str) -> bool:
     """Whether the preset's attention depends on token positions: through a sparsity pattern, a
-    positional score modifier (a distance bias) or a mask a mitigation adds to a call that passed
-    none (block top-k's selected blocks of positions)."""
+    positional score modifier (a distance bias), a block selection (block top-k's selected blocks
+    of positions) or a mask a mitigation adds to a call that passed none."""
     problem = solve(create(variant, 8, 1, kernel="eager"), torch.zeros(1, 2, 8))[1]
     return (problem.pattern is not None or problem.attn_mask is not None
-            or any(map(is_positional, problem.score_mods)))
+            or problem.selection is not None or any(map(is_positional, problem.score_mods)))
 
 
 @pytest.mark.parametrize("variant", [v for v in list_variants() if not depends_on_positions(v)])

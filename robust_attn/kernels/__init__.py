@@ -32,6 +32,12 @@ With a sparsity pattern (robust_attn.sparse) the order is:
 
 A fallback past the structured kernels (and past flex on CUDA) warns with
 :class:`SparseFallbackWarning`, naming what it costs.
+
+With a per-call block selection (``problem.selection``: block_topk), ``auto`` runs the
+selected-blocks kernel (:mod:`robust_attn.kernels.selected_blocks`: only the selected key
+blocks are computed) when it can: softmax without score modifiers, mask or pattern, and no
+log-sum-exp asked for. Otherwise the selection becomes a bool mask (B H Nq Nk, built once)
+and the order above applies to that problem.
 """
 
 from __future__ import annotations
@@ -50,11 +56,13 @@ from .chunked import CHUNKED
 from .eager import EAGER
 from .flex import FLEX
 from .sdpa import SDPA
+from .selected_blocks import SELECTED_BLOCKS
 from .strided import STRIDED
 from .xformers import XFORMERS
 
 KERNELS: dict[str, Kernel] = {kernel.name: kernel for kernel in (
-    SDPA, FLEX, XFORMERS, CHUNKED, EAGER, BLOCK_DIAGONAL, STRIDED, BLOCK_SPARSE)}
+    SDPA, FLEX, XFORMERS, CHUNKED, EAGER, BLOCK_DIAGONAL, STRIDED, BLOCK_SPARSE,
+    SELECTED_BLOCKS)}
 KERNEL_CHOICES = ("auto", *KERNELS)
 STRUCTURED = (BLOCK_DIAGONAL, STRIDED, BLOCK_SPARSE)
 
@@ -130,6 +138,13 @@ def solve(kernel: str, problem: AttentionProblem, dropout_p: float = 0.0,
     A problem without query rows needs no kernel: ("none", an empty output)."""
     if problem.num_queries == 0:
         return "none", EAGER.solve(problem, dropout_p, lse)
+    if problem.selection is not None and kernel in ("auto", SELECTED_BLOCKS.name):
+        reason = SELECTED_BLOCKS.unsupported(problem, dropout_p, lse)
+        if reason is None:
+            return SELECTED_BLOCKS.name, SELECTED_BLOCKS.solve(problem, dropout_p, lse)
+        if kernel != "auto":
+            raise ValueError(f"kernel={kernel!r} cannot run here: {reason}")
+    problem = problem.with_selection_as_mask()  # once, for every kernel below
     chosen = select_kernel(kernel, problem, dropout_p, lse)
     return chosen.name, chosen.solve(problem, dropout_p, lse)
 

@@ -18,6 +18,11 @@ A kernel that cannot give it says so: :meth:`Kernel.unsupported` with ``lse=True
 names why (SDPA's public function returns no log-sum-exp; the structured sparse
 kernels do not compute it), and ``auto`` then picks the next kernel that can.
 Every kernel that gives it is tested equal to the eager reference's.
+
+A per-call block selection (``problem.selection``: block_topk) is run by the kernels that say
+so (``runs_selection``: the selected-blocks kernel); every other kernel sees it as the bool
+mask it stands for (:meth:`AttentionProblem.with_selection_as_mask`), so no kernel can ignore
+it.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ class Kernel:
         problem exactly on its device, else the reason it cannot (shown to users).
     run_with_lse(problem, dropout_p) -> (out, lse), where the kernel computes rows'
         log-sum-exp (None: it does not; ``no_lse`` says why).
+    runs_selection: the kernel reads ``problem.selection`` itself; otherwise it gets the
+        problem with its selection folded into the mask.
     """
 
     name: str
@@ -61,6 +68,14 @@ class Kernel:
     unsupported_problem: Callable[[AttentionProblem, float], str | None]
     run_with_lse: RunWithLse | None = None
     no_lse: str = "this kernel does not compute the rows' log-sum-exp"
+    runs_selection: bool = False
+
+    def sees(self, problem: AttentionProblem) -> AttentionProblem:
+        """The problem as this kernel gets it: its block selection as a mask unless the kernel
+        runs selections."""
+        if problem.selection is None or self.runs_selection:
+            return problem
+        return problem.with_selection_as_mask()
 
     def unsupported(self, problem: AttentionProblem, dropout_p: float,
                     lse: bool = False) -> str | None:
@@ -69,11 +84,12 @@ class Kernel:
             return self.no_lse
         if lse and not problem.is_softmax:
             return LSE_NEEDS_SOFTMAX
-        return self.unsupported_problem(problem, dropout_p)
+        return self.unsupported_problem(self.sees(problem), dropout_p)
 
     def solve(self, problem: AttentionProblem, dropout_p: float = 0.0,
               lse: bool = False) -> KernelOutput:
         """The output and, when ``lse``, each row's log-sum-exp (module docstring)."""
+        problem = self.sees(problem)
         if problem.num_queries == 0:  # no query row: an empty output (kernels need a row)
             empty = problem.v[..., :0, :]
             return KernelOutput(empty, empty.new_zeros(empty.shape[:-1]).float() if lse else None)

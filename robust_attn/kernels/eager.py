@@ -52,8 +52,9 @@ def scaled_scores(problem: AttentionProblem, query_index: Tensor | None = None) 
 
 def masked_logits(problem: AttentionProblem, scores: Tensor,
                   query_index: Tensor | None = None) -> Tensor:
-    """The score modifiers, the mask, causal and the pattern applied to ``scores`` = scale q k^T of
-    the given query rows (all when None): the logits, -inf where blocked."""
+    """The score modifiers, the mask, causal, the pattern and the block selection applied to
+    ``scores`` = scale q k^T of the given query rows (all when None): the logits, -inf where
+    blocked."""
     score_mod = problem.score_mod()
     if score_mod is not None:
         scores = score_mod(scores, *_index_grid(scores.shape[0], scores.shape[1],
@@ -63,7 +64,8 @@ def masked_logits(problem: AttentionProblem, scores: Tensor,
         if query_index is not None and mask.shape[-2] != 1:
             mask = mask[..., query_index, :]
         scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
-    for allowed in (problem.causal_allowed(query_index), problem.pattern_allowed(query_index)):
+    for allowed in (problem.causal_allowed(query_index), problem.pattern_allowed(query_index),
+                    problem.selection_allowed(query_index)):
         if allowed is not None:
             scores = scores.masked_fill(~allowed, -math.inf)
     return scores

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..problem import AttentionProblem
+from .base import Kernel
 
 
 def selected_blocks_unsupported(problem: AttentionProblem, blocks: Tensor, block: int) -> str | None:
@@ -105,3 +106,19 @@ def selected_blocks_attention(problem: AttentionProblem, blocks: Tensor, block: 
     if mask is not None:
         out = out * has_key.flatten(0, 1).to(out.dtype)
     return out.flatten(1, 2)[:, lead:lead + num_queries].unflatten(0, (batch, heads))
+
+
+def _unsupported(problem: AttentionProblem, dropout_p: float) -> str | None:
+    if problem.selection is None:
+        return "no per-call block selection (block_topk) to run"
+    return selected_blocks_unsupported(problem, problem.selection.blocks, problem.selection.block)
+
+
+SELECTED_BLOCKS = Kernel(
+    "selected_blocks",
+    lambda problem, dropout_p: selected_blocks_attention(
+        problem, problem.selection.blocks, problem.selection.block, dropout_p),
+    _unsupported, runs_selection=True,
+    no_lse="the selected-blocks kernel runs SDPA, whose public function returns no log-sum-exp")
+"""A problem's block selection (``problem.selection``), skipping the unselected blocks."""
+

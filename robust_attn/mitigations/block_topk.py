@@ -29,13 +29,13 @@ Sources, and where this deviates:
   mixture, and the score is MoBA's mean-key gate; RobustAttention has one key head per query
   head, so there is no group to share over.
 
-Cost: the selection is B H (N / block_size)^2 dot products, but the module applies the layout
-as a dense (B, H, N, N + prepended) bool mask, so the kernel still does dense work (SDPA with a
-mask, or the chunked kernel): correct, not faster (benchmarks/block_topk.py measures it). The
-same selection as a per-call layout (:func:`selected_key_blocks` on
-:func:`robust_attn.kernels.selected_blocks.selected_blocks_attention`) skips the unselected
-blocks; the module does not route to it yet, since a layout is not part of AttentionProblem
-(the probe, the log-sum-exp contract and the other kernels read the problem's mask).
+Cost: the selection is B H (N / block_size)^2 dot products. It joins the problem as a per-call
+block selection (:class:`robust_attn.sparse.selection.BlockSelection`), which the selected-blocks
+kernel (:mod:`robust_attn.kernels.selected_blocks`) runs on the selected blocks only: B H N
+(k + 1) block_size scores instead of B H N^2. Where that kernel cannot run (a user's mask, a
+sparsity pattern, score modifiers, sigmoid, a log-sum-exp asked for), the selection becomes a
+dense bool mask and the usual kernels compute every score: correct, not faster
+(benchmarks/block_topk.py measures both).
 """
 
 from __future__ import annotations
@@ -44,12 +44,12 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..claim import ENTROPY, RANK, Claim, witnesses_at
 from ..config import AttentionConfig
 from ..problem import AttentionProblem
+from ..sparse.selection import BlockSelection
 from .base import Mitigation
 
 if TYPE_CHECKING:
@@ -97,13 +97,8 @@ def selected_blocks(q: Tensor, keys: Tensor, block_size: int, k: int, causal: bo
     num_queries, num_keys = q.shape[-2], keys.shape[-2]
     if num_queries == 0 or num_keys == 0:  # nothing to select
         return torch.zeros(*q.shape[:2], num_queries, num_keys, dtype=torch.bool, device=q.device)
-    blocks = selected_key_blocks(q, keys, block_size, k, causal)
-    num_blocks = blocks.shape[-2]
-    chosen = torch.zeros(*blocks.shape[:-1], num_blocks, dtype=torch.bool, device=q.device)
-    chosen.scatter_(-1, blocks, True)
-    key_blocks = torch.arange(num_keys, device=q.device) // block_size
-    query_blocks = (torch.arange(num_queries, device=q.device) + num_keys - num_queries) // block_size
-    return chosen[..., query_blocks, :][..., key_blocks]
+    selection = BlockSelection(selected_key_blocks(q, keys, block_size, k, causal), block_size)
+    return selection.allowed(num_queries, num_keys, 0)
 
 
 class BlockTopK(Mitigation):
@@ -151,16 +146,14 @@ class BlockTopK(Mitigation):
         return (self.block_size, self.k)
 
     def extend_keys(self, problem: AttentionProblem, call: AttentionCall) -> AttentionProblem:
-        """The problem with its mask restricted to the selected blocks; prepended keys allowed."""
-        prepended = problem.prepended_keys
-        allowed = F.pad(selected_blocks(problem.q, problem.k[..., prepended:, :], self.block_size,
-                                        self.k, problem.causal), (prepended, 0), value=True)
-        mask = problem.attn_mask
-        if mask is None or mask.dtype == torch.bool:
-            mask = allowed if mask is None else mask & allowed
-        else:  # additive float mask: -inf outside the selected blocks, its values inside
-            mask = torch.where(allowed, mask, -math.inf)
-        return problem.with_(attn_mask=mask)
+        """The problem with its block selection (robust_attn.sparse.selection): the
+        selected-blocks kernel skips the other blocks; any other kernel gets the selection as a
+        mask, prepended keys allowed."""
+        tokens = problem.k[..., problem.prepended_keys:, :]
+        if problem.num_queries == 0 or tokens.shape[-2] == 0:  # nothing to select
+            return problem
+        blocks = selected_key_blocks(problem.q, tokens, self.block_size, self.k, problem.causal)
+        return problem.with_(selection=BlockSelection(blocks, self.block_size))
 
     def extra_repr(self) -> str:
         return f"block_size={self.block_size}, k={self.k}"

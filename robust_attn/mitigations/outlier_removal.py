@@ -94,9 +94,9 @@ def uniform_problem(problem: AttentionProblem) -> AttentionProblem:
 
 
 def uniform_attention_output(problem: AttentionProblem, call: AttentionCall) -> Tensor:
-    """U V for the problem's masks, broadcastable to (B, H, Nq, Dv); with a mask or a pattern,
-    solved on the call's kernel choice (without dropout)."""
-    if problem.attn_mask is not None or problem.pattern is not None:
+    """U V for the problem's masks, broadcastable to (B, H, Nq, Dv); with a mask, a pattern or a
+    block selection, solved on the call's kernel choice (without dropout)."""
+    if problem.attn_mask is not None or problem.pattern is not None or problem.selection is not None:
         return call.attend(uniform_problem(problem), dropout_p=0.0).out
     if problem.causal:
         return mean_over_causal_keys(problem.v, problem.num_queries)
