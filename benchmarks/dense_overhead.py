@@ -13,7 +13,8 @@ preset runs twice per mode: as built (the overflow refusal on, robust_attn.logit
 ``robust_attn.overflow_refusal(False)``. After an untimed call of each, ``repeats`` interleaved
 rounds in rotating order (measure.py); cells are the median over rounds of the time divided by
 the timm equivalent's in the same round (< 1 is faster). Writes dense-overhead.json and .md
-(dense-overhead-quick.* with --quick).
+(dense-overhead-quick.* with --quick); the README's dense-overhead block is :func:`markdown` of
+dense-overhead.json (tests/test_dense_overhead_benchmark.py checks it).
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .test_claims_table import readme_block
+
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 PRESETS = ["baseline", "qk_norm", "sigma_reparam", "gated", "outlier_removal", "spectral_qk",
            "sink"]
@@ -29,3 +31,12 @@ def test_quick_benchmark_writes_json_and_markdown(tmp_path):
                               row["inference_on"] <= row["target"])
     table = (tmp_path / "dense-overhead-quick.md").read_text()
     assert "| sink | timm |" in table and report["machine"]["cpu"] in table
+
+
+def test_readme_table_is_rendered_from_the_committed_results(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import dense_overhead
+
+    committed = json.loads((BENCHMARKS / "results" / "dense-overhead.json").read_text())
+    assert committed["shape"] == {"batch": 8, "tokens": 197, "dim": 384, "heads": 6}
+    assert readme_block("dense-overhead") == dense_overhead.markdown(committed)

@@ -11,7 +11,9 @@ import robust_attn
 from benchmarks import speed
 from benchmarks.speed_cases import Shape
 from benchmarks.speed_memory import check_memory
-from benchmarks.speed_report import DENSE_LIMIT, LOOSE_LIMIT, targets
+from benchmarks.speed_report import DENSE_LIMIT, LOOSE_LIMIT, readme_table, targets
+
+from .test_claims_table import RESULTS, readme_block
 
 MEASURED = ("forward_s", "forward_backward_s")
 
@@ -155,3 +157,10 @@ def test_markdown_has_a_row_per_preset_and_the_verdicts(quick):
     assert report["machine"]["cpu"] in table
     met = sum(t["met"] for t in report["targets"])
     assert f"Targets: {met} of {len(report['targets'])} met." in table
+
+
+def test_readme_performance_table_is_rendered_from_the_committed_results():
+    committed = json.loads((RESULTS / "speed-cpu.json").read_text())
+    assert readme_block("speed-table") == readme_table(committed), (
+        "README's speed-table block differs from benchmarks/results/speed-cpu.json: render it "
+        "with benchmarks.speed_report.readme_table")
