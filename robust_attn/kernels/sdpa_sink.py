@@ -52,7 +52,8 @@ class _SinkAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         q, k, v, out, lse, sink = ctx.saved_tensors
-        grad = grad.contiguous()
+        if grad.stride(-1) != 1:  # the flash backward takes any layout with unit channel stride
+            grad = grad.contiguous()
         dq, dk, dv = _BACKWARD(grad, q, k, v, out, lse, 0.0, ctx.causal, scale=ctx.scale)
         dsink = None
         if ctx.needs_input_grad[3]:  # -sum_{b,i} p'_i,sink g_i . out'_i per head
