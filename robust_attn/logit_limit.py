@@ -153,13 +153,17 @@ def projected_row_norm_bounds(x: Tensor, qkv: nn.Module, width: int) -> Bounds |
     are the first two ``width``-wide output blocks of ``qkv(x)`` split into heads: for a plain
     nn.Linear, ||W^h x_i + b^h|| <= ||W^h||_2 ||x_i|| + ||b^h|| <= ||W||_F max_i ||x_i|| + ||b||
     (triangle and Cauchy-Schwarz inequalities; W^h a head's rows of the q or k block W). One pass
-    over x (rows of C) and one over the q, k weights. None for any other layer."""
-    if type(qkv) is not nn.Linear:
+    over x (rows of C) and one over the q, k weights. A layer computing x W_hat^T + b with
+    another effective weight (sigma_reparam's) gives W_hat's block norms by its
+    ``block_norms(width)`` method; None for any other layer."""
+    if type(qkv) is nn.Linear:
+        weight_q, weight_k = block_norms(qkv.weight, width)
+    elif callable(getattr(qkv, "block_norms", None)):
+        weight_q, weight_k = qkv.block_norms(width)
+    else:
         return None
     largest = float(largest_row_norm(x))
-    (weight_q, weight_k), (bias_q, bias_k) = (
-        block_norms(qkv.weight, width), (0.0, 0.0) if qkv.bias is None
-        else block_norms(qkv.bias, width))
+    bias_q, bias_k = (0.0, 0.0) if qkv.bias is None else block_norms(qkv.bias, width)
     return weight_q * largest + bias_q, weight_k * largest + bias_k
 
 

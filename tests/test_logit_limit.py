@@ -25,6 +25,7 @@ from robust_attn.logit_limit import (
     refuse_unless_within,
     row_norm_bounds,
 )
+from robust_attn.mitigations.sigma_reparam import SigmaReparamLinear
 from robust_attn.testing import strategies as ras
 
 OVERFLOW = r"^x: the attention logits are too large"
@@ -162,15 +163,18 @@ def _largest_norms(q, k):
     return [t.double().norm(dim=-1).max().item() for t in (q, k)]
 
 
-@pytest.mark.parametrize("norm", ["identity", "layer", "rms", "layer_no_affine"])
+@pytest.mark.parametrize("norm", ["identity", "layer", "rms", "layer_no_affine", "sigma_reparam"])
 @pytest.mark.parametrize("bias", [False, True])
 @given(shape=ras.attention_shapes(max_tokens=8), seed=ras.seeds)
 def test_the_cheap_row_norm_bounds_bound_the_norms_of_q_and_k(norm, bias, shape, seed):
-    """row_norm_bounds (from x and the weights, or from a norm layer's parameters) is at least
-    the float64 largest row norm of q and k, whatever the weights (drawn large and signed)."""
+    """row_norm_bounds (from x and the weights, sigma_reparam's effective ones included, or from
+    a norm layer's parameters) is at least the float64 largest row norm of q and k, whatever the
+    weights (drawn large and signed)."""
     torch.manual_seed(seed)
     width, head = shape.dim, shape.head_dim
     qkv = nn.Linear(width, 3 * width, bias=bias)
+    if norm == "sigma_reparam":
+        qkv, norm = SigmaReparamLinear(width, 3 * width, bias=bias), "identity"
     layers = {"identity": nn.Identity, "layer": lambda: nn.LayerNorm(head),
               "rms": lambda: nn.RMSNorm(head),
               "layer_no_affine": lambda: nn.LayerNorm(head, elementwise_affine=False)}
@@ -193,8 +197,8 @@ def test_no_cheap_bound_for_layers_it_cannot_read():
 
     x = torch.randn(2, 3, 8)
     assert row_norm_bounds(x, nn.Linear(8, 24), Scaled(4), Scaled(4), 8, 4) is None
-    assert row_norm_bounds(x, create("sigma_reparam", 8, num_heads=2).qkv, nn.Identity(),
-                           nn.Identity(), 8, 4) is None
+    assert row_norm_bounds(x, nn.Sequential(nn.Linear(8, 24)), nn.Identity(), nn.Identity(), 8,
+                           4) is None
 
 
 @pytest.mark.parametrize("variant", ["baseline", "qk_norm"])

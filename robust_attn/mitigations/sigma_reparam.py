@@ -86,6 +86,7 @@ from torch import Tensor, nn
 
 from .._compat import full_tensor as _whole
 from .._compat import local_tensor as _local
+from ..logit_limit import block_norms
 from ..claim import NO_ENTROPY_COLLAPSE, RANK, Claim, witnesses_at
 from ..config import AttentionConfig
 from .base import LayerSpec, Mitigation
@@ -246,6 +247,15 @@ class SigmaReparamLinear(nn.Module):
         """W_hat = (gamma / sigma(W)) W, in the weight's dtype."""
         weight = _whole(self.weight)
         return weight * (_whole(self.gamma).float() / self._sigma(weight)).to(weight.dtype)
+
+    @torch.no_grad()
+    def block_norms(self, width: int) -> tuple[float, float]:
+        """Frobenius norms of W_hat's first two ``width``-row blocks (q and k of a qkv layer), for
+        the overflow refusal's cheap bound (robust_attn.logit_limit): |gamma| / sigma(W) times
+        W's, which logit_limit.block_norms remembers until W changes."""
+        factor = float((_whole(self.gamma).float().reshape(()) / self.sigma()).abs())  # inf at 0
+        norms = block_norms(_whole(self.weight), width)
+        return norms[0] * factor, norms[1] * factor
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
