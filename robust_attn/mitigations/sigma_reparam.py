@@ -86,9 +86,9 @@ from torch import Tensor, nn
 
 from .._compat import full_tensor as _whole
 from .._compat import local_tensor as _local
-from ..logit_limit import block_norms
 from ..claim import NO_ENTROPY_COLLAPSE, RANK, Claim, witnesses_at
 from ..config import AttentionConfig
+from ..logit_limit import block_norms
 from .base import LayerSpec, Mitigation
 
 if TYPE_CHECKING:
