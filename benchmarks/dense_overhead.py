@@ -83,8 +83,8 @@ class Bench:
         self.modules: dict[tuple[str, str], nn.Module] = {}
         for row in ROWS:
             for mode in MODES:
-                build = BUILDERS.get(row.inference_build if mode == "inference" else None,
-                                     preset(row.preset))
+                build = BUILDERS[row.inference_build] if mode == "inference" and \
+                    row.inference_build else preset(row.preset)
                 self.modules[(row.preset, mode)] = build(shape).train(mode == "train")
                 self.modules[(row.equivalent, mode)] = \
                     BUILDERS[row.equivalent](shape).train(mode == "train")

@@ -206,6 +206,9 @@ class SinkLogit(Mitigation):
     presets = {"sink": {"sink_logit": True}}
     conflicts = {"sigmoid": SIGMOID_CONFLICT}
     preserving_values = {True: "preserve"}
+    # attend() solves only calls nothing else inspects (by_lse): an observer always sees the
+    # kernel's solution of the problem with the sink key (torch_mha's need_weights relies on it).
+    attends_when_inspected = False
     INITIAL_LOGITS = {True: 0.0, "preserve": PRESERVING_SINK_LOGIT}
 
     def __init__(self, initial: float, learned: bool, config: AttentionConfig):
