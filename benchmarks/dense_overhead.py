@@ -39,6 +39,8 @@ DENSE_TARGET = 1.02  # issue 17, target 1
 SINK_TARGET = 1.05  # issue 17, target 2
 VIT_S = Shape("vit_s", "ViT-S/16", 8, 197, 384, 6)
 QUICK = Shape("vit_s", "ViT-S/16 (quick: tiny)", 2, 33, 64, 2)
+# A second timm Attention timed against the first: the rounds' noise floor, not a target.
+CONTROL = "timm (control)"
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class Row:
 
     preset: str
     equivalent: str
-    target: float
+    target: float | None  # None: not judged (the control)
     inference_build: str | None = None  # a builder of `BUILDERS` other than the preset's own
 
 
@@ -58,8 +60,10 @@ BUILDERS: dict[str, Callable[[Shape], nn.Module]] = {
     "timm gated": timm_attention(gated=True),
     "timm proj_bias=False": timm_attention(proj_bias=False),
     "sigma_reparam folded": folded_sigma_reparam,
+    CONTROL: timm_attention(),
 }
 ROWS = (
+    Row(CONTROL, "timm", None),
     Row("baseline", "timm", DENSE_TARGET),
     Row("qk_norm", "timm qk_norm", DENSE_TARGET),
     Row("sigma_reparam", "timm", DENSE_TARGET, inference_build="sigma_reparam folded"),
@@ -69,6 +73,19 @@ ROWS = (
     Row("sink", "timm", SINK_TARGET),
 )
 MODES = ("train", "inference")
+# Why a preset's ratio stays above its target where the cause was measured (torch.profiler at this
+# shape, one thread): printed beside a miss.
+EXPLANATIONS = {
+    "outlier_removal": "the mitigation's own two passes, the mean of v over the keys and its "
+                       "subtraction from the output (each about as long as the overflow check's "
+                       "pass over x); folding U V into proj's bias would drop the subtraction but "
+                       "needs a stage after the projection",
+    "sigma_reparam": "training: the reparametrisation itself, one power-iteration step (two "
+                     "matrix-vector passes over each of qkv's and proj's weights), sigma and "
+                     "W_hat = gamma W / sigma with its backward, against timm's plain nn.Linear",
+    "sink": "the sink's own passes over the output: the rescale by sigmoid(lse - s_h) in the "
+            "forward, g . out' for its gradient in the backward",
+}
 
 
 class Bench:
@@ -83,8 +100,9 @@ class Bench:
         self.modules: dict[tuple[str, str], nn.Module] = {}
         for row in ROWS:
             for mode in MODES:
-                build = BUILDERS[row.inference_build] if mode == "inference" and \
-                    row.inference_build else preset(row.preset)
+                name = row.inference_build if mode == "inference" and row.inference_build \
+                    else row.preset
+                build = BUILDERS[name] if name in BUILDERS else preset(name)
                 self.modules[(row.preset, mode)] = build(shape).train(mode == "train")
                 self.modules[(row.equivalent, mode)] = \
                     BUILDERS[row.equivalent](shape).train(mode == "train")
@@ -141,7 +159,8 @@ def run(quick: bool, threads: int, repeats: int) -> dict:
                     ratios(runs, row, mode, refusal))
             result[f"{mode}_s"] = statistics.median(
                 run[KEY[mode]] for run in runs[(row.preset, mode, True)])
-        result["met"] = all(result[f"{mode}_on"] <= row.target for mode in MODES)
+        result["met"] = None if row.target is None else all(
+            result[f"{mode}_on"] <= row.target for mode in MODES)
         results.append(result)
     return {"benchmark": "dense overhead", "shape": {"batch": shape.batch, "tokens": shape.tokens,
             "dim": shape.dim, "heads": shape.heads}, "repeats": repeats,
@@ -168,10 +187,19 @@ def markdown(report: dict) -> str:
     for row in report["rows"]:
         name = row["preset"] if row["inference_module"] == row["preset"] \
             else f"{row['preset']} (inference: {row['inference_module']})"
+        target = "(noise floor)" if row["target"] is None else f"<= {row['target']:.2f}x"
+        verdict = "-" if row["met"] is None else "pass" if row["met"] else "**miss**"
         lines.append(
             f"| {name} | {row['equivalent']} | {row['train_on']:.3f}x | {row['train_off']:.3f}x "
-            f"| {row['inference_on']:.3f}x | {row['inference_off']:.3f}x | <= {row['target']:.2f}x "
-            f"| {'pass' if row['met'] else '**miss**'} |")
+            f"| {row['inference_on']:.3f}x | {row['inference_off']:.3f}x | {target} | {verdict} |")
+    judged = [row for row in report["rows"] if row["met"] is not None]
+    misses = [row for row in judged if not row["met"]]
+    lines += ["", f"Targets: {len(judged) - len(misses)} of {len(judged)} met (the control row "
+              f"times a second timm Attention against the first: how far equal work reads apart "
+              f"in these rounds)."]
+    lines += [f"- {row['preset']}: missed" + (f"; {EXPLANATIONS[row['preset']]}"
+                                              if row["preset"] in EXPLANATIONS else "")
+              for row in misses]
     return "\n".join(lines) + "\n"
 
 
