@@ -9,8 +9,8 @@ from pathlib import Path
 from .test_claims_table import readme_block
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
-PRESETS = ["timm (control)", "baseline", "qk_norm", "sigma_reparam", "gated", "outlier_removal", "spectral_qk",
-           "sink"]
+PRESETS = ["timm (control)", "baseline", "qk_norm", "sigma_reparam", "gated", "outlier_removal",
+           "spectral_qk", "sink"]
 
 
 def test_quick_benchmark_writes_json_and_markdown(tmp_path):
