@@ -61,10 +61,10 @@ stay below ``NORM_INPUT_LIMIT = 2**60`` (1.2e18, squares 250x below float32's la
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Final
+from typing import Any, Final
 
 import torch
 from torch import Tensor, nn
@@ -142,9 +142,10 @@ def normalised_row_norm_bound(norm: nn.Module, width: int) -> float | None:
     weight, bias = norm.weight, getattr(norm, "bias", None)
     bound = math.sqrt(width)
     if weight is not None:
-        bound *= float(weight.detach().abs().amax())
+        bound *= _remembered(weight, "largest", lambda: float(weight.detach().abs().amax()))
     if bias is not None:
-        bound += float(torch.linalg.vector_norm(bias.detach(), dtype=_wide(bias)))
+        bound += _remembered(bias, "norm", lambda: float(
+            torch.linalg.vector_norm(bias.detach(), dtype=_wide(bias))))
     return bound
 
 
@@ -167,24 +168,33 @@ def projected_row_norm_bounds(x: Tensor, qkv: nn.Module, width: int) -> Bounds |
     return weight_q * largest + bias_q, weight_k * largest + bias_k
 
 
-# parameter -> (its version and storage, width, its block norms): parameters change in place (an
+# parameter -> {what: (its version and storage, the value)}: parameters change in place (an
 # optimizer step, a load) and bump their version; inference reuses them call after call.
-_BLOCK_NORMS = WeakIdKeyDictionary()
+_REMEMBERED = WeakIdKeyDictionary()
+
+
+def _remembered(parameter: Tensor, what: Hashable, compute: Callable[[], Any]) -> Any:
+    """``compute()``, a function of ``parameter``'s values, remembered per parameter and ``what``
+    until the parameter changes in place (its version counter) or is replaced (its storage), so
+    inference, which calls with the same weights every time, computes it once."""
+    key = (parameter._version, parameter.data_ptr())
+    found = _REMEMBERED.setdefault(parameter, {}).get(what)
+    if found is not None and found[0] == key:
+        return found[1]
+    value = compute()
+    _REMEMBERED[parameter][what] = key, value
+    return value
 
 
 def block_norms(parameter: Tensor, width: int) -> Bounds:
     """The Frobenius norms of the q and k blocks of a qkv weight (3 W, C) or bias (3 W,): its
-    first two ``width``-row blocks, in float32 or wider. Remembered per parameter until it
-    changes in place (its version counter) or is replaced (its storage), so inference, which
-    calls with the same weights every time, reads them once."""
-    key = (parameter._version, parameter.data_ptr(), width)
-    found = _BLOCK_NORMS.get(parameter)
-    if found is not None and found[0] == key:
-        return found[1]
-    blocks = parameter.detach()[:2 * width].reshape(2, -1)
-    norms = torch.linalg.vector_norm(blocks, dim=-1, dtype=_wide(parameter)).tolist()
-    _BLOCK_NORMS[parameter] = key, (norms[0], norms[1])
-    return norms[0], norms[1]
+    first two ``width``-row blocks, in float32 or wider, remembered (:func:`_remembered`)."""
+    def compute() -> Bounds:
+        blocks = parameter.detach()[:2 * width].reshape(2, -1)
+        norms = torch.linalg.vector_norm(blocks, dim=-1, dtype=_wide(parameter)).tolist()
+        return norms[0], norms[1]
+
+    return _remembered(parameter, ("blocks", width), compute)
 
 
 def row_norm_bounds(x: Tensor, qkv: nn.Module, q_norm: nn.Module, k_norm: nn.Module,

@@ -221,15 +221,18 @@ def test_within_the_cheap_bound_the_exact_one_is_skipped(monkeypatch, variant):
         assert len(calls) == 2
 
 
-def test_the_remembered_weight_norms_follow_in_place_changes():
-    """Inference reads the qkv weight's block norms once; a change in place (an optimizer step, a
-    load) is seen at the next call: here a weight scaled up until the logits overflow."""
-    module = create("baseline", 8, num_heads=2).eval()
+@pytest.mark.parametrize("variant, layer", [("baseline", "qkv"), ("qk_norm", "q_norm")])
+def test_the_remembered_weight_norms_follow_in_place_changes(variant, layer):
+    """Inference reads the qkv weight's block norms (qk_norm: the norm's largest weight) once; a
+    change in place (an optimizer step, a load) is seen at the next call: here a weight scaled
+    up until the logits overflow, then a fresh parameter in its place."""
+    module = create(variant, 8, num_heads=2).eval()
     x = torch.randn(2, 5, 8)
     module(x)
+    weight = getattr(module, layer).weight
     with torch.no_grad():
-        module.qkv.weight.mul_(1e10)
+        weight.mul_(1e10)
     with pytest.raises(RuntimeError, match=OVERFLOW):
         module(x)
-    module.qkv.weight = nn.Parameter(module.qkv.weight.detach() * 1e-10)
+    getattr(module, layer).weight = nn.Parameter(weight.detach() * 1e-10)
     module(x)

@@ -44,7 +44,7 @@ class _SinkAttention(torch.autograd.Function):
                 causal: bool) -> Tensor:
         out, lse = _FORWARD(q, k, v, 0.0, causal, scale=scale)
         sink = sink.detach().to(lse.dtype).view(1, -1, 1)
-        out = out * torch.sigmoid(lse - sink).unsqueeze(-1).to(out.dtype)
+        out.mul_(torch.sigmoid(lse - sink).unsqueeze(-1).to(out.dtype))  # a fresh tensor: in place
         ctx.save_for_backward(q, k, v, out, torch.logaddexp(lse, sink), sink)
         ctx.scale, ctx.causal = scale, causal
         return out
