@@ -176,7 +176,10 @@ _REMEMBERED = WeakIdKeyDictionary()
 def _remembered(parameter: Tensor, what: Hashable, compute: Callable[[], Any]) -> Any:
     """``compute()``, a function of ``parameter``'s values, remembered per parameter and ``what``
     until the parameter changes in place (its version counter) or is replaced (its storage), so
-    inference, which calls with the same weights every time, computes it once."""
+    inference, which calls with the same weights every time, computes it once. An inference
+    tensor (a module built under torch.inference_mode) has no version counter: computed anew."""
+    if parameter.is_inference():
+        return compute()
     key = (parameter._version, parameter.data_ptr())
     found = _REMEMBERED.setdefault(parameter, {}).get(what)
     if found is not None and found[0] == key:

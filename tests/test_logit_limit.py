@@ -236,3 +236,13 @@ def test_the_remembered_weight_norms_follow_in_place_changes(variant, layer):
         module(x)
     getattr(module, layer).weight = nn.Parameter(weight.detach() * 1e-10)
     module(x)
+
+
+def test_a_module_built_under_inference_mode_is_checked_too():
+    """Its parameters are inference tensors, without the version counter the remembered norms
+    key on: computed at every call instead, and still refusing."""
+    with torch.inference_mode():
+        module = create("baseline", 8, num_heads=2)
+        module(torch.randn(2, 5, 8))
+        with pytest.raises(RuntimeError, match=OVERFLOW):
+            module(torch.randn(2, 5, 8) * 1e20)
