@@ -63,7 +63,12 @@ from .call import Attended, AttentionCall, AttentionRecord, Observer, ObserverEn
 from .config import AttentionConfig
 from .health import probe as health_probe
 from .kernels import check_kernel_name
-from .logit_limit import refuse_overflowing_logits, refuse_overflowing_norm_input
+from .logit_limit import (
+    projected_row_norm_bounds,
+    refuse_overflowing_logits,
+    refuse_overflowing_norm_input,
+    row_norm_bounds,
+)
 from .mitigations import MITIGATIONS, Mitigation
 from .mitigations.base import LayerSpec
 from .problem import SOFTMAX, AttentionProblem
@@ -249,22 +254,28 @@ class RobustAttention(nn.Module):
         """The forward, with the per-call inputs subclasses add (``rope``: RobustAttentionRope)."""
         self._check_input(x, attn_mask)
         q, k, v = rearrange(self.qkv(x), "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.num_heads)
+        observers = tuple(self._observers.values())
         call = AttentionCall(x, _kernel_mask(attn_mask, q.dtype), bool(is_causal), rope,
                              self.kernel if self.fused_attn else "eager",
-                             self.attn_drop.p if self.training else 0.0)
+                             self.attn_drop.p if self.training else 0.0,
+                             inspected=bool(observers) or self.probe_active
+                             or self._shares_problem)
         if self.normalises_qk:
-            refuse_overflowing_norm_input(q, k, x)
+            refuse_overflowing_norm_input(
+                q, k, x, lambda: projected_row_norm_bounds(x, self.qkv, self.attn_dim))
         q, k = self.q_norm(q), self.k_norm(k)
+        normalised = q, k
         for mitigation in self.mitigations.values():
             q, k = mitigation.transform_qk(q, k, call)
-        refuse_overflowing_logits(q, k, self.scale, x)  # the tokens' own (sinks are weights)
+        # the tokens' own (sinks are weights); cheap bounds where no stage transformed q and k
+        refuse_overflowing_logits(q, k, self.scale, x, self._row_norm_bounds(x) if (
+            q is normalised[0] and k is normalised[1]) else None)
         problem = AttentionProblem(q, k, v, self.scale, call.attn_mask, call.is_causal,
                                    self._score_mods(), self._normalizer())
         del q, k, v  # the problem holds them: extend_keys' copies may free the originals
         for mitigation in self.mitigations.values():
             problem = mitigation.extend_keys(problem, call)
 
-        observers = tuple(self._observers.values())
         attended = self._attend(problem, call, lse=any(entry.lse for entry in observers))
         for mitigation in self.mitigations.values():  # sorted by output_order at construction
             attended = attended.with_out(mitigation.transform_output(attended, call))
@@ -302,6 +313,16 @@ class RobustAttention(nn.Module):
         if probe_on:
             self.health = health
         return health, attention_map
+
+    def _row_norm_bounds(self, x: Tensor):
+        """Cheap bounds of q's and k's row norms (logit_limit.row_norm_bounds), computed lazily."""
+        return lambda: row_norm_bounds(x, self.qkv, self.q_norm, self.k_norm, self.attn_dim,
+                                       self.head_dim)
+
+    @property
+    def _shares_problem(self) -> bool:
+        """More than one mitigation works on the problem (AttentionCall.inspected)."""
+        return sum(map(_works_on_problem, self.mitigations.values())) > 1
 
     @property
     def normalises_qk(self) -> bool:
@@ -466,6 +487,15 @@ class RobustAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, kernel={self.kernel!r}"
+
+
+_PROBLEM_STAGES = ("extend_keys", "score_mod", "normalizer", "attend", "transform_output")
+
+
+def _works_on_problem(mitigation: Mitigation) -> bool:
+    """Whether ``mitigation`` overrides a stage that builds, solves or reads the problem."""
+    return any(getattr(type(mitigation), stage) is not getattr(Mitigation, stage)
+               for stage in _PROBLEM_STAGES)
 
 
 def _autocast_casts(x: Tensor, weight: Tensor) -> bool:

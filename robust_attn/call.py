@@ -59,6 +59,10 @@ class AttentionCall:
     rope: the RoPE embedding ``cat([sin, cos], -1)`` for this call (RobustAttentionRope), or None.
     kernel: the module's kernel choice ('auto', 'sdpa', ..., 'eager').
     dropout_p: the attention dropout of this call (0 in eval mode).
+    inspected: whether anything besides the kernel may read the solved problem
+        (``attended.problem``: the probe, an observer, another mitigation's stage). Only when
+        False may a mitigation solve its part by an equivalent route that leaves it out of the
+        problem (sink_logit's log-sum-exp rescale, robust_attn.kernels.sdpa_sink).
     """
 
     x: Tensor | None
@@ -67,6 +71,7 @@ class AttentionCall:
     rope: Tensor | None = None
     kernel: str = "auto"
     dropout_p: float = 0.0
+    inspected: bool = True
 
     def attend(self, problem: AttentionProblem, dropout_p: float | None = None,
                lse: bool = False) -> Attended:

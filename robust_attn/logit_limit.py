@@ -15,10 +15,18 @@ where reading a value costs no synchronisation, the bound is read first and x's 
 runs only when it exceeds the limit (:func:`refuse_unless_within`): measured at ViT-S (B=8, one
 thread), that pass was 0.15-0.2 ms of an 18 ms inference forward; what is refused is unchanged.
 
-The check is on by default. It costs two row-norm passes over q and k per forward (measured at
-ViT-S, B=8, one CPU thread: about 1 ms, 6 % of an inference forward, 2-3 % of a training
-step); ``with overflow_refusal(False):`` skips it in the calling thread for the block's length,
-for inference on inputs known to be in range.
+The exact bound costs two row-norm passes over q and k (rows of D = 64 elements: measured at
+ViT-S, B=8, one CPU thread, 0.7-1.4 ms each right after the qkv projection, 4-8 % of an
+inference forward). Where the bound can be read for free (:func:`reads_freely`) and q, k are
+float32 or float64 as computed, a cheaper upper bound of the row norms is tried first
+(:func:`row_norm_bounds`): from the norm layers' parameters alone after qk_norm's LayerNorm or
+RMSNorm, or, where q and k are the heads of a plain nn.Linear qkv (no transform after it),
+from ``max_i ||x_i||`` and the q and k blocks' Frobenius norms (one pass over x, rows of C).
+When it is within half the limit (room for rounding), every logit is within the limit and the
+exact bound is skipped; otherwise the exact bound decides as before, so what is refused is
+unchanged. benchmarks/dense_overhead.py measures what remains. ``with overflow_refusal(False):``
+skips the checks in the calling thread for the block's length, for inference on inputs known to
+be in range.
 
 Only a finite x is refused: an x holding a nan or an inf passes (its non-finite values reach the
 output, where the health probe's ``health.nonfinite`` and :func:`robust_attn.nonfinite_guard`
@@ -52,13 +60,15 @@ stay below ``NORM_INPUT_LIMIT = 2**60`` (1.2e18, squares 250x below float32's la
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Final
+from typing import Any, Final
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._compat import assert_async
 
@@ -109,6 +119,127 @@ def logit_bound(q: Tensor, k: Tensor, scale: float) -> Tensor:
     return scale * largest_row_norm(q) * largest_row_norm(k)
 
 
+# The cheap bound must be within limit / CHEAP_BOUND_MARGIN to skip the exact one: room for the
+# rounding of q and k as computed (relative C * eps(float32) ~ 2e-5 at C = 384) and of the bound.
+CHEAP_BOUND_MARGIN: Final = 2.0
+# Norm layers y = gamma * z + beta (gamma, beta optional) with ||z|| <= sqrt(D) for every row:
+# LayerNorm's z = (x - mean) / sqrt(var + eps), ||z||^2 = D var / (var + eps); RMSNorm's
+# z = x / sqrt(mean(x^2) + eps), ||z||^2 = D ms / (ms + eps). Exact types only: a subclass may
+# compute something else.
+_UNIT_RMS_NORMS = (nn.LayerNorm, nn.RMSNorm)
+
+
+Bounds = tuple[float, float]
+
+
+def normalised_row_norm_bound(norm: nn.Module, width: int) -> float | None:
+    """An upper bound of every row norm of ``norm``'s output for rows of ``width``, from its
+    parameters alone: ||gamma * z + beta|| <= max |gamma| sqrt(D) + ||beta|| (triangle
+    inequality, ||z|| <= sqrt(D): see _UNIT_RMS_NORMS). None for any layer other than
+    nn.LayerNorm and nn.RMSNorm (a subclass may compute something else)."""
+    if type(norm) not in _UNIT_RMS_NORMS:
+        return None
+    weight, bias = norm.weight, getattr(norm, "bias", None)
+    bound = math.sqrt(width)
+    if weight is not None:
+        bound *= _remembered(weight, "largest", lambda: float(weight.detach().abs().amax()))
+    if bias is not None:
+        bound += _remembered(bias, "norm", lambda: float(
+            torch.linalg.vector_norm(bias.detach(), dtype=_wide(bias))))
+    return bound
+
+
+def projected_row_norm_bounds(x: Tensor, qkv: nn.Module, width: int) -> Bounds | None:
+    """Upper bounds of max ||q_i^h|| and max ||k_j^h|| over every head and token, where q and k
+    are the first two ``width``-wide output blocks of ``qkv(x)`` split into heads: for a plain
+    nn.Linear, ||W^h x_i + b^h|| <= ||W^h||_2 ||x_i|| + ||b^h|| <= ||W||_F max_i ||x_i|| + ||b||
+    (triangle and Cauchy-Schwarz inequalities; W^h a head's rows of the q or k block W). One pass
+    over x (rows of C) and one over the q, k weights. A layer computing x W_hat^T + b with
+    another effective weight (sigma_reparam's) gives W_hat's block norms by its
+    ``block_norms(width)`` method; None for any other layer."""
+    if type(qkv) is nn.Linear:
+        weight_q, weight_k = block_norms(qkv.weight, width)
+    elif callable(getattr(qkv, "block_norms", None)):
+        weight_q, weight_k = qkv.block_norms(width)
+    else:
+        return None
+    largest = float(largest_row_norm(x))
+    bias_q, bias_k = (0.0, 0.0) if qkv.bias is None else block_norms(qkv.bias, width)
+    return weight_q * largest + bias_q, weight_k * largest + bias_k
+
+
+# parameter -> {what: (its version and storage, the value)}: parameters change in place (an
+# optimizer step, a load) and bump their version; inference reuses them call after call.
+_REMEMBERED = WeakIdKeyDictionary()
+
+
+def _remembered(parameter: Tensor, what: Hashable, compute: Callable[[], Any]) -> Any:
+    """``compute()``, a function of ``parameter``'s values, remembered per parameter and ``what``
+    until the parameter changes in place (its version counter) or is replaced (its storage), so
+    inference, which calls with the same weights every time, computes it once. An inference
+    tensor (a module built under torch.inference_mode) has no version counter: computed anew."""
+    if parameter.is_inference():
+        return compute()
+    key = (parameter._version, parameter.data_ptr())
+    found = _REMEMBERED.setdefault(parameter, {}).get(what)
+    if found is not None and found[0] == key:
+        return found[1]
+    value = compute()
+    _REMEMBERED[parameter][what] = key, value
+    return value
+
+
+def block_norms(parameter: Tensor, width: int) -> Bounds:
+    """The Frobenius norms of the q and k blocks of a qkv weight (3 W, C) or bias (3 W,): its
+    first two ``width``-row blocks, in float32 or wider, remembered (:func:`_remembered`)."""
+    def compute() -> Bounds:
+        blocks = parameter.detach()[:2 * width].reshape(2, -1)
+        norms = torch.linalg.vector_norm(blocks, dim=-1, dtype=_wide(parameter)).tolist()
+        return norms[0], norms[1]
+
+    return _remembered(parameter, ("blocks", width), compute)
+
+
+def row_norm_bounds(x: Tensor, qkv: nn.Module, q_norm: nn.Module, k_norm: nn.Module,
+                    width: int, head_dim: int) -> Bounds | None:
+    """Upper bounds of max ||q_i|| and max ||k_j|| for q, k = q_norm, k_norm of qkv(x)'s heads:
+    :func:`normalised_row_norm_bound` where both are LayerNorm or RMSNorm,
+    :func:`projected_row_norm_bounds` where both are nn.Identity; None otherwise."""
+    if isinstance(q_norm, nn.Identity) and isinstance(k_norm, nn.Identity):
+        return projected_row_norm_bounds(x, qkv, width)
+    q_bound, k_bound = (normalised_row_norm_bound(norm, head_dim) for norm in (q_norm, k_norm))
+    return None if q_bound is None or k_bound is None else (q_bound, k_bound)
+
+
+def _wide(tensor: Tensor) -> torch.dtype:
+    """float32, or float64 for a float64 tensor: the dtype norms are taken in."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+def _within_cheaply(tensor: Tensor, bound: Callable[[], float | None] | None,
+                    limit: float) -> bool:
+    """Whether the cheap ``bound()`` shows the quantity within ``limit`` (module docstring): only
+    where reading it is free and ``tensor`` (q) is float32 or float64 as computed. False for a
+    nan bound (nan weights or x), which the exact bound then judges."""
+    if bound is None or tensor.dtype not in (torch.float32, torch.float64) \
+            or not reads_freely(tensor):
+        return False
+    found = bound()
+    return found is not None and found <= limit / CHEAP_BOUND_MARGIN
+
+
+def _product(scale: float, bounds: Bounds | None) -> float | None:
+    """scale * q's bound * k's bound: a bound of every logit."""
+    return None if bounds is None else scale * bounds[0] * bounds[1]
+
+
+def _largest(bounds: Bounds | None) -> float | None:
+    """The larger bound; nan when either is (max() would drop a nan in second place)."""
+    if bounds is None:
+        return None
+    return math.nan if math.isnan(bounds[0]) or math.isnan(bounds[1]) else max(bounds)
+
+
 _refusing: ContextVar[bool] = ContextVar("robust_attn_overflow_refusal", default=True)
 
 
@@ -148,12 +279,18 @@ _LIMIT_TEXT = {True: f"{FLOAT16_LOGIT_LIMIT:.3g}", False: f"{LOGIT_LIMIT:.3g}"}
 _NORM_INPUT_LIMIT_TEXT = f"{NORM_INPUT_LIMIT:.3g}"
 
 
-def refuse_overflowing_logits(q: Tensor, k: Tensor, scale: float, x: Tensor) -> None:
+def refuse_overflowing_logits(q: Tensor, k: Tensor, scale: float, x: Tensor,
+                              row_norms: Callable[[], Bounds | None] | None = None) -> None:
     """RuntimeError (:func:`refuse_unless_within`) naming x when x is finite and
-    :func:`logit_bound` exceeds :func:`logit_limit` for the dtype the logits are computed in."""
+    :func:`logit_bound` exceeds :func:`logit_limit` for the dtype the logits are computed in.
+    ``row_norms``: cheap upper bounds of q's and k's row norms (:func:`row_norm_bounds`),
+    tried first where they apply (module docstring)."""
     if not _refusing.get():
         return
     dtype = logits_dtype(q.dtype, q.device.type)
+    if dtype == q.dtype and _within_cheaply(
+            q, row_norms and (lambda: _product(scale, row_norms())), logit_limit(dtype)):
+        return
     refuse_unless_within(
         logit_bound(q, k, scale) > logit_limit(dtype), x,
         f"x: the attention logits are too large: their bound scale * max ||q_i|| * max ||k_j|| "
@@ -162,11 +299,15 @@ def refuse_overflowing_logits(q: Tensor, k: Tensor, scale: float, x: Tensor) -> 
         f"fix it, {_NORMALISE}, use qk_norm=True, or, {_IF_DIVERGED}.")
 
 
-def refuse_overflowing_norm_input(q: Tensor, k: Tensor, x: Tensor) -> None:
+def refuse_overflowing_norm_input(q: Tensor, k: Tensor, x: Tensor,
+                                  row_norms: Callable[[], Bounds | None] | None = None) -> None:
     """RuntimeError (:func:`refuse_unless_within`) naming x when x is finite and a row of q or k,
     before its normalisation, has a norm above NORM_INPUT_LIMIT (the normalisation's squares
-    would overflow)."""
+    would overflow). ``row_norms``: cheap upper bounds of those norms
+    (:func:`projected_row_norm_bounds`), tried first where they apply (module docstring)."""
     if not _refusing.get():
+        return
+    if _within_cheaply(q, row_norms and (lambda: _largest(row_norms())), NORM_INPUT_LIMIT):
         return
     largest = torch.maximum(largest_row_norm(q), largest_row_norm(k))
     refuse_unless_within(

@@ -185,7 +185,8 @@ def test_diagram_writes_json_and_png_per_norm(tmp_path, capsys):
 def test_bench_lists_benchmarks_only_with_whole_first_sentences(capsys):
     assert main(["bench"]) == 0
     listed = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
-    assert {"speed", "speed_profile", "sparse", "monitor_overhead", "probe_overhead"} <= set(listed)
+    assert {"speed", "speed_profile", "sparse", "monitor_overhead", "probe_overhead",
+            "dense_overhead"} <= set(listed)
     assert not {"machine", "measure", "output", "speed_cases", "speed_memory",
                 "speed_report"} & set(listed)  # helpers the benchmarks import
     assert listed["monitor_overhead"] == (

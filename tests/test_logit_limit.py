@@ -13,7 +13,9 @@ from contextlib import nullcontext
 import pytest
 import torch
 from hypothesis import given
+from torch import nn
 
+import robust_attn.logit_limit as logit_limit_module
 from robust_attn import create
 from robust_attn.logit_limit import (
     FLOAT16_LOGIT_LIMIT,
@@ -21,7 +23,9 @@ from robust_attn.logit_limit import (
     logit_limit,
     overflow_refusal,
     refuse_unless_within,
+    row_norm_bounds,
 )
+from robust_attn.mitigations.sigma_reparam import SigmaReparamLinear
 from robust_attn.testing import strategies as ras
 
 OVERFLOW = r"^x: the attention logits are too large"
@@ -153,3 +157,92 @@ def test_overflow_refusal_off_is_followed_under_compile():
         compiled(x)
     with pytest.raises(RuntimeError, match=OVERFLOW):
         compiled(x)
+
+
+def _largest_norms(q, k):
+    return [t.double().norm(dim=-1).max().item() for t in (q, k)]
+
+
+@pytest.mark.parametrize("norm", ["identity", "layer", "rms", "layer_no_affine", "sigma_reparam"])
+@pytest.mark.parametrize("bias", [False, True])
+@given(shape=ras.attention_shapes(max_tokens=8), seed=ras.seeds)
+def test_the_cheap_row_norm_bounds_bound_the_norms_of_q_and_k(norm, bias, shape, seed):
+    """row_norm_bounds (from x and the weights, sigma_reparam's effective ones included, or from
+    a norm layer's parameters) is at least the float64 largest row norm of q and k, whatever the
+    weights (drawn large and signed)."""
+    torch.manual_seed(seed)
+    width, head = shape.dim, shape.head_dim
+    qkv = nn.Linear(width, 3 * width, bias=bias)
+    if norm == "sigma_reparam":
+        qkv, norm = SigmaReparamLinear(width, 3 * width, bias=bias), "identity"
+    layers = {"identity": nn.Identity, "layer": lambda: nn.LayerNorm(head),
+              "rms": lambda: nn.RMSNorm(head),
+              "layer_no_affine": lambda: nn.LayerNorm(head, elementwise_affine=False)}
+    q_norm, k_norm = layers[norm](), layers[norm]()
+    with torch.no_grad():
+        for parameter in [*qkv.parameters(), *q_norm.parameters(), *k_norm.parameters()]:
+            parameter.normal_(std=3.0)
+    x = torch.randn(shape.batch, shape.tokens, width) * 10
+    q, k, _ = qkv(x).unflatten(-1, (3, shape.heads, head)).unbind(-3)
+    q, k = q_norm(q), k_norm(k)
+    bounds = row_norm_bounds(x, qkv, q_norm, k_norm, width, head)
+    for bound, largest in zip(bounds, _largest_norms(q, k), strict=True):
+        assert bound >= largest * (1 - 1e-6)
+
+
+def test_no_cheap_bound_for_layers_it_cannot_read():
+    class Scaled(nn.LayerNorm):
+        def forward(self, x):
+            return 1e6 * super().forward(x)
+
+    x = torch.randn(2, 3, 8)
+    assert row_norm_bounds(x, nn.Linear(8, 24), Scaled(4), Scaled(4), 8, 4) is None
+    assert row_norm_bounds(x, nn.Sequential(nn.Linear(8, 24)), nn.Identity(), nn.Identity(), 8,
+                           4) is None
+
+
+@pytest.mark.parametrize("variant", ["baseline", "qk_norm"])
+def test_within_the_cheap_bound_the_exact_one_is_skipped(monkeypatch, variant):
+    """On the CPU in float32 the cheap bound decides alone where it is within half the limit;
+    in float16, or past it, the exact bound is computed (and refuses as before)."""
+    module = create(variant, 8, num_heads=2)
+    x = torch.randn(2, 5, 8)
+    calls = []
+    original = logit_limit_module.logit_bound
+    monkeypatch.setattr(logit_limit_module, "logit_bound",
+                        lambda *args: calls.append(1) or original(*args))
+    module(x)
+    assert calls == []
+    module.to(torch.float16)(x.half())
+    assert len(calls) == 1
+    if variant == "baseline":
+        with pytest.raises(RuntimeError, match=OVERFLOW):
+            module.float()(x * 1e20)
+        assert len(calls) == 2
+
+
+@pytest.mark.parametrize("variant, layer", [("baseline", "qkv"), ("qk_norm", "q_norm")])
+def test_the_remembered_weight_norms_follow_in_place_changes(variant, layer):
+    """Inference reads the qkv weight's block norms (qk_norm: the norm's largest weight) once; a
+    change in place (an optimizer step, a load) is seen at the next call: here a weight scaled
+    up until the logits overflow, then a fresh parameter in its place."""
+    module = create(variant, 8, num_heads=2).eval()
+    x = torch.randn(2, 5, 8)
+    module(x)
+    weight = getattr(module, layer).weight
+    with torch.no_grad():
+        weight.mul_(1e10)
+    with pytest.raises(RuntimeError, match=OVERFLOW):
+        module(x)
+    getattr(module, layer).weight = nn.Parameter(weight.detach() * 1e-10)
+    module(x)
+
+
+def test_a_module_built_under_inference_mode_is_checked_too():
+    """Its parameters are inference tensors, without the version counter the remembered norms
+    key on: computed at every call instead, and still refusing."""
+    with torch.inference_mode():
+        module = create("baseline", 8, num_heads=2)
+        module(torch.randn(2, 5, 8))
+        with pytest.raises(RuntimeError, match=OVERFLOW):
+            module(torch.randn(2, 5, 8) * 1e20)

@@ -371,3 +371,24 @@ def test_a_checkpoint_with_the_former_0_dim_gamma_loads_strictly():
     assert restored.qkv.gamma.shape == (1,) and restored.qkv.gamma.item() == 1.5
     x = torch.randn(2, 5, 16)
     assert torch.equal(restored.eval()(x), trained.eval()(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_fused_effective_weight_equals_autograd_through_the_einsum_form(dtype):
+    """_SpectrallyScaled (one node, fewer passes over W) against gamma W / (u^T W v) written out:
+    the same W_hat and the same gradients of W and gamma (u, v constants)."""
+    torch.manual_seed(0)
+    layer = SigmaReparamLinear(7, 12).to(dtype)
+    with torch.no_grad():
+        layer.gamma.fill_(1.7)
+    grad = torch.randn(12, 7).to(dtype)
+    fused = layer.effective_weight()
+    fused_grads = torch.autograd.grad(fused, (layer.weight, layer.gamma), grad)
+    sigma = torch.einsum("o,oi,i->", layer.u, layer.weight.float(), layer.v)
+    written = layer.weight * (layer.gamma.float() / sigma).to(dtype)
+    written_grads = torch.autograd.grad(written, (layer.weight, layer.gamma), grad)
+    tolerance = {"atol": 1e-2, "rtol": 1e-2} if dtype == torch.bfloat16 else {"atol": 1e-6,
+                                                                              "rtol": 1e-5}
+    torch.testing.assert_close(fused, written, **tolerance)
+    for got, want in zip(fused_grads, written_grads, strict=True):
+        torch.testing.assert_close(got, want, **tolerance)

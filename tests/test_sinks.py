@@ -12,6 +12,8 @@ from robust_attn import RobustAttention, create
 from robust_attn.call import AttentionCall
 from robust_attn.kernels import select_kernel
 from robust_attn.kernels.eager import attention_weights
+from robust_attn.kernels.sdpa_sink import sink_attention
+from robust_attn.mitigations import sinks
 from robust_attn.mitigations.sinks import PRESERVING_SINK_LOGIT
 from robust_attn.problem import AttentionProblem
 from robust_attn.testing import strategies as ras
@@ -308,3 +310,81 @@ def test_a_mask_broadcast_over_the_keys_gets_its_sink_columns(options, mask_shap
             mask.expand(1, 1, shape.tokens, shape.tokens)
         torch.testing.assert_close(module(x, attn_mask=mask), module(x, attn_mask=full.clone()),
                                    rtol=1e-12, atol=1e-12)
+
+
+def _with_sink_column(q, k, v, sink, scale, causal):
+    """Softmax over [s_h, scale q k^T (causal: -inf above the diagonal)], the sink's value zero."""
+    scores = scale * q @ k.mT
+    if causal:
+        above = torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1)
+        scores = scores.masked_fill(above, -math.inf)
+    column = sink.view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    return torch.softmax(torch.cat([column, scores], dim=-1), dim=-1)[..., 1:] @ v
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sink_values", [(-1.5, 0.0, 2.0), (-math.inf, 0.0, 40.0)])
+def test_sink_by_lse_equals_a_softmax_with_the_sink_column_in_float64(causal, sink_values):
+    """sdpa_sink: out * sigmoid(lse - s_h) and its gradients (through the flash backward with the
+    extended lse, and the sink's own formula) against the matrix form with the sink as a column."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 5, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    sink = torch.tensor(sink_values, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 3, 7, 5, dtype=torch.float64)
+    inputs = (q, k, v, sink)
+    actual = sink_attention(q, k, v, sink, 0.4, causal)
+    expected = _with_sink_column(q, k, v, sink, 0.4, causal)
+    torch.testing.assert_close(actual, expected, atol=1e-12, rtol=1e-12)
+    for got, want in zip(torch.autograd.grad(actual, inputs, grad),
+                         torch.autograd.grad(expected, inputs, grad), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, sink: sink_attention(q, k, v, sink, 0.4, causal),
+        (q[:1, :, :4], k[:1, :, :4], v[:1, :, :4], torch.randn(3, dtype=torch.float64,
+                                                                requires_grad=True)))
+
+
+class _Spy:
+    """Counts calls of sinks.sink_attention (the log-sum-exp route)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        original = sinks.sink_attention
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(sinks, "sink_attention", counted)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_sink_logit_takes_the_lse_route_only_where_nothing_else_reads_the_problem(
+        monkeypatch, causal):
+    """Plain sink preset on the CPU: the lse route; with the probe on, an observer, another stage
+    (gates), a mask, dropout or the eager kernel: the sink key. Both give the same output and
+    gradients (float64)."""
+    spy = _Spy(monkeypatch)
+    shape = ras.AttentionShape(2, 6, 3, 4)
+    x = torch.randn(2, 6, 12, dtype=torch.float64)
+    routed = _module(shape, sink_logit=True)
+    expected = forward_backward(routed, lambda x: reference(routed, x, None, causal)[0], x)
+    assert_same_forward_and_backward(
+        forward_backward(routed, lambda x: routed(x, is_causal=causal), x), expected)
+    assert spy.calls == 1
+    keyed = [_module(shape, sink_logit=True, probe=True),
+             _module(shape, kernel="eager", sink_logit=True)]
+    observed = _module(shape, sink_logit=True)
+    observed.register_observer(lambda module, record: None)
+    for module in [*keyed, observed]:
+        module.load_state_dict(routed.state_dict())
+        assert_same_forward_and_backward(
+            forward_backward(module, lambda x, module=module: module(x, is_causal=causal), x),
+            expected)
+    gated = _module(shape, sink_logit=True, gated="headwise")
+    gated(x)
+    routed(x, torch.ones(6, 6, dtype=torch.bool))
+    routed.train()
+    routed.attn_drop.p = 0.1
+    routed(x)
+    assert spy.calls == 1

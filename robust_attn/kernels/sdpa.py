@@ -65,6 +65,8 @@ def sdpa_attention(problem: AttentionProblem, dropout_p: float = 0.0) -> Tensor:
         *_fused_widths(q, problem.k, problem.v),
         attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=problem.scale,
     )
+    if out.shape[-2:] == (problem.num_queries, problem.v.shape[-1]):
+        return out  # nothing to drop (slicing would add an alias node to the backward)
     return out[..., out.shape[-2] - problem.num_queries:, :problem.v.shape[-1]]
 
 

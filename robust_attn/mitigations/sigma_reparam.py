@@ -88,6 +88,7 @@ from .._compat import full_tensor as _whole
 from .._compat import local_tensor as _local
 from ..claim import NO_ENTROPY_COLLAPSE, RANK, Claim, witnesses_at
 from ..config import AttentionConfig
+from ..logit_limit import block_norms
 from .base import HostLayers, LayerSpec, Mitigation
 
 if TYPE_CHECKING:
@@ -145,6 +146,38 @@ def top_singular_vectors(weight: Tensor) -> tuple[Tensor, Tensor]:
     bidiagonal = torch.diag(alpha) + torch.diag(beta[:-1], 1)
     p, _, q = torch.linalg.svd(bidiagonal)
     return F.normalize(left.T @ p[:, 0], dim=0), F.normalize(right.T @ q[0], dim=0)
+
+
+class _SpectrallyScaled(torch.autograd.Function):
+    """W_hat = gamma W / sigma(W), sigma(W) = u^T W v with u, v constants, in one node.
+
+    The same value and gradients as autograd through ``gamma / einsum(u, W, v) * W``, in fewer
+    passes over W: with g = dL/dW_hat, s = gamma / sigma and c = <g, W> (one pass),
+
+        dL/dW     = s g - (gamma c / sigma^2) u v^T      (d sigma / dW = u v^T)
+        dL/dgamma = c / sigma
+
+    sigma and c in float32 (autocast off), W_hat and dL/dW in W's dtype. Tested against the
+    einsum form (tests/test_sigma_reparam.py)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, gamma: Tensor, u: Tensor, v: Tensor) -> Tensor:
+        with _autocast_off(weight):
+            sigma = torch.dot(u, torch.mv(weight.float(), v))
+        scale = gamma.float().reshape(()) / sigma
+        ctx.save_for_backward(weight, gamma, u, v, sigma)
+        return weight * scale.to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        weight, gamma, u, v, sigma = ctx.saved_tensors
+        gamma32 = gamma.float().reshape(())
+        with _autocast_off(weight):
+            inner = torch.dot(grad.float().flatten(), weight.float().flatten())
+        d_weight = (grad.float() * (gamma32 / sigma)).addcmul_(
+            (-gamma32 * inner / sigma.square() * u)[:, None], v[None, :])
+        return (d_weight.to(weight.dtype), (inner / sigma).reshape(gamma.shape).to(gamma.dtype),
+                None, None)
 
 
 class SigmaReparamLinear(nn.Module):
@@ -243,9 +276,18 @@ class SigmaReparamLinear(nn.Module):
             return torch.einsum("o,oi,i->", u, weight.float(), v)
 
     def effective_weight(self) -> Tensor:
-        """W_hat = (gamma / sigma(W)) W, in the weight's dtype."""
-        weight = _whole(self.weight)
-        return weight * (_whole(self.gamma).float() / self._sigma(weight)).to(weight.dtype)
+        """W_hat = (gamma / sigma(W)) W, in the weight's dtype (:class:`_SpectrallyScaled`)."""
+        u, v = (vector.to(torch.float32, copy=True) for vector in (self.u, self.v))
+        return _SpectrallyScaled.apply(_whole(self.weight), _whole(self.gamma), u, v)
+
+    @torch.no_grad()
+    def block_norms(self, width: int) -> tuple[float, float]:
+        """Frobenius norms of W_hat's first two ``width``-row blocks (q and k of a qkv layer), for
+        the overflow refusal's cheap bound (robust_attn.logit_limit): |gamma| / sigma(W) times
+        W's, which logit_limit.block_norms remembers until W changes."""
+        factor = float((_whole(self.gamma).float().reshape(()) / self.sigma()).abs())  # inf at 0
+        norms = block_norms(_whole(self.weight), width)
+        return norms[0] * factor, norms[1] * factor
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:

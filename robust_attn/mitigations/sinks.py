@@ -34,7 +34,13 @@ the sink key is zero except in that channel, where it holds s_h / scale, so
 with a zero value. It is an ordinary key to every kernel: no mask is needed
 (SDPA keeps its fused kernel), and each kernel's own backward pass gives the
 gradient of s_h exactly, -sum_i p_i,sink <dL/dout_i, out_i> (the softmax
-derivative with a zero value). Values:
+derivative with a zero value). Where nothing but the kernel reads the problem
+(no probe, observer or other problem stage: ``AttentionCall.inspected``) and the
+CPU's fused SDPA would solve it (no mask, score modifier or dropout), the key and
+its channel are left out and the sink rescales SDPA's finished rows instead,
+out_i * sigmoid(lse_i - s_h) (:mod:`robust_attn.kernels.sdpa_sink`: the same
+output and gradients without copying q, k and v; benchmarks/dense_overhead.py).
+Values:
 
     True          learned s_h, initialised at 0: a fresh module starts as
                   softmax-off-by-one and learns from there. (gpt-oss's reference
@@ -72,8 +78,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..call import Attended
 from ..claim import ENTROPY, RANK, Claim, witnesses_at
 from ..config import AttentionConfig
+from ..kernels.sdpa_sink import SUPPORTED_DTYPES, sink_attention
 from ..problem import AttentionProblem
 from .base import HostLayers, Mitigation
 
@@ -198,6 +206,9 @@ class SinkLogit(Mitigation):
     presets = {"sink": {"sink_logit": True}}
     conflicts = {"sigmoid": SIGMOID_CONFLICT}
     preserving_values = {True: "preserve"}
+    # attend() solves only calls nothing else inspects (by_lse): an observer always sees the
+    # kernel's solution of the problem with the sink key (torch_mha's need_weights relies on it).
+    attends_when_inspected = False
     INITIAL_LOGITS = {True: 0.0, "preserve": PRESERVING_SINK_LOGIT}
 
     def __init__(self, initial: float, learned: bool, config: AttentionConfig):
@@ -240,9 +251,34 @@ class SinkLogit(Mitigation):
     def saved_value(self) -> str:
         return "learned" if self.learned else "off_by_one"
 
+    def by_lse(self, problem: AttentionProblem, call: AttentionCall) -> bool:
+        """Whether the sink is applied by rescaling the fused SDPA's rows with their log-sum-exp
+        (:mod:`robust_attn.kernels.sdpa_sink`) instead of as a key: the CPU, float32 or float64,
+        a kernel choice of 'auto' or 'sdpa', softmax with no score modifier (softcap must see
+        the sink's score), no mask, pattern, dropout or other prepended key, and nothing else
+        reading the problem (``call.inspected``: the probe's sink_mass needs the key). The same
+        answer at both stages: nothing else changes the problem in between."""
+        q = problem.q
+        return (not call.inspected and call.kernel in ("auto", "sdpa") and q.device.type == "cpu"
+                and q.dtype in SUPPORTED_DTYPES and problem.is_softmax and not problem.score_mods
+                and problem.attn_mask is None and problem.pattern is None
+                and problem.prepended_keys == 0 and call.dropout_p == 0.0
+                and problem.num_queries == problem.num_keys > 0)
+
+    def attend(self, problem: AttentionProblem, call: AttentionCall) -> Attended | None:
+        """The log-sum-exp route where :meth:`by_lse` (the problem then lacks the sink key);
+        None otherwise: the kernel solves the problem with the key (:meth:`extend_keys`)."""
+        if not self.by_lse(problem, call):
+            return None
+        out = sink_attention(problem.q, problem.k, problem.v, self.logit, problem.scale,
+                             problem.causal)
+        return Attended(problem, out, None, "sdpa (sink by lse)")
+
     def extend_keys(self, problem: AttentionProblem, call: AttentionCall) -> AttentionProblem:
         """The sink as a key: a channel of ones on q, of zeros on k, and a key (0, s_h / scale)
-        with a zero value in front (module docstring)."""
+        with a zero value in front (module docstring); unchanged where :meth:`by_lse`."""
+        if self.by_lse(problem, call):
+            return problem
         heads, width = problem.k.shape[1], problem.k.shape[-1]
         sink_key = F.pad((self.logit / problem.scale).view(heads, 1, 1), (width, 0))
         zero_value = problem.v.new_zeros(heads, 1, problem.v.shape[-1])
