@@ -162,23 +162,30 @@ class AttentionProblem:
         """A copy with some fields replaced (dataclasses.replace)."""
         return replace(self, **changes)
 
-    def causal_allowed(self, query_index: Tensor | None = None) -> Tensor | None:
-        """Bool (Nq', Nk) causal mask for the given query rows (all rows when None)."""
+    def causal_allowed(self, query_index: Tensor | None = None,
+                       key_index: Tensor | None = None) -> Tensor | None:
+        """Bool (Nq', Nk') causal mask for the given query rows and keys (all when None)."""
         if not self.causal:
             return None
         rows = self.query_index(query_index)
-        keys = torch.arange(self.num_keys, device=self.q.device)
+        keys = self.key_index(key_index)
         return keys[None, :] <= rows[:, None] + (self.num_keys - self.num_queries)
 
-    def pattern_allowed(self, query_index: Tensor | None = None) -> Tensor | None:
-        """Bool (Nq', Nk) sparsity-pattern mask for the given query rows (all rows when None)."""
+    def pattern_allowed(self, query_index: Tensor | None = None,
+                        key_index: Tensor | None = None) -> Tensor | None:
+        """Bool (Nq', Nk') sparsity-pattern mask for the given query rows and keys (all when
+        None)."""
         if self.pattern is None:
             return None
-        keys = torch.arange(self.num_keys, device=self.q.device)
-        return self.pattern.allowed(self.query_index(query_index), keys, self.num_queries,
-                                    self.num_keys)
+        return self.pattern.allowed(self.query_index(query_index), self.key_index(key_index),
+                                    self.num_queries, self.num_keys)
 
     def query_index(self, query_index: Tensor | None = None) -> Tensor:
         if query_index is not None:
             return query_index
         return torch.arange(self.num_queries, device=self.q.device)
+
+    def key_index(self, key_index: Tensor | None = None) -> Tensor:
+        if key_index is not None:
+            return key_index
+        return torch.arange(self.num_keys, device=self.q.device)

@@ -51,10 +51,11 @@ from .eager import EAGER
 from .flex import FLEX
 from .sdpa import SDPA
 from .strided import STRIDED
+from .tiled import TILED
 from .xformers import XFORMERS
 
 KERNELS: dict[str, Kernel] = {kernel.name: kernel for kernel in (
-    SDPA, FLEX, XFORMERS, CHUNKED, EAGER, BLOCK_DIAGONAL, STRIDED, BLOCK_SPARSE)}
+    SDPA, FLEX, XFORMERS, TILED, CHUNKED, EAGER, BLOCK_DIAGONAL, STRIDED, BLOCK_SPARSE)}
 KERNEL_CHOICES = ("auto", *KERNELS)
 STRUCTURED = (BLOCK_DIAGONAL, STRIDED, BLOCK_SPARSE)
 
@@ -94,7 +95,7 @@ def check_kernel_name(kernel: str) -> str:
 
 def _auto_order(problem: AttentionProblem) -> tuple[Kernel, ...]:
     if problem.pattern is None:
-        return (SDPA, FLEX, CHUNKED) if problem.q.device.type == "cuda" else (SDPA, CHUNKED)
+        return (SDPA, FLEX, TILED, CHUNKED) if problem.q.device.type == "cuda" else (SDPA, TILED, CHUNKED)
     if problem.q.device.type == "cuda":
         return FLEX, *STRUCTURED, SDPA, CHUNKED
     return *STRUCTURED, SDPA, CHUNKED
