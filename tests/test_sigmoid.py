@@ -93,14 +93,15 @@ def test_the_default_bias_makes_every_weight_one_over_n_plus_one_for_equal_score
     torch.testing.assert_close(weights, torch.full_like(weights, 1 / (num_keys + 1)))
 
 
-def test_the_chunked_kernel_runs_it_and_fused_kernels_refuse():
+def test_the_tiled_kernel_runs_it_and_fused_kernels_refuse():
     module = RobustAttention(32, num_heads=4, sigmoid=True)
     x = torch.randn(2, 5, 32)
     q, k, v = _heads(module, x)
     problem = AttentionProblem(q, k, v, module.scale, normalizer=SigmoidWeights())
-    assert select_kernel("auto", problem, 0.0).name == "chunked"
+    assert select_kernel("auto", problem, 0.0).name == "tiled"
     with torch.no_grad():
-        assert select_kernel("auto", problem, 0.0).name == "chunked"
+        assert select_kernel("auto", problem, 0.0).name == "tiled"
+    assert select_kernel("auto", problem, 0.1).name == "chunked"  # dropout
     for kernel in ("sdpa", "flex", "xformers"):
         forced = RobustAttention(32, num_heads=4, sigmoid=True, kernel=kernel)
         with pytest.raises(ValueError, match=f"kernel='{kernel}' cannot run here"):

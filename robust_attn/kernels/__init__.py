@@ -64,6 +64,8 @@ _FALLBACK_COST = {
             "CPU) and runs forward only",
     "sdpa": "the pattern as a dense (Nq, Nk) mask: every score is computed, no saving over "
             "dense attention, and the mask takes Nq * Nk bytes",
+    "tiled": "the tiled kernel: every score is computed, tile by tile, with the pattern as a "
+             "mask per tile",
     "chunked": "the chunked kernel: every score is computed, block of query rows by block, "
                "with the pattern as a dense mask",
 }
@@ -97,8 +99,8 @@ def _auto_order(problem: AttentionProblem) -> tuple[Kernel, ...]:
     if problem.pattern is None:
         return (SDPA, FLEX, TILED, CHUNKED) if problem.q.device.type == "cuda" else (SDPA, TILED, CHUNKED)
     if problem.q.device.type == "cuda":
-        return FLEX, *STRUCTURED, SDPA, CHUNKED
-    return *STRUCTURED, SDPA, CHUNKED
+        return FLEX, *STRUCTURED, SDPA, TILED, CHUNKED
+    return *STRUCTURED, SDPA, TILED, CHUNKED
 
 
 def select_kernel(kernel: str, problem: AttentionProblem, dropout_p: float,
