@@ -50,7 +50,7 @@ from torch import Tensor
 from ..problem import AttentionProblem
 from .base import Kernel
 from .chunked import needs_autograd
-from .eager import masked_logits, with_contiguous_heads
+from .eager import eager_attention_with_lse, masked_logits, with_contiguous_heads
 
 TILE_ROWS = 256
 TILE_KEYS = 256
@@ -256,29 +256,41 @@ class _TiledAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def _check_tile(name: str, value: int | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name}={value!r}: expected a positive number")
+def _solve(problem: AttentionProblem, lse: bool, tile_rows: int | None, tile_keys: int | None
+           ) -> tuple[Tensor, Tensor | None]:
+    for name, value in (("tile_rows", tile_rows), ("tile_keys", tile_keys)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ValueError(f"{name}={value!r}: expected a positive number")
+    problem = with_contiguous_heads(problem)
+    tiles = _tiles(problem, tile_rows or TILE_ROWS, tile_keys or TILE_KEYS)
+    if len(tiles) == 1 and len(tiles[0].keys) <= 1:
+        # One tile (a ViT's 197 tokens): the eager kernel, whose passes autograd keeps (one
+        # tile's memory), so the backward recomputes nothing.
+        return eager_attention_with_lse(problem, lse=lse)
+    return _TiledAttention.apply(problem.q, problem.k, problem.v, problem, tiles)
 
 
 def tiled_attention_with_lse(problem: AttentionProblem, dropout_p: float = 0.0, *,
                              tile_rows: int | None = None, tile_keys: int | None = None
                              ) -> tuple[Tensor, Tensor]:
-    """The output (B, H, Nq, Dv) and each row's log-sum-exp (B, H, Nq) (-inf for sigmoid's rows,
-    which have none), in tiles of ``tile_rows`` query rows x ``tile_keys`` keys (defaults
-    TILE_ROWS, TILE_KEYS)."""
-    _check_tile("tile_rows", tile_rows)
-    _check_tile("tile_keys", tile_keys)
+    """The output (B, H, Nq, Dv) and each row's log-sum-exp (B, H, Nq), in tiles of ``tile_rows``
+    query rows x ``tile_keys`` keys (defaults TILE_ROWS, TILE_KEYS)."""
+    _check_supported(problem, dropout_p)
+    return _solve(problem, True, tile_rows, tile_keys)
+
+
+def tiled_attention(problem: AttentionProblem, dropout_p: float = 0.0, *,
+                    tile_rows: int | None = None, tile_keys: int | None = None) -> Tensor:
+    """The output (B, H, Nq, Dv), in tiles (as :func:`tiled_attention_with_lse`)."""
+    _check_supported(problem, dropout_p)
+    return _solve(problem, False, tile_rows, tile_keys)[0]
+
+
+def _check_supported(problem: AttentionProblem, dropout_p: float) -> None:
     reason = tiled_unsupported(problem, dropout_p)
     if reason is not None:
         raise ValueError(f"the tiled kernel cannot run this problem: {reason}")
-    problem = with_contiguous_heads(problem)
-    tiles = _tiles(problem, tile_rows or TILE_ROWS, tile_keys or TILE_KEYS)
-    return _TiledAttention.apply(problem.q, problem.k, problem.v, problem, tiles)
-
-
-def tiled_attention(problem: AttentionProblem, dropout_p: float = 0.0, **tile_sizes) -> Tensor:
-    return tiled_attention_with_lse(problem, dropout_p, **tile_sizes)[0]
 
 
 def tiled_unsupported(problem: AttentionProblem, dropout_p: float) -> str | None:
