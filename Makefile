@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/claims_table.py
 	$(BIN)/python benchmarks/sparse.py --max-tokens 4096
 	$(BIN)/python benchmarks/setup_costs.py
+	$(BIN)/python benchmarks/long_context.py
 	$(BIN)/python -m benchmarks.speed
 
 # The speed and memory suite alone (speed-<device>.json/.md).
