@@ -5,7 +5,8 @@ kernels against timm's fused Attention (SDPA), time at the LM shape and peak mem
 
 Time: a training step (forward, then backward) of one attention module at the LM shape
 (B=1, N=4096, C=512, H=8, causal), every variant interleaved in one process (rounds rotated,
-medians; benchmarks/measure.py), once per thread count. Each variant's ratio is to timm's
+medians; benchmarks/measure.py; the chunked variants, 3 to 12 times slower, in the first round
+only), once per thread count. Each variant's ratio is to timm's
 ``Attention`` (fused SDPA) in the same rounds, and for sigmoid (its preset carries qk_norm, as
 the paper recommends) also to timm with ``qk_norm=True``. Peak: resident memory above the step's
 start, one training step at B=1, N=16384, C=128, H=2, causal, each variant in a fresh process.
@@ -73,8 +74,9 @@ def timings(tokens: int, threads: int, repeats: int) -> list[dict]:
     modules = {name: build(name, dim, heads) for name in VARIANTS}
     x = torch.randn(TIME_SHAPE["batch"], tokens, dim, requires_grad=True)
     grad, clock = torch.randn_like(x), Clock(x.device)
+    slow = {name: 1 for name, (_, kernel) in VARIANTS.items() if kernel == "chunked"}
     runs = interleaved(list(progress(modules, f"{threads} thread(s)")), repeats,
-                       lambda name: _step(modules[name], x, grad, clock))
+                       lambda name: _step(modules[name], x, grad, clock), limits=slow)
     times = {name: {key: median(runs[name], key) for key in ("forward_s", "forward_backward_s")}
              for name in modules}
     rows = []
@@ -151,7 +153,8 @@ def markdown(result: dict) -> str:
         f"before, {result['load_average'][1]} after.", "",
         f"Time: a training step of one module at B={time_shape['batch']}, "
         f"N={time_shape['tokens']}, C={time_shape['dim']}, H={time_shape['heads']}, causal; "
-        f"medians of {result['repeats']} interleaved rounds after a warm-up; ratios to timm's "
+        f"medians of {result['repeats']} interleaved rounds after a warm-up (chunked: the first "
+        "round only); ratios to timm's "
         "`Attention` (fused SDPA) in the same rounds (sigmoid's preset carries qk_norm: in "
         "also to timm with qk_norm). Peak: resident memory above the step's start, "
         f"B={peak_shape['batch']}, N={peak_shape['tokens']}, C={peak_shape['dim']}, "
