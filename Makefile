@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/block_topk.py
 	$(BIN)/python benchmarks/setup_costs.py
 	$(BIN)/python benchmarks/dense_overhead.py
+	$(BIN)/python benchmarks/long_context.py
 	$(BIN)/python -m benchmarks.speed
 
 # The speed and memory suite alone (speed-<device>.json/.md).

@@ -169,29 +169,33 @@ class AttentionProblem:
         """A copy with some fields replaced (dataclasses.replace)."""
         return replace(self, **changes)
 
-    def causal_allowed(self, query_index: Tensor | None = None) -> Tensor | None:
-        """Bool (Nq', Nk) causal mask for the given query rows (all rows when None)."""
+    def causal_allowed(self, query_index: Tensor | None = None,
+                       key_index: Tensor | None = None) -> Tensor | None:
+        """Bool (Nq', Nk') causal mask for the given query rows and keys (all when None)."""
         if not self.causal:
             return None
         rows = self.query_index(query_index)
-        keys = torch.arange(self.num_keys, device=self.q.device)
+        keys = self.key_index(key_index)
         return keys[None, :] <= rows[:, None] + (self.num_keys - self.num_queries)
 
-    def pattern_allowed(self, query_index: Tensor | None = None) -> Tensor | None:
-        """Bool (Nq', Nk) sparsity-pattern mask for the given query rows (all rows when None)."""
+    def pattern_allowed(self, query_index: Tensor | None = None,
+                        key_index: Tensor | None = None) -> Tensor | None:
+        """Bool (Nq', Nk') sparsity-pattern mask for the given query rows and keys (all when
+        None)."""
         if self.pattern is None:
             return None
-        keys = torch.arange(self.num_keys, device=self.q.device)
-        return self.pattern.allowed(self.query_index(query_index), keys, self.num_queries,
-                                    self.num_keys)
+        return self.pattern.allowed(self.query_index(query_index), self.key_index(key_index),
+                                    self.num_queries, self.num_keys)
 
-    def selection_allowed(self, query_index: Tensor | None = None) -> Tensor | None:
-        """Bool (B|1, H|1, Nq', Nk) block-selection mask for the given query rows (all rows when
-        None)."""
+    def selection_allowed(self, query_index: Tensor | None = None,
+                          key_index: Tensor | None = None) -> Tensor | None:
+        """Bool (B|1, H|1, Nq', Nk') block-selection mask for the given query rows and keys (all
+        when None)."""
         if self.selection is None:
             return None
-        return self.selection.allowed(self.num_queries, self.num_keys, self.prepended_keys,
-                                      query_index)
+        allowed = self.selection.allowed(self.num_queries, self.num_keys, self.prepended_keys,
+                                         query_index)
+        return allowed if key_index is None else allowed[..., key_index]
 
     def with_selection_as_mask(self) -> AttentionProblem:
         """The same problem with its block selection folded into ``attn_mask`` (a bool mask ANDed;
@@ -210,3 +214,8 @@ class AttentionProblem:
         if query_index is not None:
             return query_index
         return torch.arange(self.num_queries, device=self.q.device)
+
+    def key_index(self, key_index: Tensor | None = None) -> Tensor:
+        if key_index is not None:
+            return key_index
+        return torch.arange(self.num_keys, device=self.q.device)

@@ -305,12 +305,12 @@ def test_chunked_blocks_equal_eager_forward_and_backward(problem, rows, data):
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_auto_runs_the_chunked_kernel_on_the_cpu_and_sdpa_is_refused():
+def test_auto_runs_the_tiled_kernel_on_the_cpu_and_sdpa_is_refused():
     from robust_attn.kernels import select_kernel
 
     module = create("alibi", 32, num_heads=4)
     x = torch.randn(1, 6, 32)
-    assert select_kernel("auto", _extended_problem(module, x), 0.0).name == "chunked"
+    assert select_kernel("auto", _extended_problem(module, x), 0.0).name == "tiled"
     module.kernel = "sdpa"
     with pytest.raises(ValueError, match="sdpa"):
         module(x)

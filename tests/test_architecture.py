@@ -72,7 +72,7 @@ def test_a_kernel_without_lse_says_why_and_auto_picks_one_with_it():
     with pytest.raises(ValueError, match="sdpa.*log-sum-exp"):
         select_kernel("sdpa", problem, 0.0, lse=True)
     assert select_kernel("auto", problem, 0.0).name == "sdpa"
-    assert select_kernel("auto", problem, 0.0, lse=True).name == "chunked"
+    assert select_kernel("auto", problem, 0.0, lse=True).name == "tiled"
 
 
 def test_an_observer_asking_for_lse_gets_the_rows_log_sum_exp():
@@ -82,7 +82,7 @@ def test_an_observer_asking_for_lse_gets_the_rows_log_sum_exp():
     module.register_observer(lambda _, record: records.append(record), lse=True)
     out = module(x)
     attended = records[0].attended
-    assert attended.kernel == "chunked"  # sdpa gives no lse
+    assert attended.kernel == "tiled"  # sdpa gives no lse
     torch.testing.assert_close(attended.lse, _reference_lse(attended.problem).float())
     torch.testing.assert_close(out, records[0].output)
 

@@ -39,7 +39,7 @@ def test_flex_refuses_heads_narrower_than_16_on_cuda_and_auto_falls_back():
         wide = _fake_cuda_problem(head_dim=16, score_mods=softcap)
         for problem in (narrow, narrow_values):
             assert "at least 16" in KERNELS["flex"].unsupported(problem, 0.0)
-            assert select_kernel("auto", problem, 0.0).name == "chunked"
+            assert select_kernel("auto", problem, 0.0).name == "tiled"
         assert select_kernel("auto", wide, 0.0).name == "flex"
 
 

@@ -113,18 +113,20 @@ def _problem(requires_grad=False, **options):
     return AttentionProblem(q, q, q, 8 ** -0.5, **options)
 
 
-def test_auto_prefers_sdpa_then_chunked_on_cpu():
-    """Never flex on the CPU (forward only, a compile per length), never eager (materialises)."""
+def test_auto_prefers_sdpa_then_tiled_then_chunked_on_cpu():
+    """Never flex on the CPU (forward only, a compile per length), never eager (materialises);
+    chunked where tiled refuses (dropout)."""
     softcap = (TanhSoftCap(5.0),)
     assert select_kernel("auto", _problem(), 0.0).name == "sdpa"
     assert select_kernel("auto", _problem(requires_grad=True), 0.1).name == "sdpa"
     for requires_grad, dropout_p in ((True, 0.0), (False, 0.0), (False, 0.1)):
         problem = _problem(requires_grad=requires_grad, score_mods=softcap)
         with torch.set_grad_enabled(requires_grad):
-            assert select_kernel("auto", problem, dropout_p).name == "chunked"
+            expected = "chunked" if dropout_p > 0.0 else "tiled"
+            assert select_kernel("auto", problem, dropout_p).name == expected
     float64 = _problem(score_mods=softcap)
     float64 = float64.with_(q=float64.q.double(), k=float64.k.double(), v=float64.v.double())
-    assert select_kernel("auto", float64, 0.0).name == "chunked"
+    assert select_kernel("auto", float64, 0.0).name == "tiled"
 
 
 def test_eager_runs_only_when_chosen():

@@ -99,7 +99,7 @@ def test_the_default_bias_makes_every_weight_one_over_n_plus_one_for_equal_score
 
 
 @pytest.mark.parametrize("bias", [True, -2.5])
-@pytest.mark.parametrize("kernel", ["eager", "chunked"])
+@pytest.mark.parametrize("kernel", ["eager", "tiled", "chunked"])
 def test_a_causal_rows_output_does_not_depend_on_later_tokens(bias, kernel):
     """The first rows of a causal forward equal the forward of the sequence cut after them: b_i
     counts the keys row i sees, not the call's (the length leak of b = -log(Nk))."""
@@ -133,14 +133,15 @@ def test_block_topk_keys_count_whatever_the_option_order():
                                    atol=1e-12, rtol=0)
 
 
-def test_the_chunked_kernel_runs_it_and_fused_kernels_refuse():
+def test_the_tiled_kernel_runs_it_and_fused_kernels_refuse():
     module = RobustAttention(32, num_heads=4, sigmoid=True)
     x = torch.randn(2, 5, 32)
     q, k, v = _heads(module, x)
     problem = AttentionProblem(q, k, v, module.scale, normalizer=SigmoidWeights())
-    assert select_kernel("auto", problem, 0.0).name == "chunked"
+    assert select_kernel("auto", problem, 0.0).name == "tiled"
     with torch.no_grad():
-        assert select_kernel("auto", problem, 0.0).name == "chunked"
+        assert select_kernel("auto", problem, 0.0).name == "tiled"
+    assert select_kernel("auto", problem, 0.1).name == "chunked"  # dropout
     for kernel in ("sdpa", "flex", "xformers"):
         forced = RobustAttention(32, num_heads=4, sigmoid=True, kernel=kernel)
         with pytest.raises(ValueError, match=f"kernel='{kernel}' cannot run here"):

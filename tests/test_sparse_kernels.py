@@ -215,8 +215,8 @@ def test_auto_without_a_pattern_is_unchanged():
 @pytest.mark.parametrize("requires_grad, options, kernel, cost", [
     (True, {}, "sdpa", "every score is computed"),
     (False, {}, "sdpa", "every score is computed"),
-    (False, dict(score_mods=(TanhSoftCap(5.0),)), "chunked", "block of query rows by block"),
-    (True, dict(score_mods=(TanhSoftCap(5.0),)), "chunked", "block of query rows by block"),
+    (False, dict(score_mods=(TanhSoftCap(5.0),)), "tiled", "tile by tile"),
+    (True, dict(score_mods=(TanhSoftCap(5.0),)), "tiled", "tile by tile"),
 ])
 def test_a_pattern_no_structured_kernel_runs_falls_back_with_a_warning(requires_grad, options,
                                                                         kernel, cost):

@@ -3,10 +3,11 @@
 ``auto`` takes the first kernel that can compute the problem exactly on its
 device:
 
-- on CUDA: sdpa, flex, chunked: fused SDPA when nothing needs more,
-  FlexAttention for score modifiers (head widths of at least 16), chunked for
+- on CUDA: sdpa, flex, tiled, chunked: fused SDPA when nothing needs more,
+  FlexAttention for score modifiers (head widths of at least 16: one compiled,
+  fused kernel beats tiles of eager ops), tiled where flex refuses, chunked for
   the rest;
-- elsewhere: sdpa, chunked. FlexAttention is not tried on the CPU: it runs
+- elsewhere: sdpa, tiled, chunked. FlexAttention is not tried on the CPU: it runs
   forward only there and compiles once per sequence length (tens of seconds);
   pass kernel='flex' to choose it.
 
@@ -14,9 +15,12 @@ xformers runs only when chosen (kernel='xformers'): SDPA accepts every problem
 it accepts, and runs the same CUTLASS kernel for them (its memory-efficient
 backend), so it would never be reached (:mod:`robust_attn.kernels.xformers`).
 
-The chunked kernel (:mod:`robust_attn.kernels.chunked`) computes what SDPA
-cannot (score modifiers, sigmoid attention) in blocks of query rows, so the
-attention matrix is never materialised whole on a long sequence. The eager
+The tiled kernel (:mod:`robust_attn.kernels.tiled`) computes what SDPA cannot
+(score modifiers, sigmoid attention) in FlashAttention-style tiles of query rows
+x keys, so no tile's memory depends on the sequence length. The chunked kernel
+(:mod:`robust_attn.kernels.chunked`) computes it in blocks of query rows over all
+keys and takes what tiled refuses (attention dropout, gradients to a float mask or
+to a score modifier's tensor, torch.compile tracing). The eager
 kernel, which materialises it, is the reference every kernel is tested
 against, and runs only when chosen (kernel='eager', or timm's
 ``fused_attn = False``).
@@ -24,11 +28,12 @@ against, and runs only when chosen (kernel='eager', or timm's
 With a sparsity pattern (robust_attn.sparse) the order is:
 
 - on CUDA: flex (a BlockMask cached per pattern and length), then the
-  structured kernels, sdpa, chunked;
+  structured kernels, sdpa, tiled, chunked;
 - elsewhere: the structured kernels block_diagonal (BlockLocal), strided
   (Strided), block_sparse (any pattern sparse at its block size), then sdpa
-  (the pattern as a dense mask), chunked (the pattern as a dense mask per
-  block of query rows). As without a pattern, flex is not tried on the CPU.
+  (the pattern as a dense mask), tiled (the pattern as a mask per tile),
+  chunked (the pattern as a dense mask per block of query rows). As without a
+  pattern, flex is not tried on the CPU.
 
 A fallback past the structured kernels (and past flex on CUDA) warns with
 :class:`SparseFallbackWarning`, naming what it costs.
@@ -58,10 +63,11 @@ from .flex import FLEX
 from .sdpa import SDPA
 from .selected_blocks import SELECTED_BLOCKS
 from .strided import STRIDED
+from .tiled import TILED
 from .xformers import XFORMERS
 
 KERNELS: dict[str, Kernel] = {kernel.name: kernel for kernel in (
-    SDPA, FLEX, XFORMERS, CHUNKED, EAGER, BLOCK_DIAGONAL, STRIDED, BLOCK_SPARSE,
+    SDPA, FLEX, XFORMERS, TILED, CHUNKED, EAGER, BLOCK_DIAGONAL, STRIDED, BLOCK_SPARSE,
     SELECTED_BLOCKS)}
 KERNEL_CHOICES = ("auto", *KERNELS)
 STRUCTURED = (BLOCK_DIAGONAL, STRIDED, BLOCK_SPARSE)
@@ -71,6 +77,8 @@ _FALLBACK_COST = {
             "CPU) and runs forward only",
     "sdpa": "the pattern as a dense (Nq, Nk) mask: every score is computed, no saving over "
             "dense attention, and the mask takes Nq * Nk bytes",
+    "tiled": "the tiled kernel: every score is computed, tile by tile, with the pattern as a "
+             "mask per tile",
     "chunked": "the chunked kernel: every score is computed, block of query rows by block, "
                "with the pattern as a dense mask",
 }
@@ -102,10 +110,10 @@ def check_kernel_name(kernel: str) -> str:
 
 def _auto_order(problem: AttentionProblem) -> tuple[Kernel, ...]:
     if problem.pattern is None:
-        return (SDPA, FLEX, CHUNKED) if problem.q.device.type == "cuda" else (SDPA, CHUNKED)
+        return (SDPA, FLEX, TILED, CHUNKED) if problem.q.device.type == "cuda" else (SDPA, TILED, CHUNKED)
     if problem.q.device.type == "cuda":
-        return FLEX, *STRUCTURED, SDPA, CHUNKED
-    return *STRUCTURED, SDPA, CHUNKED
+        return FLEX, *STRUCTURED, SDPA, TILED, CHUNKED
+    return *STRUCTURED, SDPA, TILED, CHUNKED
 
 
 def select_kernel(kernel: str, problem: AttentionProblem, dropout_p: float,

@@ -184,7 +184,7 @@ class _RecomputedBlocks(torch.autograd.Function):
         return *grads, None, None, None
 
 
-def _needs_autograd(problem: AttentionProblem) -> bool:
+def needs_autograd(problem: AttentionProblem) -> bool:
     """Whether something besides q, k and v needs gradients: a float mask, or a tensor that a
     score modifier or the normalizer captures (probed on one constant score)."""
     if problem.attn_mask is not None and problem.attn_mask.requires_grad:
@@ -222,7 +222,7 @@ def chunked_attention(problem: AttentionProblem, dropout_p: float = 0.0, *,
     # Last rows first: under causal attention those see the most keys, so the blocks' buffers
     # shrink and reuse freed memory instead of growing the allocator's heap.
     blocks = [(start, min(start + starts.step, num_queries)) for start in reversed(starts)]
-    if recompute and torch.is_grad_enabled() and not _needs_autograd(problem):
+    if recompute and torch.is_grad_enabled() and not needs_autograd(problem):
         return _RecomputedBlocks.apply(problem.q, problem.k, problem.v, problem, blocks, dropout_p)
     outputs = []
     for start, stop in blocks:

@@ -21,14 +21,14 @@ from ..problem import AttentionProblem
 from .base import Kernel
 
 
-def _index_grid(batch: int, heads: int, rows: Tensor, keys: int) -> tuple[Tensor, ...]:
-    """FlexAttention's (b, h, q_idx, kv_idx) as broadcastable (B, H, Nq, Nk) index tensors."""
+def _index_grid(batch: int, heads: int, rows: Tensor, keys: Tensor) -> tuple[Tensor, ...]:
+    """FlexAttention's (b, h, q_idx, kv_idx) as broadcastable (B, H, Nq', Nk') index tensors."""
     device = rows.device
     return (
         torch.arange(batch, device=device).view(-1, 1, 1, 1),
         torch.arange(heads, device=device).view(1, -1, 1, 1),
         rows.view(1, 1, -1, 1),
-        torch.arange(keys, device=device).view(1, 1, 1, -1),
+        keys.view(1, 1, 1, -1),
     )
 
 
@@ -50,22 +50,26 @@ def scaled_scores(problem: AttentionProblem, query_index: Tensor | None = None) 
     return (q * problem.scale) @ problem.k.transpose(-2, -1)
 
 
-def masked_logits(problem: AttentionProblem, scores: Tensor,
-                  query_index: Tensor | None = None) -> Tensor:
+def masked_logits(problem: AttentionProblem, scores: Tensor, query_index: Tensor | None = None,
+                  key_index: Tensor | None = None) -> Tensor:
     """The score modifiers, the mask, causal, the pattern and the block selection applied to
-    ``scores`` = scale q k^T of the given query rows (all when None): the logits, -inf where
-    blocked."""
+    ``scores`` = scale q k^T of the given query rows and keys (all when None): the logits, -inf
+    where blocked."""
     score_mod = problem.score_mod()
     if score_mod is not None:
         scores = score_mod(scores, *_index_grid(scores.shape[0], scores.shape[1],
-                                                problem.query_index(query_index), problem.num_keys))
+                                                problem.query_index(query_index),
+                                                problem.key_index(key_index)))
     mask = problem.attn_mask
     if mask is not None:
         if query_index is not None and mask.shape[-2] != 1:
             mask = mask[..., query_index, :]
+        if key_index is not None and mask.shape[-1] != 1:
+            mask = mask[..., key_index]
         scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
-    for allowed in (problem.causal_allowed(query_index), problem.pattern_allowed(query_index),
-                    problem.selection_allowed(query_index)):
+    for allowed in (problem.causal_allowed(query_index, key_index),
+                    problem.pattern_allowed(query_index, key_index),
+                    problem.selection_allowed(query_index, key_index)):
         if allowed is not None:
             scores = scores.masked_fill(~allowed, -math.inf)
     return scores
