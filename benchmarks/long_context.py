@@ -144,10 +144,16 @@ def _verdict(passed: bool) -> str:
 
 
 def markdown(result: dict) -> str:
+    """long-context-cpu.md: a title, then :func:`readme_table`."""
+    return "# Long context: the tiled and chunked kernels against SDPA (cpu)\n\n" + \
+        readme_table(result)
+
+
+def readme_table(result: dict) -> str:
+    """The README's long-context block (tests/test_long_context_benchmark.py checks it)."""
     time_shape, peak_shape, info = result["time_shape"], result["peak_shape"], result["machine"]
     peaks_of = {row["variant"]: row for row in result["peaks"]}
     lines = [
-        "# Long context: the tiled and chunked kernels against SDPA (cpu)", "",
         f"`python benchmarks/long_context.py` on {info['cpu']} ({info['cores']} cores), torch "
         f"{info['torch']}, python {info['python']}; load average {result['load_average'][0]} "
         f"before, {result['load_average'][1]} after.", "",
@@ -163,7 +169,7 @@ def markdown(result: dict) -> str:
         f"{result['targets']['peak_ratio']}x SDPA.", "",
     ]
     for threads, rows in result["timings"].items():
-        lines += [f"## {threads} thread{'s' if threads != '1' else ''}", "",
+        lines += [f"**{threads} thread{'s' if threads != '1' else ''}**", "",
                   "| variant | kernel | fwd | fwd+bwd | fwd ratio | fwd+bwd ratio | "
                   f"peak, N = {peak_shape['tokens']} | target | pass/miss |",
                   "|---|---|---|---|---|---|---|---|---|"]

@@ -86,7 +86,9 @@ class AttentionProblem:
     score_mods: applied in order to ``scale * q k^T`` before the mask.
     normalizer: maps masked scores (B, H, Nq, Nk) to weights, each query row on its
         own (the chunked kernel relies on it); softmax unless a mitigation replaces it
-        (sigmoid attention).
+        (sigmoid attention). A normalizer that acts on each score on its own also has
+        ``elementwise(num_keys)``: the same function on any part of a row of num_keys
+        keys (the tiled kernel splits rows into tiles with it).
     pattern: a sparsity pattern (robust_attn.sparse), applied like a mask
         (aligned as described in the module docstring); None allows every pair.
     prepended_keys: how many of the keys were prepended in front of the tokens' own

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from .test_claims_table import readme_block
+
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
@@ -28,3 +30,12 @@ def test_quick_benchmark_writes_json_and_markdown(tmp_path):
     assert all(row["step_peak_mib"] > 0 for row in report["peaks"])
     table = (tmp_path / "long-context-quick.md").read_text()
     assert "| softcap (tiled) | tiled |" in table and report["machine"]["cpu"] in table
+
+
+def test_readme_table_is_rendered_from_the_committed_results(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import long_context
+
+    committed = json.loads((BENCHMARKS / "results" / "long-context-cpu.json").read_text())
+    assert committed["time_shape"] == {"batch": 1, "tokens": 4096, "dim": 512, "heads": 8}
+    assert readme_block("long-context") == long_context.readme_table(committed)

@@ -48,7 +48,6 @@ measures the kernel against chunked and SDPA.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -69,17 +68,13 @@ FLUSH_BELOW = 4.0
 def tile_normalizer(problem: AttentionProblem) -> Callable[[Tensor], Tensor] | None:
     """The normalizer as it acts on one tile of a row, or None when it acts on whole rows only.
 
-    Softmax acts on whole rows (the kernel computes it online instead). Sigmoid attention
-    (:class:`robust_attn.mitigations.sigmoid.SigmoidWeights`, recognised by its ``name`` and
-    its ``bias`` field, as kernels do not import mitigations) acts elementwise, with the bias
-    -log(Nk) of the whole row when its ``bias`` is None: that bias is fixed to the problem's
-    Nk here, so a tile's weights equal the whole row's. Any other normalizer: None."""
-    normalizer = problem.normalizer
-    if getattr(normalizer, "name", None) != "sigmoid" or not dataclasses.is_dataclass(normalizer):
-        return None
-    if normalizer.bias is None:
-        return dataclasses.replace(normalizer, bias=-math.log(problem.num_keys))
-    return normalizer
+    Softmax acts on whole rows (the kernel computes it online instead). A normalizer that acts
+    on each score on its own says so with ``elementwise(num_keys)`` (the protocol of
+    :class:`robust_attn.problem.AttentionProblem`'s ``normalizer``: sigmoid attention's, whose
+    bias -log(Nk) is then fixed to the whole row's Nk), so a tile's weights equal the whole
+    row's. Any other normalizer: None."""
+    elementwise = getattr(problem.normalizer, "elementwise", None)
+    return None if elementwise is None else elementwise(problem.num_keys)
 
 
 class _RowTile(NamedTuple):

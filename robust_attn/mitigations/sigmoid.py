@@ -99,6 +99,11 @@ class SigmoidWeights:
         bias = -math.log(scores.shape[-1]) if self.bias is None else self.bias
         return torch.sigmoid(scores + bias) if bias else torch.sigmoid(scores)
 
+    def elementwise(self, num_keys: int) -> SigmoidWeights:
+        """The same weights on any part of a row of ``num_keys`` keys: the bias fixed to that
+        row's -log(Nk) (the normalizer protocol: robust_attn.problem.AttentionProblem)."""
+        return self if self.bias is not None else SigmoidWeights(-math.log(max(num_keys, 1)))
+
 
 @dataclass(frozen=True, eq=False)
 class RowBias:
