@@ -27,7 +27,6 @@ TRAIN, EVAL = "train", "eval"
 # takes a score modifier (the CPU with gradients).
 EQUIVALENTS = {"qk_norm": "timm qk_norm", "gated": "timm gated", "sigmoid": "timm qk_norm",
                "softcap": "timm unfused"}
-SPARSE_PRESETS = ("block_sparse", "strided")  # no dense speed target: their own is in sparse.py
 
 
 @dataclass(frozen=True)

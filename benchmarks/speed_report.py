@@ -3,11 +3,13 @@ README's performance block (:func:`readme_table` of speed-<device>.json; tested)
 
 from __future__ import annotations
 
-from .speed_cases import SPARSE_PRESETS
 
 # Issue 17's targets. Dense presets, fwd+bwd at the first shape (ViT-S), ratio to timm's fused
-# Attention; their inference forwards are judged by benchmarks/dense_overhead.py.
+# Attention; their inference forwards are judged by benchmarks/dense_overhead.py. The issue names
+# the presets with a time target (DENSE_TIMED and LOOSE_LIMIT's); the others (ALiBi, differential
+# attention, QK-clip, ...) add work timm does not do and are shown without one.
 DENSE_LIMIT = {"cpu": 1.02, "cuda": 1.05}
+DENSE_TIMED = ("baseline", "qk_norm", "sigma_reparam", "gated", "outlier_removal", "spectral_qk")
 LOOSE_LIMIT = {"sink": 1.05, "softcap": 1.10, "sigmoid": 1.10}  # on every device
 LM_LIMIT = {"softcap": 1.5, "sigmoid": 1.5}  # fwd+bwd at the LM shape, ratio to flash SDPA
 FOLDED_LIMIT = 1.02  # sigma_reparam in eval after fold(): forward
@@ -17,7 +19,29 @@ PROBE_LIMIT = 0.05  # the probe at default sampling: share of a training step
 # (case, what is compared); the markdown prints it beside the miss.
 # (case, what, against) -> why a missed target cannot be met, as measured and understood.
 _NOT_N_BY_N = "O(N D), not N x N (one N x N matrix per head would be 27x)"
+_SCORE_PASSES = ("a score modifier needs the score matrix: eager's elementwise passes over it "
+                 "(scale, the modifier, softmax or sigmoid, and their backward) against SDPA's "
+                 "fused flash kernel, which has no hook for them on the CPU")
 EXPLANATIONS: dict[tuple[str, str, str], str] = {
+    ("softcap", "fwd+bwd", "timm"): _SCORE_PASSES,
+    ("softcap", "fwd+bwd", "timm unfused"): _SCORE_PASSES + "; timm unfused also materialises "
+                                            "the scores, without the modifier's three passes",
+    ("sigmoid", "fwd+bwd", "timm"): _SCORE_PASSES,
+    ("sigmoid", "fwd+bwd", "timm qk_norm"): _SCORE_PASSES,
+    ("softcap", "LM fwd+bwd", "timm"): "the tiled kernel without a modifier is about 1.5x flash "
+                                       "SDPA already (eager ops per tile); softcap's tanh adds "
+                                       "three passes forward and three backward per tile "
+                                       "(benchmarks/long_context.py); 1.5x needs a fused kernel",
+    ("sigma_reparam", "fwd+bwd", "timm"): "the reparametrisation itself: a power-iteration step "
+                                          "(two matrix-vector passes per weight), sigma and "
+                                          "W_hat = gamma W / sigma with its backward "
+                                          "(benchmarks/dense_overhead.py)",
+    ("outlier_removal", "fwd+bwd", "timm"): "its own two passes, the mean of v and its "
+                                            "subtraction from the output "
+                                            "(benchmarks/dense_overhead.py)",
+    ("sink", "fwd+bwd", "timm"): "the baseline's gap plus the sink's rescale of the output and "
+                                 "its gradient pass (benchmarks/dense_overhead.py: 1.01x the "
+                                 "baseline with the overflow check off)",
     ("gated", "fwd+bwd", "timm"): "the elementwise gate is an extra C x C projection (+25% of the "
                                   "linear FLOPs), inherent: judged against timm's "
                                   "Attention(gated=True) beside it",
@@ -51,7 +75,7 @@ def targets(report: dict) -> list[dict]:
                                  row["error"]))
         if row["shape"] != first:
             continue
-        if row["group"] == "preset" and row["case"] not in SPARSE_PRESETS:
+        if row["group"] == "preset" and (row["case"] in DENSE_TIMED or row["case"] in LOOSE_LIMIT):
             limit = LOOSE_LIMIT.get(row["case"], DENSE_LIMIT[report["device"]])
             found.append(_target(row["dtype"], row["case"], "fwd+bwd", "timm",
                                  ratio.get("forward_backward_s"), limit, row["error"]))
