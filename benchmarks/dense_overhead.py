@@ -197,10 +197,33 @@ def markdown(report: dict) -> str:
     lines += ["", f"Targets: {len(judged) - len(misses)} of {len(judged)} met (the control row "
               f"times a second timm Attention against the first: how far equal work reads apart "
               f"in these rounds)."]
-    lines += [f"- {row['preset']}: missed" + (f"; {EXPLANATIONS[row['preset']]}"
-                                              if row["preset"] in EXPLANATIONS else "")
+    lines += [f"- {row['preset']}: missed by {_excess(row):.3f}" + _why(row, _noise(report))
               for row in misses]
     return "\n".join(lines) + "\n"
+
+
+def _cells(row: dict) -> list[float]:
+    return [row[f"{mode}_{check}"] for mode in MODES for check in ("on", "off")]
+
+
+def _noise(report: dict) -> float:
+    """How far the control row (equal work) reads from 1.00 in this run, at most."""
+    control = next(row for row in report["rows"] if row["target"] is None)
+    return max(abs(cell - 1.0) for cell in _cells(control))
+
+
+def _excess(row: dict) -> float:
+    return max(row["train_on"], row["inference_on"]) - row["target"]
+
+
+def _why(row: dict, noise: float) -> str:
+    """The measured cause of a miss, or that it lies within the run's noise floor."""
+    if row["preset"] in EXPLANATIONS:
+        return f"; {EXPLANATIONS[row['preset']]}"
+    if _excess(row) <= noise:
+        return (f"; within this run's noise floor (the control row, equal work, reads up to "
+                f"{noise:.3f} from 1.00)")
+    return ""
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -56,6 +56,31 @@ def is_positional(score_mod: ScoreMod) -> bool:
     return bool(getattr(score_mod, "positional", False))
 
 
+def allowed_key_counts(num_queries: int, num_keys: int, attn_mask: Tensor | None,
+                       is_causal: bool, device: torch.device) -> Tensor | None:
+    """Per query row, the number of keys the mask and causality (lower-right aligned) let it
+    attend: (B', H', Nq, 1) int64, B' and H' 1 or the mask's; None when every row sees all
+    ``num_keys`` keys (no mask, not causal). Linear in N unless the mask itself is (Nq, Nk):
+    causality alone is i + 1 + (Nk - Nq), and a key-padding mask under causality is counted by
+    prefix sums over its keys. (Sigmoid attention's b_i, Scalable-Softmax's n.)"""
+    if attn_mask is None and not is_causal:
+        return None
+    queries = torch.arange(num_queries, device=device)
+    last_key = queries + (num_keys - num_queries)  # the last key row i may see when causal
+    if attn_mask is None:
+        return (last_key + 1).clamp(0, num_keys).view(1, 1, num_queries, 1)
+    allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask > -math.inf
+    allowed = allowed.expand(*allowed.shape[:-1], num_keys)  # a mask broadcast over the keys
+    if not is_causal:
+        return allowed.sum(dim=-1, keepdim=True)
+    if allowed.shape[-2] == 1:  # the same keys for every query (key padding): prefix sums
+        prefix = allowed[..., 0, :].cumsum(dim=-1)  # allowed keys among the first j + 1
+        counts = prefix.index_select(-1, last_key.clamp(0, num_keys - 1))
+        return torch.where(last_key >= 0, counts, 0).unsqueeze(-1)
+    keys = torch.arange(num_keys, device=device)
+    return (allowed & (keys <= last_key[:, None])).sum(dim=-1, keepdim=True)
+
+
 @dataclass(frozen=True)
 class Softmax:
     """Row-wise softmax over the allowed keys; a row with no allowed key gives zeros."""

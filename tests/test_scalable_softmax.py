@@ -13,12 +13,8 @@ from hypothesis import strategies as st
 from robust_attn import RobustAttention, create
 from robust_attn.call import AttentionCall
 from robust_attn.kernels.eager import attention_weights
-from robust_attn.mitigations.scalable_softmax import (
-    PAPER_SCALE,
-    ScalableSoftmax,
-    allowed_key_counts,
-)
-from robust_attn.problem import AttentionProblem
+from robust_attn.mitigations.scalable_softmax import PAPER_SCALE, ScalableSoftmax
+from robust_attn.problem import AttentionProblem, allowed_key_counts
 from robust_attn.testing import strategies as ras
 
 from .float64_reference import assert_same_forward_and_backward, float64_mask, forward_backward
@@ -143,6 +139,17 @@ def test_the_key_counts():
     floats[0, 1] = torch.finfo().min  # a finite value: an additive bias, so allowed
     assert allowed_key_counts(3, 3, floats[None, None], False, torch.device("cpu")).flatten(
         ).tolist() == [3, 0, 3]
+
+
+@pytest.mark.parametrize("queries, keys", [(6, 6), (4, 7), (7, 4)])
+def test_causal_key_padding_counts_by_prefix_sums_as_the_dense_mask_does(queries, keys):
+    """A (B, 1, 1, Nk) padding mask under causality, counted without a (Nq, Nk) matrix, equals
+    the count over the materialised mask."""
+    padding = torch.rand(3, 1, 1, keys, generator=torch.Generator().manual_seed(keys)) > 0.4
+    dense = padding.expand(3, 1, queries, keys)
+    cpu = torch.device("cpu")
+    torch.testing.assert_close(allowed_key_counts(queries, keys, padding, True, cpu),
+                               allowed_key_counts(queries, keys, dense, True, cpu))
     column = torch.tensor([True, False, True]).view(1, 1, 3, 1)  # broadcast over the keys
     assert allowed_key_counts(3, 5, column, False, torch.device("cpu")).flatten().tolist() == [
         5, 0, 5]

@@ -17,6 +17,7 @@ from robust_attn.mitigations.sigmoid import SigmoidWeights
 from robust_attn.problem import AttentionProblem
 from robust_attn.testing import strategies as ras
 
+from .test_chunked_kernel import LargestNewTensor
 from .float64_reference import (
     assert_same_forward_and_backward,
     float64_mask,
@@ -191,3 +192,19 @@ def test_combines_with_the_gate():
 def test_bad_option_values_raise_naming_the_option(value):
     with pytest.raises(ValueError, match="^sigmoid="):
         RobustAttention(32, num_heads=4, sigmoid=value)
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_a_long_causal_sequence_never_holds_an_n_by_n_tensor(padding):
+    """Counting each row's keys (causality, a key-padding mask) and the tiled kernel keep every
+    tensor of a causal module's forward and backward below N x N / 4 elements per head (the
+    counts once took an (N, N) matrix: 18x timm's peak at N = 16384)."""
+    tokens = 1024  # tiles of 256 x 256: a sixteenth of N x N
+    module = RobustAttention(32, num_heads=1, sigmoid=True)
+    x = torch.randn(1, tokens, 32, requires_grad=True)
+    mask = torch.ones(1, 1, 1, tokens, dtype=torch.bool) if padding else None
+    if padding:
+        mask[..., -5:] = False
+    with LargestNewTensor() as largest:
+        module(x, attn_mask=mask, is_causal=True).square().sum().backward()
+    assert largest.numel < tokens * tokens // 4, largest.operation

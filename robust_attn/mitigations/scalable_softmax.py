@@ -86,6 +86,7 @@ from torch import Tensor, nn
 
 from ..claim import ENTROPY, RANK, Claim, witness_at
 from ..config import AttentionConfig
+from ..problem import allowed_key_counts
 from .base import HostLayers, Mitigation
 
 if TYPE_CHECKING:
@@ -95,24 +96,6 @@ if TYPE_CHECKING:
 PAPER_CONTEXT = 1024
 PAPER_SCALE = PAPER_CONTEXT / math.lgamma(PAPER_CONTEXT + 1)
 MAX_SCALE = 100.0
-
-
-def allowed_key_counts(num_queries: int, num_keys: int, attn_mask: Tensor | None,
-                       is_causal: bool, device: torch.device) -> Tensor | None:
-    """Per query row, the number of keys it may attend: (B', H', Nq or 1, 1) int64, B' and H' 1
-    or the mask's; None when every row sees all ``num_keys`` keys (no mask, not causal)."""
-    if attn_mask is None and not is_causal:
-        return None
-    queries = torch.arange(num_queries, device=device)
-    if attn_mask is None:  # causal only: i + 1 + (Nk - Nq), clamped
-        counts = (queries + (num_keys - num_queries + 1)).clamp(0, num_keys)
-        return counts.view(1, 1, num_queries, 1)
-    allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask > -math.inf
-    allowed = allowed.expand(*allowed.shape[:-1], num_keys)  # a mask broadcast over the keys
-    if is_causal:
-        keys = torch.arange(num_keys, device=device)
-        allowed = allowed & (keys <= queries[:, None] + (num_keys - num_queries))
-    return allowed.sum(dim=-1, keepdim=True)
 
 
 def log_key_counts(num_queries: int, num_keys: int, attn_mask: Tensor | None, is_causal: bool,

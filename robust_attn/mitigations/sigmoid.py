@@ -79,7 +79,7 @@ from ..claim import (
     witnesses_at,
 )
 from ..config import AttentionConfig
-from ..problem import AttentionProblem
+from ..problem import AttentionProblem, allowed_key_counts
 from .base import Mitigation
 
 if TYPE_CHECKING:
@@ -119,17 +119,12 @@ class RowBias:
 def allowed_keys(problem: AttentionProblem, call: AttentionCall) -> Tensor | None:
     """How many keys each query row may attend to under the call's mask and causality, at least
     1, float (B|1, H|1, Nq); None when neither blocks a key (every row sees Nk). The call's mask,
-    not the problem's: a mask another mitigation's problem stage adds (block_topk's) does not
-    count, whatever the order of the options."""
-    mask, allowed = call.attn_mask, problem.causal_allowed()
-    if mask is not None:
-        mask = mask if mask.dtype == torch.bool else mask > -math.inf
-        allowed = mask if allowed is None else mask & allowed
-    if allowed is None:
-        return None
-    allowed = allowed.expand(*allowed.shape[:-2], problem.num_queries, problem.num_keys)
-    counts = allowed.sum(dim=-1, dtype=torch.float32).clamp(min=1)
-    return counts.reshape((1,) * (3 - counts.dim()) + counts.shape)  # (B|1, H|1, Nq)
+    not the problem's: a mask another mitigation's problem stage adds does not count, whatever
+    the order of the options. Linear in N without an (Nq, Nk) mask
+    (:func:`robust_attn.problem.allowed_key_counts`)."""
+    counts = allowed_key_counts(problem.num_queries, problem.num_keys, call.attn_mask,
+                                problem.causal, problem.q.device)
+    return None if counts is None else counts.squeeze(-1).float().clamp(min=1)
 
 
 class Sigmoid(Mitigation):
