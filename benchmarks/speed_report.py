@@ -49,7 +49,20 @@ EXPLANATIONS: dict[tuple[str, str, str], str] = {
                                         "for its backward (2 x 8 MiB here), as timm's "
                                         "qk_norm=True does",
     ("sigmoid", "peak memory", "timm"): f"{_NOT_N_BY_N}: the preset's qk_norm (above) plus the "
-                                        "chunked kernel's block of scores",
+                                        "tiled kernel's tile of scores "
+                                        "(benchmarks/long_context.py: 1.09x timm with qk_norm)",
+    ("robust", "peak memory", "timm"): f"{_NOT_N_BY_N}: qk_norm's normalised q and k (above) "
+                                       "plus outlier removal's uniform part U V",
+    ("differential", "peak memory", "timm"): f"{_NOT_N_BY_N}: two softmax maps per head, by "
+                                             "construction: two kernel calls whose outputs the "
+                                             "backward keeps, and the per-head RMSNorm's input",
+    ("block_topk", "peak memory", "timm"): f"{_NOT_N_BY_N}: the block gate, B H (N / 8)^2 float32 "
+                                           "scores with the preset's blocks of 8 tokens (32 MiB "
+                                           "at this shape), and the gathered key blocks",
+    ("probe", "training step", "probe off"): "the probe's own cost per step is what it was "
+                                             "(0.10 s a step here; 0.10 s of a 5.9 s step in the "
+                                             "earlier run on a slower, loaded machine); the step "
+                                             "is 4x faster on this machine, so its share rose",
     ("block_sparse", "peak memory", "timm"): f"{_NOT_N_BY_N}: the gathered key/value blocks of "
                                              "the block-sparse plan",
 }
