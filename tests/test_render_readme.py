@@ -1,4 +1,4 @@
-"""benchmarks/render_readme.py: rendering every generated block from the committed results leaves
+"""tools/render_readme.py: rendering every generated block from the committed results leaves
 README.md as it is (each block is also checked by its benchmark's test), and it names a missing
 block."""
 
@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+ROOT = Path(__file__).parents[1]
 
 
 def test_rendering_the_committed_results_leaves_the_readme_unchanged(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
     import render_readme
 
-    readme = (BENCHMARKS.parent / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     assert render_readme.render(readme) == readme
     with pytest.raises(SystemExit, match="long-context"):
         render_readme.render(readme.replace("<!-- long-context: start -->", ""))

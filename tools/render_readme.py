@@ -1,6 +1,6 @@
 """Re-render every generated block of README.md from the committed results files.
 
-    python benchmarks/render_readme.py
+    python tools/render_readme.py
 
 Each block sits between ``<!-- name: start -->`` and ``<!-- name: end -->`` and is what a
 function of its benchmark makes of its JSON; the tests compare every block with that rendering
@@ -15,8 +15,9 @@ import re
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+sys.path[:0] = [str(BENCHMARKS), str(ROOT)]
 
 import claims_table  # noqa: E402
 import dense_overhead  # noqa: E402
@@ -26,7 +27,7 @@ import setup_costs  # noqa: E402
 import sparse  # noqa: E402
 from benchmarks.speed_report import readme_table as speed_table  # noqa: E402
 
-RESULTS = HERE / "results"
+RESULTS = BENCHMARKS / "results"
 # block name -> (results file, renderer)
 BLOCKS = {
     "claims-table": ("claims.json", claims_table.claims_markdown),
@@ -51,7 +52,7 @@ def render(readme: str) -> str:
 
 
 def main() -> None:
-    path = HERE.parent / "README.md"
+    path = ROOT / "README.md"
     path.write_text(render(path.read_text()))
 
 
