@@ -257,9 +257,7 @@ class RobustAttention(nn.Module):
         observers = tuple(self._observers.values())
         call = AttentionCall(x, _kernel_mask(attn_mask, q.dtype), bool(is_causal), rope,
                              self.kernel if self.fused_attn else "eager",
-                             self.attn_drop.p if self.training else 0.0,
-                             inspected=bool(observers) or self.probe_active
-                             or self._shares_problem)
+                             self.attn_drop.p if self.training else 0.0)
         if self.normalises_qk:
             refuse_overflowing_norm_input(
                 q, k, x, lambda: projected_row_norm_bounds(x, self.qkv, self.attn_dim))
@@ -318,11 +316,6 @@ class RobustAttention(nn.Module):
         """Cheap bounds of q's and k's row norms (logit_limit.row_norm_bounds), computed lazily."""
         return lambda: row_norm_bounds(x, self.qkv, self.q_norm, self.k_norm, self.attn_dim,
                                        self.head_dim)
-
-    @property
-    def _shares_problem(self) -> bool:
-        """More than one mitigation works on the problem (AttentionCall.inspected)."""
-        return sum(map(_works_on_problem, self.mitigations.values())) > 1
 
     @property
     def normalises_qk(self) -> bool:
@@ -487,15 +480,6 @@ class RobustAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, kernel={self.kernel!r}"
-
-
-_PROBLEM_STAGES = ("extend_keys", "score_mod", "normalizer", "attend", "transform_output")
-
-
-def _works_on_problem(mitigation: Mitigation) -> bool:
-    """Whether ``mitigation`` overrides a stage that builds, solves or reads the problem."""
-    return any(getattr(type(mitigation), stage) is not getattr(Mitigation, stage)
-               for stage in _PROBLEM_STAGES)
 
 
 def _autocast_casts(x: Tensor, weight: Tensor) -> bool:

@@ -36,13 +36,23 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Attended:
-    """A solved problem: ``out`` (B, H, Nq, Dv), ``lse`` (B, H, Nq) float32 or None (not asked
-    for), and the name of the kernel that computed them (kernels/base.py: the contract)."""
+    """A solved problem: ``given`` (the problem as the stages built it), ``out`` (B, H, Nq, Dv),
+    ``lse`` (B, H, Nq) float32 or None (not asked for), and the name of the kernel that computed
+    them (kernels/base.py: the contract)."""
 
-    problem: AttentionProblem
+    given: AttentionProblem
     out: Tensor
     lse: Tensor | None
     kernel: str
+
+    @property
+    def problem(self) -> AttentionProblem:
+        """The solved problem as its readers take it (the probe, observers, output stages): sink
+        logits as the key they stand for (:meth:`AttentionProblem.with_sink_as_key`), built when
+        read (``given`` itself without sink logits), so a forward nobody inspects never copies
+        q, k and v for it. Not cached: functools.cached_property takes a lock that
+        torch.compile cannot trace (Python 3.11)."""
+        return self.given.with_sink_as_key()
 
     def with_out(self, out: Tensor) -> Attended:
         return replace(self, out=out)
@@ -59,10 +69,6 @@ class AttentionCall:
     rope: the RoPE embedding ``cat([sin, cos], -1)`` for this call (RobustAttentionRope), or None.
     kernel: the module's kernel choice ('auto', 'sdpa', ..., 'eager').
     dropout_p: the attention dropout of this call (0 in eval mode).
-    inspected: whether anything besides the kernel may read the solved problem
-        (``attended.problem``: the probe, an observer, another mitigation's stage). Only when
-        False may a mitigation solve its part by an equivalent route that leaves it out of the
-        problem (sink_logit's log-sum-exp rescale, robust_attn.kernels.sdpa_sink).
     """
 
     x: Tensor | None
@@ -71,7 +77,6 @@ class AttentionCall:
     rope: Tensor | None = None
     kernel: str = "auto"
     dropout_p: float = 0.0
-    inspected: bool = True
 
     def attend(self, problem: AttentionProblem, dropout_p: float | None = None,
                lse: bool = False) -> Attended:

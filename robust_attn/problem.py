@@ -42,6 +42,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -121,6 +122,10 @@ class AttentionProblem:
     selection: a per-call block selection (block_topk: robust_attn.sparse.selection), applied
         like a mask on top of the others; None allows every pair. The selected-blocks kernel
         runs it; every other kernel gets it as a bool mask (:meth:`with_selection_as_mask`).
+    sink_logits: per-head sink logits s_h (H,) (sink_logit: gpt-oss; Miller 2023), one more
+        key of score s_h and zero value, visible to every query; None: no sink. The sdpa_sink
+        kernel runs it by the rows' log-sum-exp; every other kernel, and whoever reads a solved
+        problem, gets it as that key (:meth:`with_sink_as_key`).
     """
 
     q: Tensor
@@ -134,6 +139,7 @@ class AttentionProblem:
     pattern: Pattern | None = None
     prepended_keys: int = 0
     selection: BlockSelection | None = None
+    sink_logits: Tensor | None = None
 
     @property
     def num_queries(self) -> int:
@@ -237,6 +243,20 @@ class AttentionProblem:
             mask = torch.where(allowed, mask, -math.inf)
         return self.with_(attn_mask=mask, selection=None)
 
+    def with_sink_as_key(self) -> AttentionProblem:
+        """The same problem with its sink logits as a key in front: a channel of ones on q, of
+        zeros on k, and the key (0, s_h / scale) with a zero value, visible to every query (the
+        mask gets an allowed column), so q k^T scale gives s_h exactly."""
+        if self.sink_logits is None:
+            return self
+        heads, width = self.k.shape[1], self.k.shape[-1]
+        sink_key = F.pad((self.sink_logits / self.scale).view(heads, 1, 1), (width, 0))
+        zero_value = self.v.new_zeros(heads, 1, self.v.shape[-1])
+        with_channel = self.with_(q=F.pad(self.q, (0, 1), value=1.0), k=F.pad(self.k, (0, 1)),
+                                  sink_logits=None)
+        return prepend_keys(with_channel, sink_key, zero_value,
+                            allowed_in_front(self.attn_mask, 1, self.num_keys))
+
     def query_index(self, query_index: Tensor | None = None) -> Tensor:
         if query_index is not None:
             return query_index
@@ -246,3 +266,29 @@ class AttentionProblem:
         if key_index is not None:
             return key_index
         return torch.arange(self.num_keys, device=self.q.device)
+
+
+def prepend_keys(problem: AttentionProblem, keys: Tensor, values: Tensor,
+                 mask: Tensor | None) -> AttentionProblem:
+    """The problem with keys (H, c, D') and values (H, c, Dv) in front of its own, and ``mask``.
+
+    Keys narrower than the problem's (D' < D: a sink logit's channel is there) get zero channels.
+    """
+    batch = problem.k.shape[0]
+
+    def in_front(extra: Tensor, tokens: Tensor) -> Tensor:
+        extra = F.pad(extra.to(tokens.dtype), (0, tokens.shape[-1] - extra.shape[-1]))
+        return torch.cat([extra.expand(batch, -1, -1, -1), tokens], dim=-2)
+
+    return problem.with_(k=in_front(keys, problem.k), v=in_front(values, problem.v),
+                         attn_mask=mask, prepended_keys=problem.prepended_keys + keys.shape[-2])
+
+
+def allowed_in_front(mask: Tensor | None, count: int, num_keys: int) -> Tensor | None:
+    """The user's mask over ``num_keys`` keys with ``count`` allowed key columns in front (None
+    stays None). A mask that broadcasts over the keys (key dimension 1: a 0-D mask, a per-query
+    column) is expanded to ``num_keys`` first, so the padded mask covers every key."""
+    if mask is None:
+        return None
+    mask = mask.expand(*mask.shape[:-1], num_keys)
+    return F.pad(mask, (count, 0), value=True if mask.dtype == torch.bool else 0.0)

@@ -8,12 +8,12 @@ from einops import rearrange
 from hypothesis import given
 from hypothesis import strategies as st
 
+import robust_attn
 from robust_attn import RobustAttention, create
 from robust_attn.call import AttentionCall
 from robust_attn.kernels import select_kernel
 from robust_attn.kernels.eager import attention_weights
 from robust_attn.kernels.sdpa_sink import sink_attention
-from robust_attn.mitigations import sinks
 from robust_attn.mitigations.sinks import PRESERVING_SINK_LOGIT
 from robust_attn.problem import AttentionProblem
 from robust_attn.testing import strategies as ras
@@ -228,12 +228,15 @@ def test_sink_tokens_health_reports_key_and_value_norms():
 def test_the_sink_logit_adds_a_channel_and_a_key_but_no_mask():
     module = RobustAttention(32, num_heads=4, sink_logit=True)
     x = torch.randn(3, 6, 32)
-    problem = _extended_problem(module, x)
-    assert problem.attn_mask is None
+    given = _extended_problem(module, x)
+    assert given.sink_logits is module.mitigations["sink_logit"].logit and given.q.shape[-1] == 8
+    problem = given.with_sink_as_key()
+    assert problem.attn_mask is None and problem.sink_logits is None
     assert problem.q.shape == (3, 4, 6, 9) and problem.k.shape == (3, 4, 7, 9)
     assert problem.v.shape == (3, 4, 7, 8)
     user_mask = torch.rand(6, 6) < 0.5
-    assert torch.equal(_extended_problem(module, x, user_mask).attn_mask[:, 1:], user_mask)
+    assert torch.equal(_extended_problem(module, x, user_mask).with_sink_as_key().attn_mask[:, 1:],
+                       user_mask)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -344,47 +347,31 @@ def test_sink_by_lse_equals_a_softmax_with_the_sink_column_in_float64(causal, si
                                                                 requires_grad=True)))
 
 
-class _Spy:
-    """Counts calls of sinks.sink_attention (the log-sum-exp route)."""
-
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        original = sinks.sink_attention
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(sinks, "sink_attention", counted)
+def _kernel_of(module, *args, **kwargs) -> str:
+    with robust_attn.recording(module) as records:
+        module(*args, **kwargs)
+    return records[0][1].attended.kernel
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_the_sink_logit_takes_the_lse_route_only_where_nothing_else_reads_the_problem(
-        monkeypatch, causal):
-    """Plain sink preset on the CPU: the lse route; with the probe on, an observer, another stage
-    (gates), a mask, dropout or the eager kernel: the sink key. Both give the same output and
-    gradients (float64)."""
-    spy = _Spy(monkeypatch)
+def test_the_sink_logit_runs_on_sdpa_sink_where_it_can_and_as_a_key_elsewhere(causal):
+    """Plain sink preset on the CPU: the sdpa_sink kernel (the rows' log-sum-exp), watched or not
+    (the probe and observers read the problem with the sink as its key); a mask, dropout or the
+    eager kernel: the sink key. The same output and gradients (float64)."""
     shape = ras.AttentionShape(2, 6, 3, 4)
     x = torch.randn(2, 6, 12, dtype=torch.float64)
     routed = _module(shape, sink_logit=True)
     expected = forward_backward(routed, lambda x: reference(routed, x, None, causal)[0], x)
-    assert_same_forward_and_backward(
-        forward_backward(routed, lambda x: routed(x, is_causal=causal), x), expected)
-    assert spy.calls == 1
-    keyed = [_module(shape, sink_logit=True, probe=True),
-             _module(shape, kernel="eager", sink_logit=True)]
-    observed = _module(shape, sink_logit=True)
-    observed.register_observer(lambda module, record: None)
-    for module in [*keyed, observed]:
+    probed = _module(shape, sink_logit=True, probe=True)
+    for module, kernel in ((routed, "sdpa_sink"), (probed, "sdpa_sink"),
+                           (_module(shape, kernel="eager", sink_logit=True), "eager")):
         module.load_state_dict(routed.state_dict())
+        assert _kernel_of(module, x, is_causal=causal) == kernel
         assert_same_forward_and_backward(
             forward_backward(module, lambda x, module=module: module(x, is_causal=causal), x),
             expected)
-    gated = _module(shape, sink_logit=True, gated="headwise")
-    gated(x)
-    routed(x, torch.ones(6, 6, dtype=torch.bool))
+    assert probed.health is not None
+    assert _kernel_of(routed, x, torch.ones(6, 6, dtype=torch.bool)) == "sdpa"
     routed.train()
     routed.attn_drop.p = 0.1
-    routed(x)
-    assert spy.calls == 1
+    assert _kernel_of(routed, x) == "sdpa"

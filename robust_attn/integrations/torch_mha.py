@@ -111,8 +111,7 @@ class MultiheadRobustAttention(nn.Module):
                                 is_causal: bool) -> tuple[Tensor, Tensor]:
         """The output and the weights (B, H, L, L) of the problem solved, from an observer record."""
         own_way = [name for name, m in self.attention.mitigations.items()
-                   if type(m).attend is not Mitigation.attend
-                   and getattr(type(m), "attends_when_inspected", True)]
+                   if type(m).attend is not Mitigation.attend]
         if own_way:
             raise ValueError(f"need_weights=True: {own_way} solve attention their own way, with no "
                              f"single map of weights; pass need_weights=False")

@@ -61,6 +61,7 @@ from .chunked import CHUNKED
 from .eager import EAGER
 from .flex import FLEX
 from .sdpa import SDPA
+from .sdpa_sink import SDPA_SINK
 from .selected_blocks import SELECTED_BLOCKS
 from .strided import STRIDED
 from .tiled import TILED
@@ -68,7 +69,7 @@ from .xformers import XFORMERS
 
 KERNELS: dict[str, Kernel] = {kernel.name: kernel for kernel in (
     SDPA, FLEX, XFORMERS, TILED, CHUNKED, EAGER, BLOCK_DIAGONAL, STRIDED, BLOCK_SPARSE,
-    SELECTED_BLOCKS)}
+    SELECTED_BLOCKS, SDPA_SINK)}
 KERNEL_CHOICES = ("auto", *KERNELS)
 STRUCTURED = (BLOCK_DIAGONAL, STRIDED, BLOCK_SPARSE)
 
@@ -146,13 +147,19 @@ def solve(kernel: str, problem: AttentionProblem, dropout_p: float = 0.0,
     A problem without query rows needs no kernel: ("none", an empty output)."""
     if problem.num_queries == 0:
         return "none", EAGER.solve(problem, dropout_p, lse)
-    if problem.selection is not None and kernel in ("auto", SELECTED_BLOCKS.name):
-        reason = SELECTED_BLOCKS.unsupported(problem, dropout_p, lse)
+    # The kernels that run a problem's own parts (sink logits, a block selection) first, where
+    # the choice allows them; then those parts folded in once, for every kernel below.
+    for special, part, choices in ((SDPA_SINK, problem.sink_logits, ("auto", "sdpa", SDPA_SINK.name)),
+                                   (SELECTED_BLOCKS, problem.selection,
+                                    ("auto", SELECTED_BLOCKS.name))):
+        if part is None or kernel not in choices:
+            continue
+        reason = special.unsupported(problem, dropout_p, lse)
         if reason is None:
-            return SELECTED_BLOCKS.name, SELECTED_BLOCKS.solve(problem, dropout_p, lse)
-        if kernel != "auto":
+            return special.name, special.solve(problem, dropout_p, lse)
+        if kernel == special.name:
             raise ValueError(f"kernel={kernel!r} cannot run here: {reason}")
-    problem = problem.with_selection_as_mask()  # once, for every kernel below
+    problem = EAGER.sees(problem)  # sink as a key, selection as a mask: once, for every kernel
     chosen = select_kernel(kernel, problem, dropout_p, lse)
     return chosen.name, chosen.solve(problem, dropout_p, lse)
 

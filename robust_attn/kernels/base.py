@@ -22,7 +22,9 @@ Every kernel that gives it is tested equal to the eager reference's.
 A per-call block selection (``problem.selection``: block_topk) is run by the kernels that say
 so (``runs_selection``: the selected-blocks kernel); every other kernel sees it as the bool
 mask it stands for (:meth:`AttentionProblem.with_selection_as_mask`), so no kernel can ignore
-it.
+it. Sink logits (``problem.sink_logits``) likewise: the sdpa_sink kernel runs them
+(``runs_sink_logits``), every other kernel sees them as one more key
+(:meth:`AttentionProblem.with_sink_as_key`).
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class Kernel:
         log-sum-exp (None: it does not; ``no_lse`` says why).
     runs_selection: the kernel reads ``problem.selection`` itself; otherwise it gets the
         problem with its selection folded into the mask.
+    runs_sink_logits: the kernel reads ``problem.sink_logits`` itself; otherwise it gets the
+        problem with the sink as one more key.
     """
 
     name: str
@@ -69,13 +73,16 @@ class Kernel:
     run_with_lse: RunWithLse | None = None
     no_lse: str = "this kernel does not compute the rows' log-sum-exp"
     runs_selection: bool = False
+    runs_sink_logits: bool = False
 
     def sees(self, problem: AttentionProblem) -> AttentionProblem:
-        """The problem as this kernel gets it: its block selection as a mask unless the kernel
-        runs selections."""
-        if problem.selection is None or self.runs_selection:
-            return problem
-        return problem.with_selection_as_mask()
+        """The problem as this kernel gets it: its sink logits as a key unless the kernel runs
+        them, then its block selection as a mask unless the kernel runs selections."""
+        if problem.sink_logits is not None and not self.runs_sink_logits:
+            problem = problem.with_sink_as_key()
+        if problem.selection is not None and not self.runs_selection:
+            problem = problem.with_selection_as_mask()
+        return problem
 
     def unsupported(self, problem: AttentionProblem, dropout_p: float,
                     lse: bool = False) -> str | None:

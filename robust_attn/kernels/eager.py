@@ -76,7 +76,9 @@ def masked_logits(problem: AttentionProblem, scores: Tensor, query_index: Tensor
 
 
 def attention_logits(problem: AttentionProblem, query_index: Tensor | None = None) -> Tensor:
-    """Masked logits (B, H, Nq', Nk) for the given query rows (all when None); -inf = blocked."""
+    """Masked logits (B, H, Nq', Nk) for the given query rows (all when None); -inf = blocked.
+    Sink logits count as the key they stand for (:meth:`AttentionProblem.with_sink_as_key`)."""
+    problem = problem.with_sink_as_key()
     return masked_logits(problem, scaled_scores(problem, query_index), query_index)
 
 

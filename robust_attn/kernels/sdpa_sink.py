@@ -33,6 +33,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..problem import AttentionProblem
+from .base import Kernel
+
 _FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -68,3 +71,32 @@ def sink_attention(q: Tensor, k: Tensor, v: Tensor, sink: Tensor, scale: float,
     one more key of zero value (module docstring); ``causal``: top-left aligned, as SDPA's
     ``is_causal`` (Nq == Nk here). CPU, float32 or float64, no mask and no dropout."""
     return _SinkAttention.apply(q, k, v, sink, scale, causal)
+
+
+def _unsupported(problem: AttentionProblem, dropout_p: float) -> str | None:
+    q = problem.q
+    if problem.sink_logits is None:
+        return "no sink logits (sink_logit) to run"
+    if q.device.type != "cpu" or q.dtype not in SUPPORTED_DTYPES:
+        return "the CPU's flash op with its log-sum-exp, float32 or float64 only"
+    if dropout_p > 0.0:
+        return "dropout is not supported (the sink runs as a key on the other kernels)"
+    if not problem.is_softmax or problem.score_mods:
+        return "softmax without score modifiers only (softcap must see the sink's score)"
+    if (problem.attn_mask is not None or problem.pattern is not None
+            or problem.selection is not None or problem.prepended_keys):
+        return "no mask, pattern, block selection or other prepended key"
+    if problem.num_queries != problem.num_keys:
+        return "Nq == Nk only (SDPA's causal mask is top-left aligned)"
+    return None
+
+
+SDPA_SINK = Kernel(
+    "sdpa_sink",
+    lambda problem, dropout_p: sink_attention(problem.q, problem.k, problem.v,
+                                              problem.sink_logits, problem.scale, problem.causal),
+    _unsupported, runs_sink_logits=True,
+    no_lse="the sink rescales the CPU flash op's rows; their log-sum-exp with the sink is not "
+           "returned")
+"""Softmax attention with sink logits on the CPU's flash SDPA (module docstring)."""
+

@@ -34,12 +34,14 @@ the sink key is zero except in that channel, where it holds s_h / scale, so
 with a zero value. It is an ordinary key to every kernel: no mask is needed
 (SDPA keeps its fused kernel), and each kernel's own backward pass gives the
 gradient of s_h exactly, -sum_i p_i,sink <dL/dout_i, out_i> (the softmax
-derivative with a zero value). Where nothing but the kernel reads the problem
-(no probe, observer or other problem stage: ``AttentionCall.inspected``) and the
-CPU's fused SDPA would solve it (no mask, score modifier or dropout), the key and
-its channel are left out and the sink rescales SDPA's finished rows instead,
-out_i * sigmoid(lse_i - s_h) (:mod:`robust_attn.kernels.sdpa_sink`: the same
-output and gradients without copying q, k and v; benchmarks/dense_overhead.py).
+derivative with a zero value). The logits travel in the problem
+(``problem.sink_logits``): where the CPU's fused SDPA would solve it (no mask,
+pattern, score modifier or dropout), the sdpa_sink kernel leaves the key and its
+channel out and rescales SDPA's finished rows instead, out_i * sigmoid(lse_i - s_h)
+(:mod:`robust_attn.kernels.sdpa_sink`: the same output and gradients without
+copying q, k and v; benchmarks/dense_overhead.py); every other kernel, and every
+reader of the solved problem (the probe's sink mass, observers), gets the key
+(:meth:`robust_attn.problem.AttentionProblem.with_sink_as_key`).
 Values:
 
     True          learned s_h, initialised at 0: a fresh module starts as
@@ -75,14 +77,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..call import Attended
 from ..claim import ENTROPY, RANK, Claim, witnesses_at
 from ..config import AttentionConfig
-from ..kernels.sdpa_sink import SUPPORTED_DTYPES, sink_attention
-from ..problem import AttentionProblem
+from ..problem import AttentionProblem, allowed_in_front, prepend_keys
 from .base import HostLayers, Mitigation
 
 if TYPE_CHECKING:
@@ -92,32 +91,6 @@ PRESERVING_SINK_LOGIT = -40.0
 SINK_TOKEN_INIT_STD = 0.02
 SIGMOID_CONFLICT = ("an attention sink absorbs softmax mass; sigmoid attention weights need "
                     "not sum to one, so there is no mass to absorb")
-
-
-def prepend_keys(problem: AttentionProblem, keys: Tensor, values: Tensor,
-                 mask: Tensor | None) -> AttentionProblem:
-    """The problem with keys (H, c, D') and values (H, c, Dv) in front of its own, and ``mask``.
-
-    Keys narrower than the problem's (D' < D: a sink logit's channel is there) get zero channels.
-    """
-    batch = problem.k.shape[0]
-
-    def in_front(extra: Tensor, tokens: Tensor) -> Tensor:
-        extra = F.pad(extra.to(tokens.dtype), (0, tokens.shape[-1] - extra.shape[-1]))
-        return torch.cat([extra.expand(batch, -1, -1, -1), tokens], dim=-2)
-
-    return problem.with_(k=in_front(keys, problem.k), v=in_front(values, problem.v),
-                         attn_mask=mask, prepended_keys=problem.prepended_keys + keys.shape[-2])
-
-
-def allowed_in_front(mask: Tensor | None, count: int, num_keys: int) -> Tensor | None:
-    """The user's mask over ``num_keys`` keys with ``count`` allowed key columns in front (None
-    stays None). A mask that broadcasts over the keys (key dimension 1: a 0-D mask, a per-query
-    column) is expanded to ``num_keys`` first, so the padded mask covers every key."""
-    if mask is None:
-        return None
-    mask = mask.expand(*mask.shape[:-1], num_keys)
-    return F.pad(mask, (count, 0), value=True if mask.dtype == torch.bool else 0.0)
 
 
 class SinkTokens(Mitigation):
@@ -206,9 +179,6 @@ class SinkLogit(Mitigation):
     presets = {"sink": {"sink_logit": True}}
     conflicts = {"sigmoid": SIGMOID_CONFLICT}
     preserving_values = {True: "preserve"}
-    # attend() solves only calls nothing else inspects (by_lse): an observer always sees the
-    # kernel's solution of the problem with the sink key (torch_mha's need_weights relies on it).
-    attends_when_inspected = False
     INITIAL_LOGITS = {True: 0.0, "preserve": PRESERVING_SINK_LOGIT}
 
     def __init__(self, initial: float, learned: bool, config: AttentionConfig):
@@ -251,41 +221,11 @@ class SinkLogit(Mitigation):
     def saved_value(self) -> str:
         return "learned" if self.learned else "off_by_one"
 
-    def by_lse(self, problem: AttentionProblem, call: AttentionCall) -> bool:
-        """Whether the sink is applied by rescaling the fused SDPA's rows with their log-sum-exp
-        (:mod:`robust_attn.kernels.sdpa_sink`) instead of as a key: the CPU, float32 or float64,
-        a kernel choice of 'auto' or 'sdpa', softmax with no score modifier (softcap must see
-        the sink's score), no mask, pattern, dropout or other prepended key, and nothing else
-        reading the problem (``call.inspected``: the probe's sink_mass needs the key). The same
-        answer at both stages: nothing else changes the problem in between."""
-        q = problem.q
-        return (not call.inspected and call.kernel in ("auto", "sdpa") and q.device.type == "cpu"
-                and q.dtype in SUPPORTED_DTYPES and problem.is_softmax and not problem.score_mods
-                and problem.attn_mask is None and problem.pattern is None
-                and problem.prepended_keys == 0 and call.dropout_p == 0.0
-                and problem.num_queries == problem.num_keys > 0)
-
-    def attend(self, problem: AttentionProblem, call: AttentionCall) -> Attended | None:
-        """The log-sum-exp route where :meth:`by_lse` (the problem then lacks the sink key);
-        None otherwise: the kernel solves the problem with the key (:meth:`extend_keys`)."""
-        if not self.by_lse(problem, call):
-            return None
-        out = sink_attention(problem.q, problem.k, problem.v, self.logit, problem.scale,
-                             problem.causal)
-        return Attended(problem, out, None, "sdpa (sink by lse)")
-
     def extend_keys(self, problem: AttentionProblem, call: AttentionCall) -> AttentionProblem:
-        """The sink as a key: a channel of ones on q, of zeros on k, and a key (0, s_h / scale)
-        with a zero value in front (module docstring); unchanged where :meth:`by_lse`."""
-        if self.by_lse(problem, call):
-            return problem
-        heads, width = problem.k.shape[1], problem.k.shape[-1]
-        sink_key = F.pad((self.logit / problem.scale).view(heads, 1, 1), (width, 0))
-        zero_value = problem.v.new_zeros(heads, 1, problem.v.shape[-1])
-        with_channel = problem.with_(q=F.pad(problem.q, (0, 1), value=1.0),
-                                     k=F.pad(problem.k, (0, 1)))
-        return prepend_keys(with_channel, sink_key, zero_value,
-                            allowed_in_front(problem.attn_mask, 1, problem.num_keys))
+        """The sink logits join the problem (``problem.sink_logits``): the sdpa_sink kernel
+        rescales SDPA's rows by them; every other kernel, and every reader of the solved problem,
+        gets them as one more key (:meth:`AttentionProblem.with_sink_as_key`: module docstring)."""
+        return problem.with_(sink_logits=self.logit)
 
     def prepended_keys(self) -> int:
         return 1
