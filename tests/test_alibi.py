@@ -83,13 +83,14 @@ def reference(module, x, attn_mask=None, causal=False):
 
 
 def _extended_problem(module, x, attn_mask=None, causal=False):
-    """The problem the module's kernel solves (sinks prepended), as the module builds it."""
+    """The problem the module's kernel solves (sinks prepended, the sink logit as its key), as
+    the module builds it."""
     q, k, v = _heads(module, x)
     problem = AttentionProblem(q, k, v, module.scale, attn_mask, causal,
                                score_mods=module._score_mods())
     for mitigation in module.mitigations.values():
         problem = mitigation.extend_keys(problem, AttentionCall(x))
-    return problem
+    return problem.with_sink_as_key()
 
 
 # -- the slopes -------------------------------------------------------------------------------
