@@ -61,8 +61,8 @@ def distance_bias(slopes, num_queries, num_keys=None):
 
 
 def reference(module, x, attn_mask=None, causal=False):
-    """Output and weights of softmax (or sigmoid) over [sink columns, softcap(scale q k^T) + bias
-    + mask], with no bias on the sink columns."""
+    """Output and weights of softmax (or sigmoid, b_i = -log n_i) over [sink columns,
+    softcap(scale q k^T) + bias + mask], with no bias on the sink columns."""
     q, k, v = _heads(module, x)
     scores, allowed = scores_and_allowed(module.scale, q, k, None, causal)
     cap = module.mitigations["softcap"].cap if "softcap" in module.mitigations else None
@@ -74,8 +74,10 @@ def reference(module, x, attn_mask=None, causal=False):
     elif attn_mask is not None:
         scores = scores + attn_mask
     logits, values = with_sink_columns(module, q, v, scores.masked_fill(~allowed, -math.inf))
-    if "sigmoid" in module.mitigations:
-        weights = torch.sigmoid(logits - math.log(logits.shape[-1]))
+    if "sigmoid" in module.mitigations:  # b_i = -log(keys row i may attend: mask and causality)
+        counted = allowed if attn_mask is None or attn_mask.dtype == torch.bool \
+            else allowed & (attn_mask > -math.inf)
+        weights = torch.sigmoid(logits - counted.sum(dim=-1, keepdim=True).clamp(min=1).log())
     else:
         weights = SOFTMAX(logits)  # a row with no allowed key: zeros
     out = weights @ values
