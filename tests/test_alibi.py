@@ -77,7 +77,8 @@ def reference(module, x, attn_mask=None, causal=False):
     if "sigmoid" in module.mitigations:  # b_i = -log(keys row i may attend: mask and causality)
         counted = allowed if attn_mask is None or attn_mask.dtype == torch.bool \
             else allowed & (attn_mask > -math.inf)
-        weights = torch.sigmoid(logits - counted.sum(dim=-1, keepdim=True).clamp(min=1).log())
+        count = counted.sum(dim=-1, keepdim=True).clamp(min=1).to(logits.dtype)
+        weights = torch.sigmoid(logits - count.log())
     else:
         weights = SOFTMAX(logits)  # a row with no allowed key: zeros
     out = weights @ values
